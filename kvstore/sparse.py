@@ -1,0 +1,400 @@
+"""SparseKVCache: the drafter's cache. A fixed device budget per layer, a host tier behind it.
+
+Two tiers:
+
+- host tier: every entry ever appended, per layer K/V [Hkv, capacity, D] in CPU RAM (pinned when
+  the device is CUDA). A policy can bring any entry back without recomputing it.
+- device view, per layer: K/V [Hkv, budget + tail_cap, D] and their original positions
+  [Hkv, budget + tail_cap]. The view is the SELECTED entries (chosen at the last re-selection;
+  each KV head may keep different positions; sinks and the recent window always) followed by the
+  TAIL (every token appended since, in order, the same for all heads).
+
+Keys are cached already rotated at their original positions, so moving an entry between tiers or
+slots never re-rotates it. Before the first selection (the prefill) attention is exact over the
+host tier; `upkeep()` makes the first selection and later ones every reselect_interval appended
+tokens. Invariant 5 (docs/design.md): device entries <= budget + tail_cap at all times, and
+<= budget right after a re-selection, where tail_cap = reselect_interval + max_draft + 1.
+
+Policy "full" (budget None) keeps every entry on the device, with no host tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.base import KVCache
+from kvstore.full import FullKVCache
+from kvstore.policies import Policy, SelectionContext, get_policy
+from sparsespec.errors import ContextOverflow, InvalidArgument
+from sparsespec.kernels.attention import attend, causal_block_mask
+
+DEFAULT_SINK = 4
+DEFAULT_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """How the drafter keeps its KV. Validated at construction; errors name the field.
+
+    sink / window default to 4 / min(64, budget // 4), clamped so tiny budgets stay valid
+    (budget 16 -> sink 4, window 4); values given explicitly are never changed, and an explicit
+    sink + window > budget is an error. After construction both are plain ints.
+    """
+
+    policy: str = "chunk_topk"
+    budget: int | None = 256        # KV entries per layer on the device; None only for "full"
+    sink: int | None = None         # first positions always kept (default 4)
+    window: int | None = None       # most recent positions always kept (default min(64, budget // 4))
+    chunk: int = 8                  # selection unit of chunked policies
+    reselect_interval: int = 16     # R: re-select after this many appended tokens
+    obs_window: int = 16            # recent queries per layer kept as the policies' query proxy
+    max_draft: int = 64             # longest draft a round may append (sizes the tail)
+
+    def __post_init__(self):
+        cls = get_policy(self.policy)  # raises InvalidArgument("policy", ...) listing the known ones
+        for name in ("chunk", "reselect_interval", "obs_window", "max_draft"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("sink", "window"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0)
+        budget = self.budget
+        if cls.keeps_all:
+            # The full policy has no budget; one given (a sweep passing the same --budget to every
+            # policy) is dropped rather than refused.
+            object.__setattr__(self, "budget", None)
+            object.__setattr__(self, "sink", DEFAULT_SINK if self.sink is None else self.sink)
+            object.__setattr__(self, "window", 0 if self.window is None else self.window)
+            return
+        if budget is None:
+            raise InvalidArgument("budget", f"required for policy {self.policy!r} (None only for 'full')")
+        _check_int("budget", budget, 1)
+        sink, window = self.sink, self.window
+        if sink is not None and window is not None:
+            if sink + window > budget:
+                raise InvalidArgument("window", f"sink + window ({sink} + {window}) must be <= budget ({budget})")
+        elif sink is not None:
+            if sink > budget:
+                raise InvalidArgument("sink", f"sink ({sink}) must be <= budget ({budget})")
+            window = min(DEFAULT_WINDOW, budget // 4, budget - sink)
+        elif window is not None:
+            if window > budget:
+                raise InvalidArgument("window", f"window ({window}) must be <= budget ({budget})")
+            sink = min(DEFAULT_SINK, budget - window)
+        else:
+            window = min(DEFAULT_WINDOW, budget // 4)
+            sink = min(DEFAULT_SINK, budget // 4)
+        object.__setattr__(self, "sink", sink)
+        object.__setattr__(self, "window", window)
+
+    @property
+    def tail_cap(self) -> int:
+        """Most entries the device view may hold beyond the selection."""
+        return self.reselect_interval + self.max_draft + 1
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.budget is None
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidArgument(name, f"must be >= {minimum}")
+
+
+class SparseKVCache(KVCache):
+    """The drafter's KV cache for one session (batch 1) under `config.budget` entries per layer."""
+
+    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 capacity: int, config: SparseConfig, dtype=torch.float32, device="cpu",
+                 host_device="cpu"):
+        if not isinstance(config, SparseConfig):
+            raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
+        _check_int("capacity", capacity, 1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.config = config
+        self.policy: Policy = get_policy(config.policy)(config)
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
+        self.group_size = num_heads // num_kv_heads
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.host_device = torch.device(host_device)
+        self.dtype = dtype
+        self.summary = None          # the verifier's latest summary; policies see it as ctx.summary
+        self.selections = 0          # re-selections made so far (a metric)
+        self._t = 0                  # tokens in the forward in progress
+        self._mask: torch.Tensor | None = None
+
+        if config.keeps_all:
+            self._full: FullKVCache | None = FullKVCache(num_layers, num_kv_heads, head_dim, capacity,
+                                                         1, dtype, device)
+            self.budget = None
+            self.tail_cap = 0
+            return
+        self._full = None
+        self.budget: int | None = config.budget
+        self.tail_cap = config.tail_cap
+        rows = self.budget + self.tail_cap
+        pin = self.device.type == "cuda" and self.host_device.type == "cpu"
+        self._copy_async = pin
+
+        def host():
+            return torch.zeros(num_kv_heads, capacity, head_dim, dtype=dtype, device=host_device, pin_memory=pin)
+
+        self.host_k = [host() for _ in range(num_layers)]                      # [Hkv, capacity, D]
+        self.host_v = [host() for _ in range(num_layers)]
+        self.dev_k = [torch.zeros(num_kv_heads, rows, head_dim, dtype=dtype, device=device)
+                      for _ in range(num_layers)]                               # [Hkv, budget + tail_cap, D]
+        self.dev_v = [torch.zeros_like(t) for t in self.dev_k]
+        self.dev_pos = [torch.zeros(num_kv_heads, rows, dtype=torch.int64, device=device)
+                        for _ in range(num_layers)]                             # [Hkv, budget + tail_cap]
+        self._length = 0
+        self._sel_length: int | None = None   # length at the last selection; None = never selected
+        self._num_sel = 0                     # selected entries per head (same for all layers/heads)
+        # Recent queries per layer, a ring [H, obs_cap, D]: position p lives in slot p % obs_cap.
+        # The recorded positions are always [length - obs_count, length) (every appended token
+        # is recorded, a rollback drops a suffix), so no positions need storing. Kept
+        # obs_window + tail_cap deep so a rollback of drafts still leaves obs_window real ones.
+        self._obs_cap = config.obs_window + self.tail_cap
+        self._obs_count = 0
+        self._q = ([torch.zeros(num_heads, self._obs_cap, head_dim, dtype=dtype, device=device)
+                    for _ in range(num_layers)] if self.policy.needs_queries else [])
+
+    @classmethod
+    def for_model(cls, model, capacity: int, config: SparseConfig) -> "SparseKVCache":
+        c = model.cfg
+        return cls(c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, capacity, config,
+                   model.dtype, model.device)
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def batch(self) -> int:
+        return 1
+
+    @property
+    def length(self) -> int:
+        """Entries appended so far (committed + drafted)."""
+        if self._full is not None:
+            return int(self._full.lengths[0])
+        return self._length
+
+    @property
+    def selected(self) -> bool:
+        """Whether a selection is in force (False during the prefill phase and for "full")."""
+        return self._full is None and self._sel_length is not None
+
+    @property
+    def selection_length(self) -> int | None:
+        """The length at the last selection (None before the first one, and for "full")."""
+        return self._sel_length if self.selected else None
+
+    @property
+    def tail_length(self) -> int:
+        return self._length - self._sel_length if self.selected else 0
+
+    def room(self) -> int:
+        """Tokens that can be appended before `upkeep()` must run (and within capacity)."""
+        free = self.capacity - self.length
+        if self.selected:
+            free = min(free, self.tail_cap - self.tail_length)
+        return free
+
+    def device_entries(self) -> int:
+        """Entries resident in the device view per layer (the same for every layer and head).
+
+        0 before the first selection: the prefill attends over the host tier. "full": the length.
+        """
+        if self._full is not None:
+            return self.length
+        return self._num_sel + self.tail_length if self.selected else 0
+
+    def selected_positions(self, layer: int) -> torch.Tensor:
+        """[Hkv, n] int64: positions chosen at the last selection, per KV head, increasing.
+
+        Before the first selection (and for "full") every position [0, length) is visible.
+        """
+        if not self.selected:
+            return torch.arange(self.length).expand(self.num_kv_heads, self.length)
+        return self.dev_pos[layer][:, :self._num_sel].cpu()
+
+    def view_positions(self, layer: int) -> torch.Tensor:
+        """[Hkv, n] int64: positions of every entry the next forward attends to (selected + tail)."""
+        if not self.selected:
+            return self.selected_positions(layer)
+        return self.dev_pos[layer][:, :self.device_entries()].cpu()
+
+    def device_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K [Hkv, n, D], V [Hkv, n, D], positions [Hkv, n]) of the device view (after a selection)."""
+        if not self.selected:
+            raise RuntimeError("no device view before the first selection (call upkeep())")
+        n = self.device_entries()
+        return self.dev_k[layer][:, :n], self.dev_v[layer][:, :n], self.dev_pos[layer][:, :n]
+
+    def device_bytes(self) -> int:
+        """Exact bytes of the device KV tensors (K, V, positions) allocated."""
+        if self._full is not None:
+            return self._full.device_bytes()
+        return sum(t.numel() * t.element_size() for t in self.dev_k + self.dev_v + self.dev_pos)
+
+    def host_bytes(self) -> int:
+        """Exact bytes of the host tier (K, V)."""
+        if self._full is not None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.host_k + self.host_v)
+
+    def obs_bytes(self) -> int:
+        """Exact device bytes of the recorded-query rings (policy working memory, not KV, so
+        not counted in device_bytes; 0 for policies that do not read queries)."""
+        if self._full is not None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._q)
+
+    # --- the forward (KVCache contract) ---------------------------------------------------
+
+    def begin_forward(self, num_new: int) -> torch.Tensor:
+        if self._full is not None:
+            return self._full.begin_forward(num_new)
+        if num_new < 1:
+            raise ValueError(f"a forward appends at least one token, got {num_new}")
+        n = self._length
+        if n + num_new > self.capacity:
+            raise ContextOverflow("length", f"KV cache capacity {self.capacity} exceeded ({n} + {num_new})")
+        if self.selected and self.tail_length + num_new > self.tail_cap:
+            raise RuntimeError(f"sparse KV tail full ({self.tail_length} + {num_new} > {self.tail_cap}): "
+                               f"call upkeep() first (room() = {self.room()})")
+        self._t = num_new
+        past = self._num_sel + self.tail_length if self.selected else n
+        self._mask = None if num_new == 1 else causal_block_mask(
+            torch.tensor([past], device=self.device), num_new, past + num_new)
+        return torch.arange(n, n + num_new, device=self.device).view(1, -1)
+
+    def attend(self, layer, q, k, v):
+        """q: [1, H, T, D], k/v: [1, Hkv, T, D] (rotated) -> [1, H, T, D]."""
+        if self._full is not None:
+            return self._full.attend(layer, q, k, v)
+        if q.shape[0] != 1:
+            raise ValueError(f"SparseKVCache holds one session; got batch {q.shape[0]}")
+        t, start = self._t, self._length
+        end = start + t
+        hk, hv = self.host_k[layer], self.host_v[layer]
+        hk[:, start:end].copy_(k[0], non_blocking=self._copy_async)
+        hv[:, start:end].copy_(v[0], non_blocking=self._copy_async)
+        if self.policy.needs_queries:
+            cap = self._obs_cap
+            slots = torch.arange(max(start, end - cap), end, device=q.device) % cap   # [min(T, cap)]
+            self._q[layer][:, slots] = q[0, :, -cap:].detach()
+        if not self.selected:
+            # Prefill phase: exact over the host tier.
+            if self.device == self.host_device:
+                keys, values = hk[:, :end], hv[:, :end]
+            else:
+                keys = torch.cat([hk[:, :start].to(self.device, non_blocking=True), k[0]], dim=1)
+                values = torch.cat([hv[:, :start].to(self.device, non_blocking=True), v[0]], dim=1)
+        else:
+            at = self._num_sel + self.tail_length
+            dk, dv = self.dev_k[layer], self.dev_v[layer]
+            dk[:, at:at + t] = k[0]
+            dv[:, at:at + t] = v[0]
+            self.dev_pos[layer][:, at:at + t] = torch.arange(start, end, device=self.device)
+            keys, values = dk[:, :at + t], dv[:, :at + t]                       # [Hkv, S, D]
+        return attend(q, keys.unsqueeze(0), values.unsqueeze(0), self._mask)
+
+    def end_forward(self) -> None:
+        if self._full is not None:
+            return self._full.end_forward()
+        self._length += self._t
+        if self.policy.needs_queries:
+            self._obs_count = min(self._obs_cap, self._obs_count + self._t)
+        self._t = 0
+        self._mask = None
+
+    # --- rollback and selection -----------------------------------------------------------
+
+    def truncate(self, n: int) -> None:
+        """Roll back to `n` entries (drops rejected drafts).
+
+        n at or after the last selection only shortens the tail; an earlier n re-selects over
+        [0, n) from the host tier (the selection may hold positions that no longer exist).
+        """
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        if self._full is not None:
+            self._full.truncate(0, n)
+            return
+        self._obs_count = max(0, self._obs_count - (self._length - n))   # drop the suffix's queries
+        self._length = n
+        if self.selected and n < self._sel_length:
+            if n == 0:
+                self._sel_length, self._num_sel = None, 0
+            else:
+                self._select()
+
+    def upkeep(self, force: bool = False) -> bool:
+        """Re-select if never selected (and not empty), if the tail reached reselect_interval, or
+        if forced. Returns whether it re-selected; afterwards device_entries() <= budget."""
+        if self._full is not None or self._length == 0:
+            return False
+        if self.selected and not force and self.tail_length < self.config.reselect_interval:
+            return False
+        self._select()
+        return True
+
+    def _select(self) -> None:
+        """Choose the device view over [0, length) for every layer and gather it from the host tier."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)   # async device->host writes must land first
+        n, cfg = self._length, self.config
+        hd = self.host_device
+        for layer in range(self.num_layers):
+            if n <= self.budget:
+                pos = torch.arange(n, device=hd).expand(self.num_kv_heads, n)   # keep everything
+            else:
+                lo, hi = cfg.sink, n - cfg.window
+                m = self.budget - cfg.sink - cfg.window
+                parts = [torch.arange(lo, device=hd).expand(self.num_kv_heads, lo)]
+                if m > 0:
+                    mid = self.policy.choose(self._context(layer, n, lo, hi, m)).to(hd)
+                    self._check_choice(mid, lo, hi, m)
+                    parts.append(mid.sort(dim=1).values)
+                parts.append(torch.arange(hi, n, device=hd).expand(self.num_kv_heads, n - hi))
+                pos = torch.cat(parts, dim=1)                                   # [Hkv, budget]
+            count = pos.shape[1]
+            idx = pos.unsqueeze(-1).expand(-1, -1, self.head_dim)               # [Hkv, count, D]
+            self.dev_k[layer][:, :count] = self.host_k[layer][:, :n].gather(1, idx).to(self.device)
+            self.dev_v[layer][:, :count] = self.host_v[layer][:, :n].gather(1, idx).to(self.device)
+            self.dev_pos[layer][:, :count] = pos.to(self.device)
+        self._num_sel = min(n, self.budget)
+        self._sel_length = n
+        self.selections += 1
+
+    def _context(self, layer: int, n: int, lo: int, hi: int, m: int) -> SelectionContext:
+        w = min(self.config.obs_window, self._obs_count)
+        if w:
+            qpos = torch.arange(n - w, n, device=self.device)                   # [w]
+            q = self._q[layer][:, qpos % self._obs_cap].to(self.host_device)    # [H, w, D]
+            qpos = qpos.to(self.host_device)
+        else:
+            q = qpos = None
+        return SelectionContext(layer=layer, length=n, keys=self.host_k[layer][:, :n], queries=q,
+                                query_positions=qpos, group_size=self.group_size,
+                                chunk=self.config.chunk, lo=lo, hi=hi, m=m, summary=self.summary)
+
+    def _check_choice(self, mid: torch.Tensor, lo: int, hi: int, m: int) -> None:
+        name = self.policy.name
+        if tuple(mid.shape) != (self.num_kv_heads, m) or mid.dtype != torch.int64:
+            raise RuntimeError(f"policy {name!r} returned {tuple(mid.shape)} {mid.dtype}, "
+                               f"expected ({self.num_kv_heads}, {m}) int64")
+        if m and (int(mid.min()) < lo or int(mid.max()) >= hi):
+            raise RuntimeError(f"policy {name!r} chose positions outside the middle range [{lo}, {hi})")
+        if m > 1 and not bool((mid.sort(dim=1).values.diff(dim=1) > 0).all()):
+            raise RuntimeError(f"policy {name!r} chose a position twice")
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"SparseKVCache(policy={c.policy!r}, budget={c.budget}, sink={c.sink}, window={c.window}, "
+                f"length={self.length}, device_entries={self.device_entries()})")
