@@ -1,0 +1,1 @@
+"""Speculation: drafting on the sparse cache, verification on the full cache, the round loop."""

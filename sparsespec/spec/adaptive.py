@@ -1,0 +1,92 @@
+"""Adaptive draft length: pick the k that maximises expected tokens per second, or switch off.
+
+With per-token acceptance alpha, a round of k drafts commits E(k) = (1 - alpha^(k+1)) / (1 - alpha)
+tokens and costs k * t_draft + t_verify(k), where t_verify(k) = t_ar + slope * k. Speculation is
+switched off for the session when no k beats plain decoding (1 / t_ar), and probed again every
+`probe_every` plain steps so it comes back when it would pay. None of this affects the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsespec.errors import InvalidArgument
+
+MAX_K = 64
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    enabled: bool = True
+    k_min: int = 1
+    k_max: int = 16
+    ema: float = 0.3          # weight of the newest observation
+    probe_every: int = 32     # plain steps between probes while speculation is off
+    margin: float = 1.0       # speculation must beat AR by this factor to stay on
+
+    def __post_init__(self):
+        if not 1 <= self.k_min <= self.k_max <= MAX_K:
+            raise InvalidArgument("k", f"need 1 <= k_min <= k_max <= {MAX_K}, got {self.k_min}..{self.k_max}")
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens committed by a round of k drafts at per-token acceptance alpha (accepted + 1)."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+class KController:
+    """One per session. `next_k()` -> k for the next round (0 = a plain verifier step)."""
+
+    def __init__(self, k: int, cfg: AdaptiveConfig):
+        self.cfg = cfg
+        self.k = k
+        self.alpha: float | None = None      # EMA, per-token acceptance (geometric MLE per round)
+        self.t_draft: float | None = None    # seconds per drafted token
+        self.t_ar: float | None = None       # seconds per plain verifier step
+        self.slope = 0.0                     # extra verify seconds per draft token
+        self.off = False
+        self._plain_since_probe = 0
+
+    def next_k(self) -> int:
+        if not self.cfg.enabled:
+            return self.k
+        if self.t_ar is None:
+            return 0  # measure one plain step first: it calibrates the cost model
+        if self.off:
+            if self._plain_since_probe >= self.cfg.probe_every:
+                self._plain_since_probe = 0
+                return max(self.cfg.k_min, min(self.k, 4))
+            return 0
+        return self.k
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.cfg.ema) * old + self.cfg.ema * new
+
+    def observe_plain(self, seconds: float) -> None:
+        self.t_ar = self._ema(self.t_ar, seconds)
+        self._plain_since_probe += 1
+
+    def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        if not self.cfg.enabled or k == 0:
+            return
+        # Geometric MLE for one round: `accepted` successes, one failure unless all were accepted.
+        round_alpha = accepted / (accepted + (1 if accepted < k else 0))
+        self.alpha = self._ema(self.alpha, round_alpha)
+        self.t_draft = self._ema(self.t_draft, draft_s / k)
+        if self.t_ar is not None:
+            self.slope = self._ema(self.slope, max(0.0, (verify_s - self.t_ar) / k))
+        self._choose()
+
+    def rate(self, k: int) -> float:
+        """Expected committed tokens per second with k drafts per round."""
+        cost = k * (self.t_draft or 0.0) + (self.t_ar or 0.0) + self.slope * k
+        return expected_tokens(self.alpha or 0.0, k) / cost if cost > 0 else 0.0
+
+    def _choose(self) -> None:
+        if self.t_ar is None or self.alpha is None:
+            return
+        best = max(range(self.cfg.k_min, self.cfg.k_max + 1), key=self.rate)
+        self.k = best
+        self.off = self.rate(best) < self.cfg.margin / self.t_ar

@@ -1,0 +1,80 @@
+"""Per-request speculation metrics, in the vocabulary of design.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    prompt_tokens: int = 0
+    generated: int = 0
+    rounds: int = 0             # speculative rounds (k >= 1)
+    ar_steps: int = 0           # verifier forwards without drafts (speculation off, or mode ar)
+    drafted: int = 0
+    accepted: int = 0
+    k_sum: int = 0
+    per_position_drafted: list[int] = field(default_factory=list)
+    per_position_accepted: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0      # verifier prefill (and drafter prefill, in process)
+    decode_s: float = 0.0       # everything after prefill
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    drafter_kv_device_bytes: int = 0
+    drafter_kv_host_bytes: int = 0
+    verifier_kv_bytes: int = 0
+    reused_prefix_tokens: int = 0  # multi-turn: prompt tokens whose KV was already cached
+    stop_reason: str = ""
+
+    def record_round(self, k: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted += k
+        self.accepted += accepted
+        self.k_sum += k
+        while len(self.per_position_drafted) < k:
+            self.per_position_drafted.append(0)
+            self.per_position_accepted.append(0)
+        for i in range(k):
+            self.per_position_drafted[i] += 1
+            self.per_position_accepted[i] += int(i < accepted)
+
+    @property
+    def verifier_forwards(self) -> int:
+        return self.rounds + self.ar_steps
+
+    @property
+    def alpha(self) -> float:
+        """Acceptance rate: accepted / drafted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted length: tokens committed per verifier forward (accepted + 1)."""
+        f = self.verifier_forwards
+        return (self.accepted + f) / f if f else 0.0
+
+    @property
+    def k(self) -> float:
+        """Mean draft length over speculative rounds."""
+        return self.k_sum / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "tau": round(self.tau, 4), "alpha": round(self.alpha, 4), "k": round(self.k, 3),
+            "drafted": self.drafted, "accepted": self.accepted, "rounds": self.rounds,
+            "ar_steps": self.ar_steps, "generated": self.generated, "prompt_tokens": self.prompt_tokens,
+            "tokens_per_s": round(self.tokens_per_s, 3), "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4), "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4),
+            "per_position_acceptance": [round(a / d, 4) for a, d in
+                                        zip(self.per_position_accepted, self.per_position_drafted)],
+            "drafter_kv_device_bytes": self.drafter_kv_device_bytes,
+            "drafter_kv_host_bytes": self.drafter_kv_host_bytes,
+            "verifier_kv_bytes": self.verifier_kv_bytes,
+            "reused_prefix_tokens": self.reused_prefix_tokens,
+            "stop_reason": self.stop_reason,
+        }

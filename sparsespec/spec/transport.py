@@ -1,0 +1,69 @@
+"""How the verifier reaches a drafter: an interface, and the in-process implementation.
+
+The gRPC client implements the same interface, so the round loop is one piece of code whether
+the drafter is a function call away or on another machine.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.sparse import SparseConfig
+from sparsespec.spec.drafter import Drafter
+from sparsespec.spec.sampling import SamplingParams, SparseDist
+
+
+@dataclass
+class DraftReply:
+    tokens: list[int]                 # [k]
+    qs: list[SparseDist] | None       # sampling only
+    draft_s: float                    # drafter-side seconds (sync + drafting)
+    device_bytes: int = 0
+    host_bytes: int = 0
+
+
+class DrafterClient(ABC):
+    @abstractmethod
+    def open(self, session: str, tokens: list[int], params: SamplingParams) -> None:
+        """Create (or rebuild) the session's drafter state from the committed tokens."""
+
+    @abstractmethod
+    def draft(self, session: str, base_len: int, append: list[int], k: int,
+              params: SamplingParams) -> DraftReply:
+        """Sync to base_len + append (the committed prefix), then propose k drafts."""
+
+    @abstractmethod
+    def close(self, session: str) -> None:
+        """Free the session's drafter state."""
+
+
+class LocalDrafterClient(DrafterClient):
+    """Drafters in this process, one per session, sharing one model."""
+
+    def __init__(self, model, sparse: SparseConfig, capacity: int):
+        self.model, self.sparse, self.capacity = model, sparse, capacity
+        self.sessions: dict[str, tuple[Drafter, torch.Generator | None]] = {}
+
+    def open(self, session, tokens, params):
+        drafter = Drafter(self.model, self.sparse, self.capacity)
+        drafter.start(tokens)
+        gen = None if params.greedy else params.generator(salt=0x5EED)
+        self.sessions[session] = (drafter, gen)
+
+    def draft(self, session, base_len, append, k, params):
+        drafter, gen = self.sessions[session]
+        t0 = time.perf_counter()
+        drafter.sync(base_len, append)
+        result = drafter.draft(k, params, gen)
+        return DraftReply(result.tokens, result.qs, time.perf_counter() - t0,
+                          drafter.cache.device_bytes(), drafter.cache.host_bytes())
+
+    def close(self, session):
+        self.sessions.pop(session, None)
+
+    def drafter(self, session) -> Drafter:
+        return self.sessions[session][0]

