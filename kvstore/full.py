@@ -28,6 +28,7 @@ class FullKVCache(KVCache):
         self._rows: list[int] | None = None  # active rows; None = all
         self._t = 0
         self._mask: torch.Tensor | None = None
+        self._causal = False
 
     @classmethod
     def for_model(cls, model, capacity: int, batch: int = 1) -> "FullKVCache":
@@ -53,7 +54,8 @@ class FullKVCache(KVCache):
         self._t = num_new
         device = self.k[0].device
         uniform = bool((lengths == lengths[0]).all())
-        self._mask = None if uniform and num_new == 1 else causal_block_mask(
+        self._causal = uniform and num_new > 1 and int(lengths[0]) == 0   # prefill of empty rows
+        self._mask = None if uniform and (num_new == 1 or self._causal) else causal_block_mask(
             lengths.to(device), num_new, int(lengths.max()) + num_new)
         return lengths.to(device).view(-1, 1) + torch.arange(num_new, device=device).view(1, -1)
 
@@ -77,7 +79,7 @@ class FullKVCache(KVCache):
             keys, values = kc[index, :, :end], vc[index, :, :end]               # gathered rows
         for obs in self.observers:
             obs(layer, q, keys, self._mask, lengths)
-        return attend(q, keys, values, self._mask)
+        return attend(q, keys, values, self._mask, self._causal)
 
     def end_forward(self) -> None:
         if self._rows is None:

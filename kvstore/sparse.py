@@ -128,6 +128,7 @@ class SparseKVCache(KVCache):
         self.selections = 0          # re-selections made so far (a metric)
         self._t = 0                  # tokens in the forward in progress
         self._mask: torch.Tensor | None = None
+        self._causal = False
 
         if config.keeps_all:
             self._full: FullKVCache | None = FullKVCache(num_layers, num_kv_heads, head_dim, capacity,
@@ -269,7 +270,8 @@ class SparseKVCache(KVCache):
                                f"call upkeep() first (room() = {self.room()})")
         self._t = num_new
         past = self._num_sel + self.tail_length if self.selected else n
-        self._mask = None if num_new == 1 else causal_block_mask(
+        self._causal = n == 0 and num_new > 1                # prefill of an empty cache
+        self._mask = None if num_new == 1 or self._causal else causal_block_mask(
             torch.tensor([past], device=self.device), num_new, past + num_new)
         return torch.arange(n, n + num_new, device=self.device).view(1, -1)
 
@@ -302,7 +304,7 @@ class SparseKVCache(KVCache):
             dv[:, at:at + t] = v[0]
             self.dev_pos[layer][:, at:at + t] = torch.arange(start, end, device=self.device)
             keys, values = dk[:, :at + t], dv[:, :at + t]                       # [Hkv, S, D]
-        return attend(q, keys.unsqueeze(0), values.unsqueeze(0), self._mask)
+        return attend(q, keys.unsqueeze(0), values.unsqueeze(0), self._mask, self._causal)
 
     def end_forward(self) -> None:
         if self._full is not None:

@@ -19,9 +19,12 @@ def causal_block_mask(num_past: torch.Tensor, num_new: int, num_keys: int) -> to
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           mask: torch.Tensor | None) -> torch.Tensor:
+           mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
     """q: [B, H, T, D]; k, v: [B, Hkv, S, D]; mask: bool [B, 1, T, S] or None (all visible).
 
+    causal=True (with mask None) means T == S and query t sees keys <= t: a prefill from an
+    empty cache, which takes the fused causal kernel instead of a materialised mask.
     Returns [B, H, T, D]. GQA is handled without materialising repeated KV heads.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])

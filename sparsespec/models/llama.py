@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from kvstore.base import KVCache
 from sparsespec.models.config import ModelConfig
+from sparsespec.models.packed import PackedLinear
 from sparsespec.models.rope import RotaryTable, apply_rotary
 
 POSITION_SLACK = 80  # > the largest draft length (64) + 1
@@ -24,11 +25,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as Hugging Face does, then cast back.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        shape = (x.shape[-1],)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, shape, self.weight, self.eps)                   # one fused op
+        # Half precision: normalise in fp32 as Hugging Face does, cast back, then scale.
+        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -41,12 +42,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
+        self._packed = PackedLinear(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x, cos, sin, cache: KVCache):
         b, t, _ = x.shape                                                        # x: [B, T, C]
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)     # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h, hkv = self.num_heads, self.num_kv_heads
+        qkv = self._packed(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)  # [B, H+2Hkv, T, D]
+        qk = apply_rotary(qkv[:, :h + hkv], cos, sin)                            # q and k in one pass
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]                         # [B, H|Hkv|Hkv, T, D]
         out = cache.attend(self.layer, q, k, v)                                  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -57,9 +60,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._packed = PackedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._packed(x).chunk(2, dim=-1)                              # [B, T, I] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
