@@ -1,0 +1,1 @@
+"""Benchmarks: our AR and speculative decoding against transformers, in one process, same prompts."""

@@ -1,0 +1,149 @@
+"""`sparsespec`: generate, fetch models, benchmark, demo.
+
+Every user error ends as one line on stderr (`error: <field>: <problem>`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sparsespec.errors import SparseSpecError
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory, .gguf file, or a known name (smollm2-135m)")
+    p.add_argument("--drafter", default="same", help="same | DIR | layers:N (default: same)")
+    p.add_argument("--policy", default="chunk_topk", help="streaming | chunk_topk | snapkv | full")
+    p.add_argument("--budget", default="256", help="drafter KV entries per layer, or 'full'")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--max-context", type=int, default=None, help="context limit (default: the model's)")
+
+
+def _add_request_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-k", type=int, default=4, help="draft length (1..64); the start value when adaptive")
+    p.add_argument("--adaptive", action="store_true", help="adapt k to acceptance, switch speculation off when it does not pay")
+    p.add_argument("--mode", default="spec", help="spec | ar")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsespec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate in this process")
+    _add_engine_flags(gen)
+    _add_request_flags(gen)
+
+    models = sub.add_parser("models", help="named models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    fetch = msub.add_parser("fetch", help="download and convert a named model; prints its directory")
+    fetch.add_argument("name")
+
+    demo = sub.add_parser("demo", help="long-context speculative generation on real text, AR vs speculative")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--context", type=int, default=3500)
+    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.add_argument("--policy", default="chunk_topk")
+    demo.add_argument("--budget", default="256")
+    demo.add_argument("--drafter", default="same")
+    demo.add_argument("-k", type=int, default=4)
+
+    bench = sub.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
+    bench.add_argument("--quick", action="store_true", help="a small grid, for smoke runs")
+    bench.add_argument("--out", default="docs", help="directory for benchmarks.md and JSON")
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--contexts", default="1024,2048,4096", help="prompt lengths in tokens, comma-separated")
+    bench.add_argument("--prompts", type=int, default=3, help="prompts per context (different books)")
+    bench.add_argument("--max-tokens", type=int, default=48)
+    bench.add_argument("-k", type=int, default=4)
+    bench.add_argument("--layers", type=int, default=6, help="N of the layers:N drafter")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    return parser
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise SparseSpecError(f"prompt-file: cannot read {args.prompt_file}: {e.strerror}") from None
+
+
+def cmd_generate(args) -> int:
+    from sparsespec.build import EngineConfig, build_engine, parse_budget
+    from sparsespec.spec.adaptive import AdaptiveConfig, MAX_K
+    from sparsespec.spec.loop import GenerationRequest
+    from sparsespec.spec.sampling import SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+    if not 1 <= args.k <= MAX_K:
+        raise SparseSpecError(f"k: must be in [1, {MAX_K}], got {args.k}")
+    adaptive = AdaptiveConfig(enabled=args.adaptive, k_max=min(MAX_K, max(args.k * 2, 8)))
+    prompt = _read_prompt(args)
+    if not prompt:
+        raise SparseSpecError("prompt: is empty")
+    cfg = EngineConfig(model=args.model, drafter=args.drafter, policy=args.policy,
+                       budget=parse_budget(args.budget), dtype=args.dtype, max_context=args.max_context,
+                       max_batch=1)
+    engine, tokenizer = build_engine(cfg)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    req = GenerationRequest(ids, args.max_tokens, sampling, args.k, adaptive, tuple(args.stop), args.mode)
+    result = engine.generate(req)
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "text": result.text,
+                          "metrics": result.metrics.to_dict()}))
+    else:
+        print(result.text)
+        from sparsespec.report import metrics_table
+        print(metrics_table([(args.mode, result.metrics)]), file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from sparsespec.models import fetch
+    print(fetch(args.name))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sparsespec.demo import run_demo
+    return run_demo(args)
+
+
+def cmd_bench(args) -> int:
+    import os
+
+    from sparsespec.bench.engine_bench import run_bench
+    if args.quick:
+        args.contexts, args.prompts, args.max_tokens = "1024", 1, 16
+    args.threads = args.threads or os.cpu_count() or 1
+    return run_bench(args)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"generate": cmd_generate, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except SparseSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

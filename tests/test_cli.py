@@ -1,0 +1,84 @@
+"""The CLI end to end, in real subprocesses: JSON output, AR == spec, and bad input as one line.
+
+Every bad input must exit with code 2 and print exactly one line, `error: <field>: <problem>`,
+naming the problem; never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparsespec.models.testing import save_random_model, tiny_config
+
+PROMPT = "In the beginning God created the heaven and the earth. " * 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_random_model(tmp_path_factory.mktemp("tiny") / "model",
+                             tiny_config(max_position_embeddings=256, eos_token_ids=()), seed=3)
+
+
+def sparsespec(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "sparsespec", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def generate(model_dir, *extra):
+    return sparsespec("generate", "--model", model_dir, "--max-tokens", 24, *extra)
+
+
+def test_generate_json_spec_equals_ar(model_dir):
+    outs = {}
+    for mode in ("ar", "spec"):
+        proc = generate(model_dir, "--prompt", PROMPT, "--mode", mode, "--policy", "streaming",
+                        "--budget", 16, "-k", 4, "--json")
+        assert proc.returncode == 0, proc.stderr
+        outs[mode] = json.loads(proc.stdout)
+    spec = outs["spec"]
+    assert spec["token_ids"] == outs["ar"]["token_ids"] and len(spec["token_ids"]) == 24
+    assert isinstance(spec["text"], str)
+    m = spec["metrics"]
+    for key in ("tau", "alpha", "k", "drafted", "accepted", "rounds", "tokens_per_s", "prefill_s",
+                "drafter_kv_device_bytes", "verifier_kv_bytes"):
+        assert key in m, key
+    assert m["rounds"] > 0 and m["drafted"] >= m["accepted"] and m["tau"] >= 1
+    assert 0 < m["drafter_kv_device_bytes"] and m["verifier_kv_bytes"] > 0
+
+
+def write_corrupt_gguf(path):
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 64)
+    return path
+
+
+BAD_INPUTS = {
+    "missing model path": (lambda d, t: ["--model", t / "no-such-model", "--prompt", "hi"], "model"),
+    "corrupt gguf": (lambda d, t: ["--model", write_corrupt_gguf(t / "bad.gguf"), "--prompt", "hi"], "gguf"),
+    "prompt over context": (lambda d, t: ["--model", d, "--prompt", "x" * 400], "context"),
+    "empty prompt": (lambda d, t: ["--model", d, "--prompt", ""], "prompt"),
+    "budget 0": (lambda d, t: ["--model", d, "--prompt", "hi", "--budget", 0], "budget"),
+    "budget words": (lambda d, t: ["--model", d, "--prompt", "hi", "--budget", "lots"], "budget"),
+    "k 0": (lambda d, t: ["--model", d, "--prompt", "hi", "-k", 0], "k"),
+    "k 65": (lambda d, t: ["--model", d, "--prompt", "hi", "-k", 65], "k"),
+    "top-p 0": (lambda d, t: ["--model", d, "--prompt", "hi", "--top-p", 0], "top_p"),
+    "top-p 1.5": (lambda d, t: ["--model", d, "--prompt", "hi", "--top-p", 1.5], "top_p"),
+    "unknown policy": (lambda d, t: ["--model", d, "--prompt", "hi", "--policy", "magic"], "policy"),
+    "missing prompt file": (lambda d, t: ["--model", d, "--prompt-file", t / "none.txt"], "prompt-file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line(model_dir, tmp_path, case):
+    make_args, needle = BAD_INPUTS[case]
+    proc = sparsespec("generate", *make_args(model_dir, tmp_path))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: ") and needle in lines[0].lower(), lines[0]
+    assert proc.stdout == ""
