@@ -1,0 +1,5 @@
+import sys
+
+from sparsespec.cli import main
+
+sys.exit(main())

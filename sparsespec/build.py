@@ -1,0 +1,96 @@
+"""From flags to a running engine: load the verifier, make the drafter, wire the caches."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.sparse import SparseConfig
+from sparsespec.errors import InvalidArgument
+from sparsespec.models import load_model, load_tokenizer, resolve_model
+from sparsespec.models.truncate import layer_truncated
+from sparsespec.spec.adaptive import MAX_K
+from sparsespec.spec.loop import SpecEngine
+from sparsespec.spec.transport import LocalDrafterClient
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidArgument("dtype", f"unknown dtype {name!r}; known: {sorted(set(DTYPES))}") from None
+
+
+def parse_budget(value: str | int | None) -> int | None:
+    """'full' -> None (keep everything); otherwise a positive integer."""
+    if value is None or (isinstance(value, str) and value.lower() == "full"):
+        return None
+    try:
+        budget = int(value)
+    except ValueError:
+        raise InvalidArgument("budget", f"must be a positive integer or 'full', got {value!r}") from None
+    if budget < 1:
+        raise InvalidArgument("budget", f"must be >= 1, got {budget}")
+    return budget
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    drafter: str = "same"            # same | DIR | layers:N
+    policy: str = "chunk_topk"
+    budget: int | None = 256         # None = full
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_context: int | None = None
+    max_batch: int = 8
+
+    def sparse_config(self) -> SparseConfig:
+        if self.budget is None or self.policy == "full":
+            return SparseConfig(policy="full", budget=None)
+        return SparseConfig(policy=self.policy, budget=self.budget)
+
+
+def load_verifier(cfg: EngineConfig):
+    path = resolve_model(cfg.model)
+    model = load_model(path, dtype=parse_dtype(cfg.dtype), device=cfg.device, max_context=cfg.max_context)
+    return model.eval(), load_tokenizer(path)
+
+
+def make_drafter_model(verifier, spec: str, cfg: EngineConfig):
+    """`same` shares the verifier's weights; `layers:N` shares its first N layers; else a path."""
+    if spec == "same":
+        return verifier
+    if spec.startswith("layers:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise InvalidArgument("drafter", f"expected layers:N, got {spec!r}") from None
+        return layer_truncated(verifier, n)
+    drafter = load_model(resolve_model(spec), dtype=parse_dtype(cfg.dtype), device=cfg.device,
+                         max_context=verifier.max_context).eval()
+    if drafter.cfg.vocab_size != verifier.cfg.vocab_size:
+        raise InvalidArgument("drafter", f"vocabulary size {drafter.cfg.vocab_size} differs from the "
+                                         f"verifier's {verifier.cfg.vocab_size}: they must share a tokenizer")
+    return drafter
+
+
+def build_engine(cfg: EngineConfig, verifier=None, tokenizer=None) -> tuple[SpecEngine, object]:
+    """Returns (engine, tokenizer). Pass an already loaded verifier to share it between engines."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sparse = cfg.sparse_config()  # validate flags before loading anything
+    if verifier is None:
+        verifier, tokenizer = load_verifier(cfg)
+    drafter_model = make_drafter_model(verifier, cfg.drafter, cfg)
+    max_context = cfg.max_context or verifier.max_context
+    client = LocalDrafterClient(drafter_model, sparse, max_context + MAX_K + 1)
+    eos = set(verifier.cfg.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    engine = SpecEngine(verifier, client, tokenizer, max_context, cfg.max_batch, sorted(eos))
+    return engine, tokenizer

@@ -1,0 +1,1 @@
+"""Real public-domain text, fetched offline-friendly from PyPI wheels."""
