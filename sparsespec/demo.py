@@ -19,8 +19,10 @@ from sparsespec.spec.loop import GenerationRequest
 def run_demo(args) -> int:
     if args.context < 2:
         raise InvalidArgument("context", f"must be >= 2 tokens, got {args.context}")
+    # The context limit is what this run needs, so no cache is sized for the model's full 8K.
     cfg = EngineConfig(model=args.model, drafter=args.drafter, policy=args.policy,
-                       budget=parse_budget(args.budget), max_batch=1)
+                       budget=parse_budget(args.budget), max_context=args.context + args.max_tokens + 1,
+                       max_batch=1)
     print(f"loading {cfg.model} ...", flush=True)
     verifier, tokenizer = load_verifier(cfg)
     engine, _ = build_engine(cfg, verifier, tokenizer)
