@@ -18,7 +18,7 @@ from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig, KController
 from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
-from sparsespec.spec.transport import DrafterClient
+from sparsespec.spec.transport import DRAFTER_FAILURES, DrafterClient
 from sparsespec.spec.verifier import Verifier
 
 MODES = ("spec", "ar")
@@ -63,18 +63,19 @@ class GenerationResult:
 
 
 @dataclass
-class _Run:
-    """One session's state inside the loop."""
+class Run:
+    """One session's turn inside the loop. The engine owns it; callers read it."""
     session: str
-    row: int
+    row: int                                # the session's row in the verifier's cache
     req: GenerationRequest
-    tokens: list[int]                       # committed: prompt + generated; tokens[-1] is pending
+    tokens: list[int]                       # committed context: prompt + generated; [-1] is pending
     stopper: StopChecker
     ctrl: KController
     metrics: RequestMetrics
     gen: torch.Generator | None
-    drafter_base: int = 0                   # committed tokens the drafter has seen
+    drafter_base: int = 0                   # committed tokens the drafter holds; 0 = must (re)open
     done: bool = False
+    started_at: float = 0.0                 # perf_counter() after the prefill
     finished_at: float = 0.0                # perf_counter() when the run stopped
 
     @property
@@ -83,7 +84,12 @@ class _Run:
 
 
 class SpecEngine:
-    """Verifier model + full cache, and a drafter reached through a DrafterClient."""
+    """Verifier model + full cache, and a drafter reached through a DrafterClient.
+
+    `generate_many` runs a fixed batch to completion. A server drives the same steps itself:
+    `start` a run in a free row, `step` every active run by one round (sessions may join and
+    leave between rounds), `finish` each run when it is done.
+    """
 
     def __init__(self, verifier_model, drafter: DrafterClient | None = None, tokenizer=None,
                  max_context: int | None = None, max_batch: int = 8, eos_ids=None):
@@ -103,82 +109,117 @@ class SpecEngine:
         return self.generate_many([req])[0]
 
     def generate_many(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
-        if not reqs:
-            return []
         if len(reqs) > self.max_batch:
             raise InvalidArgument("requests", f"{len(reqs)} sessions exceed max_batch {self.max_batch}")
         for r in reqs:
-            r.check_fits(self.model.cfg.vocab_size, self.max_context)
-            if r.mode == "spec" and self.drafter is None:
-                raise InvalidArgument("mode", "spec needs a drafter")
-        runs = [self._start(i, r) for i, r in enumerate(reqs)]
-        t0 = time.perf_counter()
+            self.check(r)
+        runs = []
         try:
-            while True:
-                active = [r for r in runs if not r.done]
-                if not active:
-                    break
-                self._round(active)
+            runs = [self.start(r, row) for row, r in enumerate(reqs)]
+            while any(not r.done for r in runs):
+                self.step([r for r in runs if not r.done])
         finally:
             for r in runs:
-                if r.req.mode == "spec":
-                    self.drafter.close(r.session)
-        results = []
-        for r in runs:
-            m = r.metrics
-            m.decode_s = r.finished_at - t0
-            m.generated = len(r.generated)
-            m.stop_reason = r.stopper.reason
-            m.verifier_kv_bytes = len(r.tokens) * self.model.cfg.kv_bytes_per_token(
-                self.model.dtype.itemsize)
-            results.append(GenerationResult(list(r.generated), r.stopper.final_text(), m))
-        return results
+                self.release(r)
+        return [self.finish(r) for r in runs]
 
-    def _start(self, row: int, req: GenerationRequest) -> _Run:
+    def check(self, req: GenerationRequest) -> None:
+        """Validate a request against this engine (vocabulary, context limit, drafter)."""
+        req.check_fits(self.model.cfg.vocab_size, self.max_context)
+        if req.mode == "spec" and self.drafter is None:
+            raise InvalidArgument("mode", "spec needs a drafter")
+
+    def start(self, req: GenerationRequest, row: int, session: str | None = None,
+              cached: int = 0, drafter_cached: int = 0) -> Run:
+        """Prefill `row` and open the drafter. Multi-turn: the row already holds the first
+        `cached` prompt tokens and the drafter the first `drafter_cached`; only the rest is
+        computed (metrics.reused_prefix_tokens)."""
         prompt = list(req.prompt_ids)
         metrics = RequestMetrics(prompt_tokens=len(prompt))
-        session = uuid.uuid4().hex
+        session = session or uuid.uuid4().hex
         t0 = time.perf_counter()
-        self.verifier.prefill(row, prompt[:-1])
+        cached = min(cached, len(prompt) - 1, self.verifier.length(row))
+        if cached > 0:
+            self.verifier.commit(row, cached)
+            if cached < len(prompt) - 1:
+                self.verifier.extend(row, prompt[cached:-1])
+            metrics.reused_prefix_tokens = cached
+        else:
+            self.verifier.prefill(row, prompt[:-1])
+        drafter_base = 0
         if req.mode == "spec":
-            self.drafter.open(session, prompt, req.sampling)
+            drafter_base = drafter_cached if drafter_cached > 0 else self._open_drafter(session, prompt, req)
         metrics.prefill_s = time.perf_counter() - t0
         stopper = StopChecker(self.eos_ids, list(req.stop), req.max_tokens,
                               self.max_context - len(prompt), self.tokenizer)
         gen = None if req.sampling.greedy else req.sampling.generator()
-        return _Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
-                    gen, drafter_base=len(prompt))
+        return Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
+                   gen, drafter_base=drafter_base, started_at=time.perf_counter())
 
-    def _plan_k(self, r: _Run) -> int:
+    def _open_drafter(self, session: str, tokens: list[int], req: GenerationRequest) -> int:
+        try:
+            self.drafter.open(session, tokens, req.sampling)
+            return len(tokens)
+        except DRAFTER_FAILURES:
+            return 0  # decode alone for now; the next draft call re-opens with base_len 0
+
+    def release(self, run: Run) -> None:
+        """Free the run's drafter state (the verifier row is the caller's to reuse)."""
+        if run.req.mode == "spec" and self.drafter is not None:
+            try:
+                self.drafter.close(run.session)
+            except DRAFTER_FAILURES:
+                pass
+
+    def finish(self, run: Run) -> GenerationResult:
+        """Fill in the run's totals. The row keeps the committed context (all but the pending
+        token) so a next turn can reuse it."""
+        m = run.metrics
+        m.decode_s = (run.finished_at or time.perf_counter()) - run.started_at
+        m.generated = len(run.generated)
+        m.stop_reason = run.stopper.reason
+        m.verifier_kv_bytes = len(run.tokens) * self.model.cfg.kv_bytes_per_token(self.model.dtype.itemsize)
+        self.verifier.commit(run.row, min(self.verifier.length(run.row), len(run.tokens) - 1))
+        return GenerationResult(list(run.generated), run.stopper.final_text(), m)
+
+    def _plan_k(self, r: Run) -> int:
         if r.req.mode != "spec":
             return 0
         remaining = min(r.req.max_tokens - len(r.generated), self.max_context - len(r.tokens))
         return max(0, min(r.ctrl.next_k(), remaining - 1))
 
-    def _round(self, active: list[_Run]) -> None:
-        drafts: list[list[int]] = []
-        qs = []
-        draft_s = []
-        for r in active:
-            k = self._plan_k(r)
-            if k == 0:
-                drafts.append([]), qs.append(None), draft_s.append(0.0)
-                continue
-            t0 = time.perf_counter()
+    def _draft(self, r: Run) -> tuple[list[int], list | None, float]:
+        """Ask the drafter for this round's drafts; a failing drafter costs one plain step."""
+        k = self._plan_k(r)
+        if k == 0:
+            return [], None, 0.0
+        t0 = time.perf_counter()
+        try:
             reply = self.drafter.draft(r.session, r.drafter_base, r.tokens[r.drafter_base:], k,
                                        r.req.sampling)
-            draft_s.append(time.perf_counter() - t0)
-            r.drafter_base = len(r.tokens)
-            r.metrics.drafter_kv_device_bytes = max(r.metrics.drafter_kv_device_bytes, reply.device_bytes)
-            r.metrics.drafter_kv_host_bytes = max(r.metrics.drafter_kv_host_bytes, reply.host_bytes)
-            drafts.append(reply.tokens), qs.append(reply.qs)
+        except DRAFTER_FAILURES:
+            r.drafter_base = 0      # re-send the whole committed prefix when it comes back
+            r.metrics.drafter_failures += 1
+            return [], None, time.perf_counter() - t0
+        r.drafter_base = len(r.tokens)
+        m = r.metrics
+        m.drafter_kv_device_bytes = max(m.drafter_kv_device_bytes, reply.device_bytes)
+        m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
+        return reply.tokens, reply.qs, time.perf_counter() - t0
 
+    def step(self, active: list[Run]) -> dict[str, list[int]]:
+        """One round for every active run: draft, one batched verify, accept, commit.
+
+        Returns the tokens each session committed this round (session -> tokens, in order).
+        """
+        planned = [self._draft(r) for r in active]
         t0 = time.perf_counter()
         logits = self.verifier.verify([r.row for r in active],
-                                      [[r.tokens[-1]] + d for r, d in zip(active, drafts)])
+                                      [[r.tokens[-1]] + d for r, (d, _, _) in zip(active, planned)])
         verify_s = time.perf_counter() - t0
 
-        for r, d, q, ds, lg in zip(active, drafts, qs, draft_s, logits):
+        committed: dict[str, list[int]] = {}
+        for r, (d, q, ds), lg in zip(active, planned, logits):
             outcome = choose(lg, d, q, r.req.sampling, r.gen)
             self.verifier.commit(r.row, len(r.tokens) + outcome.accepted)
             m = r.metrics
@@ -190,9 +231,12 @@ class SpecEngine:
             else:
                 m.ar_steps += 1
                 r.ctrl.observe_plain(verify_s)
+            new = committed[r.session] = []
             for token in outcome.committed_tokens(d):
                 r.tokens.append(token)
+                new.append(token)
                 if r.stopper.feed(token):
                     r.done = True
                     r.finished_at = time.perf_counter()
                     break
+        return committed

@@ -24,6 +24,7 @@ class RequestMetrics:
     drafter_kv_host_bytes: int = 0
     verifier_kv_bytes: int = 0
     reused_prefix_tokens: int = 0  # multi-turn: prompt tokens whose KV was already cached
+    drafter_failures: int = 0      # rounds decoded alone because the drafter failed
     stop_reason: str = ""
 
     def record_round(self, k: int, accepted: int) -> None:
@@ -76,5 +77,6 @@ class RequestMetrics:
             "drafter_kv_host_bytes": self.drafter_kv_host_bytes,
             "verifier_kv_bytes": self.verifier_kv_bytes,
             "reused_prefix_tokens": self.reused_prefix_tokens,
+            "drafter_failures": self.drafter_failures,
             "stop_reason": self.stop_reason,
         }

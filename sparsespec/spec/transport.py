@@ -13,8 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.sparse import SparseConfig
-from sparsespec.spec.drafter import Drafter
+from sparsespec.errors import SparseSpecError
+from sparsespec.spec.drafter import Drafter, StateMismatch
 from sparsespec.spec.sampling import SamplingParams, SparseDist
+
+
+class DrafterUnavailable(SparseSpecError):
+    """The drafter cannot serve this session now (dead, slow, full). The verifier decodes the
+    session alone and re-opens it later with base_len 0: drafter state is disposable."""
+
+
+# What a round survives: the session falls back to plain decoding, never to a wrong token.
+DRAFTER_FAILURES = (DrafterUnavailable, StateMismatch)
 
 
 @dataclass
@@ -34,7 +44,10 @@ class DrafterClient(ABC):
     @abstractmethod
     def draft(self, session: str, base_len: int, append: list[int], k: int,
               params: SamplingParams) -> DraftReply:
-        """Sync to base_len + append (the committed prefix), then propose k drafts."""
+        """Sync to base_len + append (the committed prefix), then propose k drafts.
+
+        base_len 0 means `append` is the whole committed prefix: (re)build the session first.
+        """
 
     @abstractmethod
     def close(self, session: str) -> None:
@@ -55,6 +68,9 @@ class LocalDrafterClient(DrafterClient):
         self.sessions[session] = (drafter, gen)
 
     def draft(self, session, base_len, append, k, params):
+        if base_len == 0:
+            self.open(session, append, params)
+            base_len, append = len(append), []
         drafter, gen = self.sessions[session]
         t0 = time.perf_counter()
         drafter.sync(base_len, append)
