@@ -45,3 +45,22 @@ def smollm2_dir():
 def smollm2(smollm2_dir):
     from sparsespec.models import load_model, load_tokenizer
     return load_model(smollm2_dir, max_context=2048).eval(), load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_srv():
+    """A real redis-server for the whole run (tests/redis_server.py)."""
+    from redis_server import redis_server
+    with redis_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def redis_url(redis_srv):
+    """A running, empty Redis (a test that stopped it gets it back here)."""
+    import redis
+    redis_srv.start()
+    client = redis.Redis.from_url(redis_srv.url)
+    client.flushall()
+    client.close()
+    return redis_srv.url
