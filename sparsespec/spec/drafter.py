@@ -73,7 +73,9 @@ class Drafter:
         if base_len != self.committed_len:
             raise StateMismatch(f"base_len {base_len} does not match the drafter's committed length "
                                 f"{self.committed_len}")
-        if not append:
+        if not append:   # nothing new: drop last round's cached drafts (logits stay valid)
+            self.cache.truncate(base_len)
+            self._drafts, self._draft_logits = [], []
             return
         reuse = 0
         cached = len(self._draft_logits)

@@ -66,14 +66,18 @@ class DrafterServicer:
 
     def Draft(self, request, context):
         """Sync to base_len + append (the committed prefix) and propose k drafts.
+        base_len 0: append is the whole committed prefix and the session is (re)built first.
         FAILED_PRECONDITION when base_len does not match the drafter's state: the verifier re-opens.
+        NOT_FOUND when the drafter holds no such session (closed, evicted after its idle TTL, or the
+        drafter restarted): the verifier re-opens with base_len 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Free a session's state. Idempotent: closing an unknown session is OK.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -1,0 +1,247 @@
+"""Many sessions' drafters over one shared model, under one device-memory budget.
+
+A session is admitted only if the bytes its SparseKVCache will allocate on the device fit what
+the budget has left (`DrafterFull` otherwise), and gives them back on close or when it has been
+idle longer than the TTL. Drafter state is disposable (docs/design.md, invariant 2), so eviction
+and refusal cost the verifier speed, never tokens: it decodes alone and re-opens later.
+
+Every field is validated here, with the wire's field names, so the gRPC servicer only converts.
+Concurrency: a table lock for the session map and the byte count, a lock per session to order
+its calls, and one compute lock around model forwards: the shared model builds its rotary table
+and packed weights lazily (not thread-safe) and one device runs one forward at a time anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from drafter_service.memory import SessionCost, session_cost
+from kvstore.sparse import SparseConfig
+from sparsespec.errors import ContextOverflow, InvalidArgument
+from sparsespec.rpc.errors import DrafterFull, SessionUnknown, StateMismatch
+from sparsespec.spec.adaptive import MAX_K
+from sparsespec.spec.drafter import Drafter
+from sparsespec.spec.sampling import SamplingParams
+from sparsespec.spec.transport import DraftReply
+
+DRAFT_SALT = 0x5EED          # as LocalDrafterClient: a remote drafter draws the same drafts
+MAX_SESSION_ID = 256         # characters
+
+
+@dataclass(frozen=True)
+class DrafterEngineConfig:
+    """How a drafter engine holds sessions. Validated at construction; errors name the field."""
+
+    sparse: SparseConfig
+    max_context: int                          # longest committed prefix a session may hold
+    memory_budget_bytes: int | None = None    # device bytes for every session's KV; None = no limit
+    session_ttl_s: float = 600.0              # a session idle this long is evicted
+
+    def __post_init__(self):
+        if not isinstance(self.sparse, SparseConfig):
+            raise InvalidArgument("sparse", f"must be a SparseConfig, got {type(self.sparse).__name__}")
+        if self.max_context < 1:
+            raise InvalidArgument("max_context", f"must be >= 1, got {self.max_context}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
+            raise InvalidArgument("memory_budget_bytes", f"must be >= 1, got {self.memory_budget_bytes}")
+        if not self.session_ttl_s > 0:
+            raise InvalidArgument("session_ttl_s", f"must be > 0, got {self.session_ttl_s}")
+
+    @property
+    def capacity(self) -> int:
+        """KV entries a session's cache holds: the context plus one round's drafts."""
+        return self.max_context + MAX_K + 1
+
+
+@dataclass(frozen=True)
+class OpenInfo:
+    device_bytes: int
+    host_bytes: int
+    prefill_s: float
+
+
+@dataclass(eq=False)
+class _Session:
+    epoch: int
+    last_used: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    drafter: Drafter | None = None        # None while the prefill runs
+    gen: torch.Generator | None = None
+    closed: bool = False
+
+
+class DrafterEngine:
+    def __init__(self, model, config: DrafterEngineConfig, clock: Callable[[], float] = time.monotonic):
+        if config.max_context > model.max_context:
+            raise InvalidArgument("max_context", f"{config.max_context} exceeds the model's {model.max_context}")
+        self.model, self.config, self.clock = model, config, clock
+        self.vocab_size = model.cfg.vocab_size
+        self.cost: SessionCost = session_cost(model.cfg, model.dtype, config.capacity, config.sparse)
+        budget = config.memory_budget_bytes
+        if budget is not None and budget < self.cost.device_bytes:
+            raise InvalidArgument("memory_budget_bytes", f"{budget} bytes cannot hold one session "
+                                                         f"({self.cost.device_bytes} bytes of device KV)")
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()      # _sessions
+        self._compute = threading.Lock()   # model forwards
+
+    # --- capacity --------------------------------------------------------------------------
+
+    @property
+    def session_capacity(self) -> int | None:
+        """Sessions the budget holds at once (every session costs the same); None = no limit."""
+        b = self.config.memory_budget_bytes
+        return None if b is None else b // self.cost.device_bytes
+
+    def load(self) -> int:
+        return len(self._sessions)
+
+    def used_bytes(self) -> int:
+        return len(self._sessions) * self.cost.device_bytes
+
+    def evict_idle(self) -> list[str]:
+        """Drop sessions idle past the TTL (never one a call is using). Returns their ids."""
+        with self._lock:
+            return self._evict_idle()
+
+    def _evict_idle(self) -> list[str]:
+        deadline = self.clock() - self.config.session_ttl_s
+        idle = [sid for sid, s in self._sessions.items() if s.last_used < deadline and not s.lock.locked()]
+        for sid in idle:
+            self._sessions.pop(sid).closed = True
+        return idle
+
+    def _admit(self, session_id: str) -> None:
+        budget = self.config.memory_budget_bytes
+        if budget is None:
+            return
+        need = self.cost.device_bytes
+        if self.used_bytes() + need > budget:
+            self._evict_idle()
+        if self.used_bytes() + need > budget:
+            raise DrafterFull(f"session {session_id} needs {need} bytes of device KV; "
+                              f"{self.used_bytes()} of the {budget}-byte memory budget are held by "
+                              f"{len(self._sessions)} sessions")
+
+    # --- the three calls -------------------------------------------------------------------
+
+    def open(self, session_id: str, tokens: list[int], params: SamplingParams, epoch: int = 0) -> OpenInfo:
+        """(Re)build the session from its committed tokens; refuses with DrafterFull."""
+        _check_session(session_id)
+        _check_epoch(epoch)
+        self._check_tokens("tokens", tokens)
+        if not tokens:
+            raise InvalidArgument("tokens", "is empty: a session opens from its committed prefix")
+        if len(tokens) > self.config.max_context:
+            raise ContextOverflow("tokens", f"{len(tokens)} tokens exceed the drafter's context limit "
+                                            f"of {self.config.max_context}")
+        entry = _Session(epoch=epoch, last_used=self.clock())
+        with entry.lock:
+            with self._lock:
+                old = self._sessions.get(session_id)
+                if old is not None and epoch < old.epoch:
+                    raise StateMismatch(f"epoch: {epoch} is older than the session's {old.epoch}")
+                if old is not None:
+                    self._sessions.pop(session_id).closed = True
+                self._admit(session_id)
+                self._sessions[session_id] = entry
+            t0 = time.perf_counter()
+            try:
+                with self._compute:
+                    drafter = Drafter(self.model, self.config.sparse, self.config.capacity)
+                    drafter.start(list(tokens))
+            except BaseException:
+                self._forget(session_id, entry)
+                raise
+            entry.drafter = drafter
+            entry.gen = None if params.greedy else params.generator(salt=DRAFT_SALT)
+            entry.last_used = self.clock()
+            return OpenInfo(drafter.cache.device_bytes(), drafter.cache.host_bytes(), time.perf_counter() - t0)
+
+    def draft(self, session_id: str, base_len: int, append: list[int], k: int, params: SamplingParams,
+              epoch: int = 0) -> DraftReply:
+        """Sync to base_len + append (the committed prefix), then chain-draft k tokens.
+
+        base_len 0: `append` is the whole committed prefix and the session is (re)built first.
+        """
+        _check_session(session_id)
+        _check_epoch(epoch)
+        if not 1 <= k <= min(MAX_K, self.config.sparse.max_draft):
+            raise InvalidArgument("k", f"must be in [1, {min(MAX_K, self.config.sparse.max_draft)}], got {k}")
+        if base_len < 0:
+            raise InvalidArgument("base_len", f"must be >= 0, got {base_len}")
+        self._check_tokens("append", append)
+        if base_len + len(append) > self.config.max_context:
+            raise ContextOverflow("append", f"base_len + append = {base_len + len(append)} tokens exceed the "
+                                            f"drafter's context limit of {self.config.max_context}")
+        t0 = time.perf_counter()
+        if base_len == 0:
+            if not append:
+                raise InvalidArgument("append", "is empty: base_len 0 re-opens the session from append, "
+                                                "the whole committed prefix")
+            self.open(session_id, append, params, epoch)
+            base_len, append = len(append), []
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            raise SessionUnknown(f"session_id: {session_id!r} is not open on this drafter "
+                                 "(closed, evicted, or never opened): re-open it with base_len 0")
+        with entry.lock:
+            if entry.closed or entry.drafter is None:
+                raise SessionUnknown(f"session_id: {session_id!r} was closed or evicted: "
+                                     "re-open it with base_len 0")
+            if epoch != entry.epoch:
+                raise StateMismatch(f"epoch: {epoch} does not match the session's {entry.epoch}: re-open it")
+            drafter = entry.drafter
+            if entry.gen is None and not params.greedy:
+                entry.gen = params.generator(salt=DRAFT_SALT)
+            try:
+                with self._compute:
+                    drafter.sync(base_len, append)     # StateMismatch leaves the state untouched
+                    result = drafter.draft(k, params, entry.gen)
+            except StateMismatch:
+                raise
+            except BaseException:
+                self._forget(session_id, entry)        # half-synced state is worth nothing
+                raise
+            entry.last_used = self.clock()
+            return DraftReply(result.tokens, result.qs, time.perf_counter() - t0,
+                              drafter.cache.device_bytes(), drafter.cache.host_bytes())
+
+    def close(self, session_id: str) -> bool:
+        """Free the session (idempotent). True if it was open."""
+        _check_session(session_id)
+        with self._lock:
+            entry = self._sessions.pop(session_id, None)
+        if entry is not None:
+            entry.closed = True
+        return entry is not None
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _forget(self, session_id: str, entry: _Session) -> None:
+        with self._lock:
+            if self._sessions.get(session_id) is entry:
+                del self._sessions[session_id]
+        entry.closed = True
+
+    def _check_tokens(self, name: str, tokens) -> None:
+        bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(name, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+
+def _check_session(session_id: str) -> None:
+    if not isinstance(session_id, str) or not session_id:
+        raise InvalidArgument("session_id", "is empty")
+    if len(session_id) > MAX_SESSION_ID:
+        raise InvalidArgument("session_id", f"is {len(session_id)} characters, more than {MAX_SESSION_ID}")
+
+
+def _check_epoch(epoch: int) -> None:
+    if epoch < 0:
+        raise InvalidArgument("epoch", f"must be >= 0, got {epoch}")

@@ -1,0 +1,228 @@
+"""`python -m drafter_service`: a drafter as a gRPC server.
+
+Loads the drafter model, hosts many sessions under one device-memory budget (DrafterEngine),
+serves the Drafter API plus grpc.health.v1 (SERVING once the model is loaded), prints
+`listening HOST:PORT` and stops gracefully on SIGTERM / SIGINT (health NOT_SERVING, in-flight
+calls finish within the grace period, exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from drafter_service.engine import DrafterEngine, DrafterEngineConfig
+from drafter_service.servicer import SERVICE, DrafterServicer
+from sparsespec.build import EngineConfig, parse_budget, parse_dtype
+from sparsespec.errors import InvalidArgument, SparseSpecError
+from sparsespec.rpc.sparsespec.v1 import drafter_pb2_grpc
+
+log = logging.getLogger("drafter_service")
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+AUTO_BUDGET_FRACTION = 0.9   # of the device memory free after loading the model (CUDA only)
+
+# Called with "HOST:PORT" once the server listens; may return a callable run at shutdown
+# (e.g. register in a worker registry, then deregister).
+OnStarted = Callable[[str], "Callable[[], None] | None"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    drafter: str = "same"                   # same | layers:N | DIR
+    policy: str = "chunk_topk"
+    budget: int | None = 256                # KV entries per layer; None = full
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_context: int | None = None          # default: the model's
+    host: str = "127.0.0.1"
+    port: int = 0
+    memory_budget_bytes: int | None = None  # None: 90% of free CUDA memory, unlimited on CPU
+    session_ttl_s: float = 600.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    workers: int = 8
+
+    def __post_init__(self):
+        for name in ("max_message_bytes", "workers"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument("port", f"must be in [0, 65535], got {self.port}")
+        if self.max_context is not None and self.max_context < 1:
+            raise InvalidArgument("max_context", f"must be >= 1, got {self.max_context}")
+        self.engine_config().sparse_config()   # validates drafter flags before anything loads
+        parse_dtype(self.dtype)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, drafter=self.drafter, policy=self.policy, budget=self.budget,
+                            dtype=self.dtype, device=self.device, max_context=self.max_context)
+
+
+class DrafterServer:
+    """A started gRPC server around one engine; `stop` is graceful."""
+
+    def __init__(self, engine: DrafterEngine, host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, workers: int = 8):
+        self.engine = engine
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drafter"),
+                                options=options)
+        drafter_pb2_grpc.add_DrafterServicer_to_server(DrafterServicer(engine), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        try:
+            self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:
+            raise InvalidArgument("port", f"cannot listen on {host}:{port}: {e}") from None
+        if self.port == 0:
+            raise InvalidArgument("port", f"cannot listen on {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self._stopping = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="drafter-ttl", daemon=True)
+        self.on_stop: list[Callable[[], None]] = []
+
+    def start(self) -> "DrafterServer":
+        self.grpc.start()
+        self._reaper.start()
+        for name in ("", SERVICE):   # the model is loaded: the engine exists
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def _reap(self) -> None:
+        """Free the memory of idle sessions even when no new session asks for it."""
+        interval = min(5.0, self.engine.config.session_ttl_s / 4)
+        while not self._stopping.wait(interval):
+            evicted = self.engine.evict_idle()
+            if evicted:
+                log.info("evicted %d idle sessions", len(evicted))
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self._stopping.set()
+        self.grpc.stop(grace).wait()
+        for hook in self.on_stop:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                log.exception("shutdown hook failed")
+
+
+def load_drafter_model(cfg: ServerConfig):
+    """The drafter's weights only: `layers:N` loads N layers, a DIR must share the vocabulary."""
+    from sparsespec.models import load_model, resolve_model
+    from sparsespec.models.loader import load_config
+
+    path = resolve_model(cfg.model)
+    dtype = parse_dtype(cfg.dtype)
+    if cfg.drafter == "same":
+        return load_model(path, dtype=dtype, device=cfg.device, max_context=cfg.max_context).eval()
+    if cfg.drafter.startswith("layers:"):
+        n_text, total = cfg.drafter.split(":", 1)[1], load_config(path).num_layers
+        if not n_text.isdigit() or not 1 <= int(n_text) <= total:
+            raise InvalidArgument("drafter", f"layers:N needs N in [1, {total}], got {cfg.drafter!r}")
+        return load_model(path, dtype=dtype, device=cfg.device, max_context=cfg.max_context,
+                          num_layers=int(n_text)).eval()
+    verifier_cfg = load_config(path)
+    model = load_model(resolve_model(cfg.drafter), dtype=dtype, device=cfg.device,
+                       max_context=cfg.max_context or verifier_cfg.max_position_embeddings).eval()
+    if model.cfg.vocab_size != verifier_cfg.vocab_size:
+        raise InvalidArgument("drafter", f"vocabulary size {model.cfg.vocab_size} differs from the "
+                                         f"verifier's {verifier_cfg.vocab_size}: they must share a tokenizer")
+    return model
+
+
+def memory_budget(cfg: ServerConfig, model) -> int | None:
+    if cfg.memory_budget_bytes is not None:
+        return cfg.memory_budget_bytes
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return int(free * AUTO_BUDGET_FRACTION)
+    return None
+
+
+def serve(cfg: ServerConfig, model=None, on_started: OnStarted | None = None) -> tuple[DrafterServer, int]:
+    """Load the model (unless given), start serving. Returns (server, port)."""
+    sparse = cfg.engine_config().sparse_config()
+    if model is None:
+        model = load_drafter_model(cfg)
+    engine = DrafterEngine(model, DrafterEngineConfig(
+        sparse=sparse, max_context=cfg.max_context or model.max_context,
+        memory_budget_bytes=memory_budget(cfg, model), session_ttl_s=cfg.session_ttl_s))
+    server = DrafterServer(engine, cfg.host, cfg.port, cfg.max_message_bytes, cfg.workers).start()
+    if on_started is not None:
+        try:
+            undo = on_started(server.address)
+        except BaseException:
+            server.stop(grace=0)
+            raise
+        if undo is not None:
+            server.on_stop.append(undo)
+    return server, server.port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m drafter_service", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="the verifier's model (a name or a path)")
+    p.add_argument("--drafter", default="same", help="same | layers:N | DIR")
+    p.add_argument("--policy", default="chunk_topk")
+    p.add_argument("--budget", default="256", help="KV entries per layer, or 'full'")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--memory-budget-bytes", type=int, default=None,
+                   help="device bytes for all sessions' KV (default: 90%% of free CUDA memory; no limit on CPU)")
+    p.add_argument("--session-ttl-s", type=float, default=600.0)
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    p.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--redis", default=None, help="redis://HOST:PORT/DB: register in the worker registry")
+    p.add_argument("--worker-id", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SPARSESPEC_LOG", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        cfg = ServerConfig(model=args.model, drafter=args.drafter, policy=args.policy,
+                           budget=parse_budget(args.budget), dtype=args.dtype, device=args.device,
+                           max_context=args.max_context, host=args.host, port=args.port,
+                           memory_budget_bytes=args.memory_budget_bytes, session_ttl_s=args.session_ttl_s,
+                           max_message_bytes=args.max_message_bytes, workers=args.workers)
+        server, _ = serve(cfg)
+        if args.redis:
+            from drafter_service.registry import register_worker
+            try:
+                server.on_stop.append(register_worker(args.redis, server, args.model, args.worker_id))
+            except BaseException:
+                server.stop(grace=0)
+                raise
+    except SparseSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"listening {server.address}", flush=True)
+    done.wait()
+    server.stop()
+    return 0

@@ -1,0 +1,87 @@
+"""A DrafterClient over gRPC: the round loop talks to a remote drafter as to a local one.
+
+Every call has a deadline. Every failure becomes one of the round loop's DRAFTER_FAILURES
+(sparsespec.rpc.errors), so a slow, dead, full or forgetful drafter costs a plain decoding step,
+never a token: FAILED_PRECONDITION -> StateMismatch, NOT_FOUND -> SessionUnknown,
+RESOURCE_EXHAUSTED -> DrafterFull, anything else -> DrafterUnavailable.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from sparsespec.errors import InvalidArgument
+from sparsespec.rpc.convert import dist_from_proto, drafter_error, sampling_to_proto
+from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
+from sparsespec.spec.sampling import SamplingParams
+from sparsespec.spec.transport import DraftReply, DrafterClient
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+
+
+class GrpcDrafterClient(DrafterClient):
+    def __init__(self, address: str, timeout_s: float = 5.0, open_timeout_s: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, epoch: int = 0):
+        """timeout_s bounds a round's Draft; open_timeout_s (default 10x) a prefill (OpenSession,
+        or a Draft with base_len 0, which re-opens)."""
+        if not timeout_s > 0:
+            raise InvalidArgument("timeout_s", f"must be > 0, got {timeout_s}")
+        if max_message_bytes < 1:
+            raise InvalidArgument("max_message_bytes", f"must be >= 1, got {max_message_bytes}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.open_timeout_s = open_timeout_s if open_timeout_s is not None else 10 * timeout_s
+        self.epoch = epoch
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = drafter_pb2_grpc.DrafterStub(self.channel)
+
+    def _call(self, method, request, timeout: float):
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            details = (e.details() if hasattr(e, "details") else None) or str(e)
+            raise drafter_error(code, f"drafter {self.address}: {details}") from None
+        except ValueError as e:   # the channel was shut down
+            raise drafter_error(grpc.StatusCode.UNAVAILABLE, f"drafter {self.address}: {e}") from None
+
+    def open(self, session: str, tokens: list[int], params: SamplingParams) -> None:
+        self._call(self.stub.OpenSession,
+                   drafter_pb2.OpenSessionRequest(session_id=session, tokens=tokens,
+                                                  sampling=sampling_to_proto(params), epoch=self.epoch),
+                   self.open_timeout_s)
+
+    def draft(self, session: str, base_len: int, append: list[int], k: int,
+              params: SamplingParams) -> DraftReply:
+        request = drafter_pb2.DraftRequest(session_id=session, base_len=base_len, append=append, k=k,
+                                           sampling=sampling_to_proto(params), epoch=self.epoch)
+        reply = self._call(self.stub.Draft, request, self.open_timeout_s if base_len == 0 else self.timeout_s)
+        if len(reply.tokens) != k:
+            raise self._bad_reply(f"{len(reply.tokens)} drafts for k = {k}")
+        qs = None
+        if not params.greedy:
+            if len(reply.q) != k:
+                raise self._bad_reply(f"{k} drafts came with {len(reply.q)} distributions")
+            try:
+                qs = [dist_from_proto(q, f"q[{i}]") for i, q in enumerate(reply.q)]
+            except InvalidArgument as e:
+                raise self._bad_reply(str(e)) from None
+        return DraftReply(list(reply.tokens), qs, reply.draft_s, reply.device_bytes, reply.host_bytes)
+
+    def _bad_reply(self, problem: str):
+        return drafter_error(grpc.StatusCode.INTERNAL, f"drafter {self.address}: malformed reply: {problem}")
+
+    def close(self, session: str) -> None:
+        self._call(self.stub.CloseSession, drafter_pb2.CloseSessionRequest(session_id=session), self.timeout_s)
+
+    def shutdown(self) -> None:
+        """Close the channel (sessions stay on the drafter until closed or evicted)."""
+        self.channel.close()
+
+    def __enter__(self) -> "GrpcDrafterClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
