@@ -12,8 +12,9 @@ import sys
 from sparsespec.errors import SparseSpecError
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory, .gguf file, or a known name (smollm2-135m)")
+def _add_engine_flags(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required,
+                   help="model directory, .gguf file, or a known name (smollm2-135m)")
     p.add_argument("--drafter", default="same", help="same | DIR | layers:N (default: same)")
     p.add_argument("--policy", default="chunk_topk", help="streaming | chunk_topk | snapkv | full")
     p.add_argument("--budget", default="256", help="drafter KV entries per layer, or 'full'")
@@ -41,9 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsespec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate in this process")
-    _add_engine_flags(gen)
+    gen = sub.add_parser("generate", help="generate in this process, or through a verifier (--server)")
+    _add_engine_flags(gen, model_required=False)
     _add_request_flags(gen)
+    gen.add_argument("--server", action="append", default=[],
+                     help="HOST:PORT of a verifier (repeatable: the SDK fails over between them)")
+
+    serve = sub.add_parser("serve", help="run one service: serve verifier|drafter --help")
+    serve.add_argument("role", choices=["verifier", "drafter"])
+    serve.add_argument("service_args", nargs=argparse.REMAINDER)
+
+    up = sub.add_parser("up", help="local cluster on 127.0.0.1: redis-server, one drafter, one verifier")
+    _add_engine_flags(up)
+    up.add_argument("--max-batch", type=int, default=8)
+    up.add_argument("-k", type=int, default=4, help="the verifier's default draft length")
 
     models = sub.add_parser("models", help="named models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -83,6 +95,10 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
+    if args.server:
+        return cmd_generate_remote(args)
+    if not args.model:
+        raise SparseSpecError("model: --model is required (or --server HOST:PORT)")
     from sparsespec.build import EngineConfig, build_engine, parse_budget
     from sparsespec.spec.adaptive import AdaptiveConfig, MAX_K
     from sparsespec.spec.loop import GenerationRequest
@@ -112,6 +128,60 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_generate_remote(args) -> int:
+    """The same flags and JSON as in-process, through the client SDK."""
+    from sparsespec.client import GenerationError, SparseSpecClient
+
+    prompt = _read_prompt(args)
+    if not prompt:
+        raise SparseSpecError("prompt: is empty")
+    with SparseSpecClient(args.server) as client:
+        try:
+            done = client.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                                   k=args.k, mode=args.mode, adaptive=args.adaptive)
+        except GenerationError as e:
+            raise SparseSpecError(e.message) from None
+    if args.json:
+        print(json.dumps({"token_ids": done.token_ids, "text": done.text, "session_id": done.session_id,
+                          "metrics": done.metrics}))
+    else:
+        print(done.text)
+    return 0
+
+
+def cmd_up(args) -> int:
+    """Start the local cluster, print `ready HOST:PORT`, stop everything on Ctrl-C / SIGTERM."""
+    import signal
+    import threading
+
+    from sparsespec.build import parse_budget
+    from sparsespec.cluster import ClusterConfig, LocalCluster
+
+    parse_budget(args.budget)  # validate before starting anything
+    cfg = ClusterConfig(model=args.model, drafter=args.drafter, policy=args.policy, budget=args.budget,
+                        dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, k=args.k)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    with LocalCluster(cfg) as cluster:
+        print(f"redis {cluster.redis_url}", flush=True)
+        for d in cluster.drafters:
+            print(f"drafter {d.address}", flush=True)
+        print(f"ready {cluster.address}", flush=True)
+        done.wait()
+        print("stopping", flush=True)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if args.role == "verifier":
+        from verifier_service.server import main as serve
+    else:
+        from drafter_service.server import main as serve
+    return serve(args.service_args)
+
+
 def cmd_models(args) -> int:
     from sparsespec.models import fetch
     print(fetch(args.name))
@@ -135,7 +205,8 @@ def cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench}
+    handlers = {"generate": cmd_generate, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench,
+                "up": cmd_up, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except SparseSpecError as e:

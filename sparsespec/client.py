@@ -1,0 +1,258 @@
+"""Client SDK for the Generation API (sync and asyncio).
+
+The stream is exactly-once for the caller: every session gets its id from the client, the client
+counts the tokens it has yielded, and when a stream breaks (verifier killed, network cut) it
+reconnects, to the same or another verifier, with (session_id, offset) and continues. The
+verifier streams from the session's durable log, so nothing is lost or repeated.
+
+    client = SparseSpecClient("127.0.0.1:50051")
+    for chunk in client.stream("Once upon a time", max_tokens=64):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import grpc
+
+from sparsespec.rpc.sparsespec.v1 import common_pb2, generation_pb2 as pb
+from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
+
+# Codes after which the same request may succeed elsewhere or a moment later.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL}
+
+
+class GenerationError(Exception):
+    """The server refused the request (bad input, overload, ...): retrying will not help."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code, self.message = code, message
+        super().__init__(f"{code.name}: {message}")
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+    offset: int                     # index of token_ids[0] in this turn's generated tokens
+    finished: bool = False
+    stop_reason: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Completion:
+    session_id: str
+    token_ids: list[int]
+    text: str
+    stop_reason: str
+    metrics: dict
+    reconnects: int = 0
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str | list[int]
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    k: int = 0                       # 0: the server's default
+    mode: str = "spec"
+    adaptive: bool = False
+
+    def to_proto(self, session_id: str, resume: bool = False, offset: int = 0) -> pb.GenerateRequest:
+        sampling = common_pb2.SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.seed is not None:
+            sampling.seed = self.seed
+        msg = pb.GenerateRequest(sampling=sampling, max_tokens=self.max_tokens, stop=list(self.stop),
+                                 session_id=session_id, resume=resume, resume_offset=offset, k=self.k,
+                                 mode=self.mode, adaptive=self.adaptive)
+        if isinstance(self.prompt, str):
+            msg.text = self.prompt
+        else:
+            msg.token_ids.ids.extend(int(t) for t in self.prompt)
+        return msg
+
+
+def _chunk(msg) -> Chunk:
+    return Chunk(list(msg.token_ids), msg.text_delta, msg.offset, msg.finished, msg.stop_reason,
+                 json.loads(msg.metrics_json) if msg.metrics_json else {})
+
+
+def _options(max_message_bytes: int):
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+class _Resumable:
+    """The exactly-once bookkeeping shared by the sync and async clients."""
+
+    def __init__(self, addresses, reconnect_timeout_s: float):
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ValueError("addresses: need at least one verifier address")
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self._current = 0
+
+    def _next_address(self) -> str:
+        self._current = (self._current + 1) % len(self.addresses)
+        return self.addresses[self._current]
+
+    @staticmethod
+    def _fresh(chunk: Chunk, offset: int) -> Chunk | None:
+        """Drop what the caller already has (a resumed stream may restart before `offset`)."""
+        skip = offset - chunk.offset
+        if skip <= 0:
+            return chunk
+        if skip >= len(chunk.token_ids) and not chunk.finished:
+            return None
+        return Chunk(chunk.token_ids[skip:], chunk.text if skip == 0 else "", offset, chunk.finished,
+                     chunk.stop_reason, chunk.metrics)
+
+
+class SparseSpecClient(_Resumable):
+    def __init__(self, addresses: str | list[str], reconnect_timeout_s: float = 60.0,
+                 max_message_bytes: int = 16 << 20):
+        super().__init__(addresses, reconnect_timeout_s)
+        self._options = _options(max_message_bytes)
+        self._channels: dict[str, grpc.Channel] = {}
+        self.reconnects = 0
+
+    def _stub(self, address: str) -> pb_grpc.GenerationStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.insecure_channel(address, options=self._options)
+        return pb_grpc.GenerationStub(self._channels[address])
+
+    def stream(self, prompt, session_id: str | None = None, **kwargs) -> Iterator[Chunk]:
+        """Yield the continuation as it is committed. A given session_id continues that session
+        (multi-turn); none starts a new one (its id is in every Chunk's source, `last_session`)."""
+        req = Request(prompt, **kwargs)
+        session = session_id or uuid.uuid4().hex
+        self.last_session = session
+        offset, resume, deadline = 0, False, None
+        address = self.addresses[self._current]
+        while True:
+            try:
+                for msg in self._stub(address).Generate(req.to_proto(session, resume, offset)):
+                    chunk = self._fresh(_chunk(msg), offset)
+                    if chunk is None:
+                        continue
+                    offset = chunk.offset + len(chunk.token_ids)
+                    yield chunk
+                    if chunk.finished:
+                        return
+                raise grpc.RpcError("stream ended without a final message")
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE
+                if code == grpc.StatusCode.NOT_FOUND and resume and offset == 0:
+                    resume = False  # the session was never created: send the request again
+                elif code not in RETRYABLE:
+                    raise GenerationError(code, e.details() if hasattr(e, "details") else str(e)) from None
+                else:
+                    resume = True
+                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
+                if time.monotonic() > deadline:
+                    details = e.details() if hasattr(e, "details") else str(e)
+                    raise GenerationError(code, f"{details} (gave up after {self.reconnect_timeout_s}s "
+                                                "of reconnecting)") from None
+                self.reconnects += 1
+                time.sleep(0.2)
+                address = self._next_address()
+
+    def generate(self, prompt, session_id: str | None = None, **kwargs) -> Completion:
+        ids, text, last = [], [], None
+        before = self.reconnects
+        for chunk in self.stream(prompt, session_id, **kwargs):
+            ids += chunk.token_ids
+            text.append(chunk.text)
+            last = chunk
+        return Completion(self.last_session, ids, "".join(text), last.stop_reason, last.metrics,
+                          self.reconnects - before)
+
+    def model_info(self) -> dict:
+        info = self._stub(self.addresses[self._current]).GetModelInfo(pb.ModelInfoRequest())
+        return {f.name: v for f, v in info.ListFields()}
+
+    def abort(self, session_id: str) -> bool:
+        return self._stub(self.addresses[self._current]).Abort(pb.AbortRequest(session_id=session_id)).aborted
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncSparseSpecClient(_Resumable):
+    """The same client on grpc.aio, for asyncio servers (e.g. an HTTP front end)."""
+
+    def __init__(self, addresses: str | list[str], reconnect_timeout_s: float = 60.0,
+                 max_message_bytes: int = 16 << 20):
+        super().__init__(addresses, reconnect_timeout_s)
+        self._options = _options(max_message_bytes)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> pb_grpc.GenerationStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+        return pb_grpc.GenerationStub(self._channels[address])
+
+    async def stream(self, prompt, session_id: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
+        req = Request(prompt, **kwargs)
+        session = session_id or uuid.uuid4().hex
+        self.last_session = session
+        offset, resume, deadline = 0, False, None
+        address = self.addresses[self._current]
+        while True:
+            try:
+                async for msg in self._stub(address).Generate(req.to_proto(session, resume, offset)):
+                    chunk = self._fresh(_chunk(msg), offset)
+                    if chunk is None:
+                        continue
+                    offset = chunk.offset + len(chunk.token_ids)
+                    yield chunk
+                    if chunk.finished:
+                        return
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended early")
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.NOT_FOUND and resume and offset == 0:
+                    resume = False
+                elif code not in RETRYABLE:
+                    raise GenerationError(code, e.details()) from None
+                else:
+                    resume = True
+                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
+                if time.monotonic() > deadline:
+                    raise GenerationError(code, f"{e.details()} (gave up after {self.reconnect_timeout_s}s "
+                                                "of reconnecting)") from None
+                await asyncio.sleep(0.2)
+                address = self._next_address()
+
+    async def generate(self, prompt, session_id: str | None = None, **kwargs) -> Completion:
+        ids, text, last = [], [], None
+        async for chunk in self.stream(prompt, session_id, **kwargs):
+            ids += chunk.token_ids
+            text.append(chunk.text)
+            last = chunk
+        return Completion(self.last_session, ids, "".join(text), last.stop_reason, last.metrics)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

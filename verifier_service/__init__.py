@@ -1,0 +1,1 @@
+"""The verifier service: owns sessions, batches their rounds, keeps the committed log in Redis."""

@@ -1,0 +1,126 @@
+"""The verifier's side of the session store: sessions, turns, leases and the commit log.
+
+A verifier owns a session through a lease with an epoch; every append carries the epoch, so a
+verifier that lost the session (it stalled, another one took over) cannot write to it again.
+The turn's parameters are stored with the session, so any verifier can take a turn over from
+the log alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from kvstore.sessions import SessionNotFound, SessionStore
+from sparsespec.errors import SparseSpecError
+from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig
+from sparsespec.spec.loop import GenerationRequest, GenerationResult
+from sparsespec.spec.metrics import RequestMetrics
+from sparsespec.spec.sampling import SamplingParams
+from verifier_service.scheduler import CommitLog
+
+
+class SessionGone(SparseSpecError):
+    """The session does not exist (never created, or expired after it finished)."""
+
+
+class SessionBusy(SparseSpecError):
+    """A turn of this session is still running; wait for it or resume it."""
+
+
+@dataclass(frozen=True)
+class TurnSpec:
+    """What a turn asks for: everything needed to (re)start it from the log."""
+    max_tokens: int
+    k: int
+    mode: str
+    adaptive: bool
+    stop: list[str] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def request(self, prompt: list[int], max_tokens: int | None = None) -> GenerationRequest:
+        adaptive = AdaptiveConfig(enabled=self.adaptive, k_max=min(MAX_K, max(2 * self.k, 8)))
+        return GenerationRequest(prompt, max_tokens or self.max_tokens, self.sampling, self.k, adaptive,
+                                 tuple(self.stop), self.mode)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sampling": asdict(self.sampling)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TurnSpec":
+        return cls(**{**d, "sampling": SamplingParams(**d["sampling"])})
+
+
+@dataclass
+class TakeOver:
+    """A session as the log has it: the latest turn's prompt and what it generated so far."""
+    epoch: int
+    spec: TurnSpec
+    context: list[int]          # everything before the turn's first generated token
+    generated: list[int]        # the turn's durable generated tokens
+    finished: bool
+
+    def result(self) -> GenerationResult:
+        m = RequestMetrics(prompt_tokens=len(self.context), generated=len(self.generated),
+                           stop_reason="finished")
+        return GenerationResult(list(self.generated), "", m)
+
+
+class DurableSessions(CommitLog):
+    def __init__(self, store: SessionStore, owner: str, lease_ms: int):
+        self.store, self.owner, self.lease_ms = store, owner, lease_ms
+        self._epochs: dict[str, int] = {}     # sessions this verifier owns -> epoch
+
+    def new_session(self, prompt: list[int], spec: TurnSpec,
+                    session: str | None = None) -> tuple[str, list[int], int]:
+        session = session or uuid.uuid4().hex
+        rec = self.store.create(session, prompt, spec.to_dict(), owner=self.owner, lease_ttl_ms=self.lease_ms)
+        self._epochs[session] = rec.epoch
+        return session, list(prompt), rec.epoch
+
+    def new_turn(self, session: str, user_tokens: list[int], spec: TurnSpec) -> tuple[list[int], int]:
+        """Continue a session with the user's tokens (creating it under this id if new).
+        Returns (the turn's full prompt context, epoch)."""
+        try:
+            rec = self.store.get(session)
+        except SessionNotFound:
+            if not user_tokens:
+                raise SessionGone(f"session_id: {session!r} not found and the prompt is empty") from None
+            _, context, epoch = self.new_session(user_tokens, spec, session)
+            return context, epoch
+        epoch = self._own(session, rec.epoch)
+        self.store.begin_turn(session, epoch, rec.ctx_len, user_tokens, params=spec.to_dict())
+        return self.store.context(session), epoch
+
+    def take_over(self, session: str) -> TakeOver:
+        try:
+            rec = self.store.get(session)
+        except SessionNotFound:
+            raise SessionGone(f"session_id: {session!r} not found") from None
+        finished = rec.state != "active"
+        epoch = rec.epoch if finished else self._own(session, rec.epoch)
+        ctx = self.store.context(session)
+        start = rec.turns[-1].gen_start
+        return TakeOver(epoch, TurnSpec.from_dict(rec.params), ctx[:start], ctx[start:], finished)
+
+    def _own(self, session: str, current: int) -> int:
+        """The epoch under which this verifier writes: its own if still current, else a new lease
+        (refused with LeaseHeld while another verifier's lease is live)."""
+        mine = self._epochs.get(session)
+        if mine == current:
+            self.store.renew_lease(session, self.owner, mine, self.lease_ms)
+            return mine
+        epoch = self._epochs[session] = self.store.acquire_lease(session, self.owner, self.lease_ms)
+        return epoch
+
+    # --- CommitLog (called by the scheduler thread) ------------------------------------
+
+    def append(self, session, epoch, expected_len, tokens):
+        return self.store.append(session, epoch, expected_len, tokens)
+
+    def renew(self, session, epoch):
+        self.store.renew_lease(session, self.owner, epoch, self.lease_ms)
+
+    def finish_turn(self, session, epoch, result):
+        state = "aborted" if result.metrics.stop_reason == "aborted" else "finished"
+        self.store.finish(session, epoch, state)

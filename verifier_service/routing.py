@@ -1,0 +1,115 @@
+"""Which drafter serves which session, and what happens when one fails.
+
+`RoutingDrafterClient` is a DrafterClient over many remote drafters. A session is bound to one
+drafter at a time. When that drafter fails (dead, slow, full, lost the session) the call raises
+DrafterUnavailable, the round loop decodes the session alone, and the next draft call arrives
+with base_len 0 and the whole committed prefix: the session is then re-opened on a live drafter
+(at most every `rebind_every_s`), which may be a replacement that registered since.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+
+from sparsespec.spec.drafter import StateMismatch
+from sparsespec.spec.transport import DraftReply, DrafterClient, DrafterUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class DrafterDirectory(ABC):
+    @abstractmethod
+    def addresses(self) -> list[str]:
+        """Live drafter addresses, preferred first."""
+
+
+class StaticDirectory(DrafterDirectory):
+    def __init__(self, addresses: list[str]):
+        self._addresses = list(addresses)
+
+    def addresses(self) -> list[str]:
+        return list(self._addresses)
+
+
+class RegistryDirectory(DrafterDirectory):
+    """Drafters whose heartbeat is live in the Redis worker registry, least loaded first."""
+
+    def __init__(self, registry, model: str | None = None):
+        self.registry, self.model = registry, model
+
+    def addresses(self) -> list[str]:
+        try:
+            return [w.address for w in self.registry.live("drafter", self.model)]
+        except Exception as e:  # noqa: BLE001 - no registry means no drafter, not a failed round
+            log.warning("drafter registry unreachable: %s", e)
+            return []
+
+
+class RoutingDrafterClient(DrafterClient):
+    def __init__(self, directory: DrafterDirectory, client_factory, cooldown_s: float = 2.0,
+                 rebind_every_s: float = 0.5):
+        self.directory = directory
+        self.client_factory = client_factory      # address -> DrafterClient (e.g. GrpcDrafterClient)
+        self.cooldown_s = cooldown_s
+        self.rebind_every_s = rebind_every_s
+        self._clients: dict[str, DrafterClient] = {}
+        self._bound: dict[str, str] = {}          # session -> address
+        self._bad_until: dict[str, float] = {}    # address -> monotonic time it may be tried again
+        self._next_try: dict[str, float] = {}     # session -> monotonic time of the next re-open
+
+    def bound(self, session: str) -> str | None:
+        return self._bound.get(session)
+
+    def open(self, session, tokens, params):
+        now = time.monotonic()
+        if now < self._next_try.get(session, 0.0):
+            raise DrafterUnavailable(f"session {session}: no drafter yet (retrying)")
+        self._next_try[session] = now + self.rebind_every_s
+        candidates = [a for a in self.directory.addresses() if self._bad_until.get(a, 0.0) <= now]
+        for address in candidates:
+            try:
+                self._client(address).open(session, tokens, params)
+            except DrafterUnavailable as e:
+                self._mark_bad(address, e)
+                continue
+            self._bound[session] = address
+            self._next_try.pop(session, None)
+            return
+        raise DrafterUnavailable(f"session {session}: no live drafter among {len(candidates)} candidates")
+
+    def draft(self, session, base_len, append, k, params) -> DraftReply:
+        if base_len == 0 or session not in self._bound:
+            self.close(session)
+            self.open(session, append, params)
+            base_len, append = len(append), []
+        address = self._bound[session]
+        try:
+            return self._client(address).draft(session, base_len, append, k, params)
+        except DrafterUnavailable as e:
+            self._bound.pop(session, None)
+            self._mark_bad(address, e)
+            raise
+        except StateMismatch:
+            self._bound.pop(session, None)
+            raise
+
+    def close(self, session):
+        address = self._bound.pop(session, None)
+        self._next_try.pop(session, None)
+        if address is not None:
+            try:
+                self._client(address).close(session)
+            except DrafterUnavailable:
+                pass
+
+    def _client(self, address: str) -> DrafterClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = self.client_factory(address)
+        return client
+
+    def _mark_bad(self, address: str, error: Exception) -> None:
+        log.warning("drafter %s failed: %s", address, error)
+        self._bad_until[address] = time.monotonic() + self.cooldown_s

@@ -1,0 +1,178 @@
+"""`python -m verifier_service`: the verifier as a gRPC server.
+
+Loads the model, connects to Redis (sessions, commit log, leases, worker registry), finds
+drafters (fixed addresses or the registry), and serves the public Generation API plus
+grpc.health.v1. SIGTERM drains: new requests are refused with UNAVAILABLE while running turns
+finish (up to --drain-s); clients of turns still unfinished then resume elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from sparsespec.errors import InvalidArgument, SparseSpecError
+from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("verifier_service")
+
+SERVICE = "sparsespec.v1.Generation"
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    model: str
+    redis_url: str
+    drafters: tuple[str, ...] = ()     # fixed drafter addresses; empty = the Redis registry
+    host: str = "127.0.0.1"
+    port: int = 0
+    dtype: str = "float32"
+    max_context: int | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    default_k: int = 4
+    draft_timeout_s: float = 5.0
+    lease_ms: int = 3000
+    max_message_bytes: int = 4 << 20     # a 128K-token prompt is < 1 MiB; larger is a mistake
+    drain_s: float = 30.0
+    worker_id: str = field(default_factory=lambda: f"verifier-{uuid.uuid4().hex[:8]}")
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "default_k", "lease_ms", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.redis_url:
+            raise InvalidArgument("redis", "the verifier needs Redis (sessions and the commit log)")
+
+
+class VerifierServer:
+    def __init__(self, cfg: VerifierConfig):
+        from kvstore.sessions import SessionStore, WorkerRegistry
+        from sparsespec.build import EngineConfig, load_verifier
+        from sparsespec.rpc.drafter_client import GrpcDrafterClient
+        from sparsespec.spec.loop import SpecEngine
+        from verifier_service.durable import DurableSessions
+        from verifier_service.routing import RegistryDirectory, RoutingDrafterClient, StaticDirectory
+        from verifier_service.scheduler import Scheduler
+        from verifier_service.servicer import GenerationServicer
+
+        self.cfg = cfg
+        engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, max_context=cfg.max_context,
+                                  max_batch=cfg.max_batch)
+        model, tokenizer = load_verifier(engine_cfg)
+        self.store = SessionStore(cfg.redis_url)
+        self.registry = WorkerRegistry(cfg.redis_url)
+        directory = (StaticDirectory(list(cfg.drafters)) if cfg.drafters
+                     else RegistryDirectory(self.registry, None))
+        drafters = RoutingDrafterClient(
+            directory, lambda a: GrpcDrafterClient(a, timeout_s=cfg.draft_timeout_s,
+                                                   max_message_bytes=cfg.max_message_bytes))
+        eos = set(model.cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        engine = SpecEngine(model, drafters, tokenizer, cfg.max_context, cfg.max_batch, sorted(eos))
+        self.sessions = DurableSessions(self.store, cfg.worker_id, cfg.lease_ms)
+        self.scheduler = Scheduler(engine, self.sessions, cfg.max_queue)
+        info = dict(model=str(cfg.model), vocab_size=model.cfg.vocab_size, max_context=engine.max_context,
+                    num_layers=model.cfg.num_layers, dtype=str(model.dtype).removeprefix("torch."))
+        self.servicer = GenerationServicer(self.scheduler, self.sessions, tokenizer, info, cfg.default_k)
+        self.health = health.HealthServicer()
+        opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4 * cfg.max_queue), options=opts)
+        pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise SparseSpecError(f"port: cannot listen on {cfg.host}:{cfg.port}")
+        self.address = f"{cfg.host}:{self.port}"
+        self._stopping = threading.Event()
+        self._watch = threading.Thread(target=self._watch_health, name="health", daemon=True)
+
+    def start(self) -> "VerifierServer":
+        from kvstore.sessions import Heartbeat, WorkerInfo
+        self.scheduler.start()
+        self.server.start()
+        self._watch.start()
+        info = WorkerInfo(self.cfg.worker_id, "verifier", self.address, str(self.cfg.model), self.cfg.max_batch)
+        self.heartbeat = Heartbeat(self.registry, info, load=self.scheduler.load).start()
+        return self
+
+    def _watch_health(self) -> None:
+        """SERVING only while Redis answers: a verifier that cannot commit must not take work."""
+        while not self._stopping.is_set():
+            try:
+                self.store.ping()
+                status = health_pb2.HealthCheckResponse.SERVING
+            except SparseSpecError as e:
+                log.warning("%s", e)
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            if not self.servicer.draining:
+                for name in ("", SERVICE):
+                    self.health.set(name, status)
+            self._stopping.wait(0.5)
+
+    def drain_and_stop(self) -> None:
+        """Refuse new work, let running turns finish (bounded), then stop."""
+        self.servicer.draining = True
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + self.cfg.drain_s
+        while not self.scheduler.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stopping.set()
+        self.heartbeat.stop()
+        self.server.stop(grace=1.0).wait()
+        self.scheduler.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m verifier_service", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--redis", required=True, help="redis://HOST:PORT/DB")
+    p.add_argument("--drafter-address", action="append", default=[],
+                   help="HOST:PORT of a drafter (repeatable); default: drafters from the Redis registry")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("-k", type=int, default=4, help="default draft length")
+    p.add_argument("--lease-ms", type=int, default=3000)
+    p.add_argument("--drain-s", type=float, default=30.0)
+    p.add_argument("--worker-id", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SPARSESPEC_LOG", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        extra = {"worker_id": args.worker_id} if args.worker_id else {}
+        cfg = VerifierConfig(model=args.model, redis_url=args.redis, drafters=tuple(args.drafter_address),
+                             host=args.host, port=args.port, dtype=args.dtype, max_context=args.max_context,
+                             max_batch=args.max_batch, default_k=args.k, lease_ms=args.lease_ms,
+                             drain_s=args.drain_s, **extra)
+        server = VerifierServer(cfg).start()
+    except SparseSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"listening {server.address}", flush=True)
+    done.wait()
+    server.drain_and_stop()
+    return 0
