@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", default="256")
     demo.add_argument("--drafter", default="same")
     demo.add_argument("-k", type=int, default=4)
+    demo.add_argument("--in-process", action="store_true", help="run the engine here instead of through services")
 
     bench = sub.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
     bench.add_argument("--quick", action="store_true", help="a small grid, for smoke runs")
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-k", type=int, default=4)
     bench.add_argument("--layers", type=int, default=6, help="N of the layers:N drafter")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    bench.add_argument("--services", action="store_true",
+                       help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
+    bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services")
     return parser
 
 
@@ -200,6 +204,9 @@ def cmd_bench(args) -> int:
     if args.quick:
         args.contexts, args.prompts, args.max_tokens = "1024", 1, 16
     args.threads = args.threads or os.cpu_count() or 1
+    if args.services:
+        from sparsespec.bench.service_bench import run_service_bench
+        return run_service_bench(args)
     return run_bench(args)
 
 

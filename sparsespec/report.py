@@ -12,12 +12,13 @@ def human_bytes(n: float) -> str:
 
 
 def metrics_table(rows) -> str:
-    """rows: [(label, RequestMetrics)] -> aligned text table."""
+    """rows: [(label, RequestMetrics or its to_dict())] -> aligned text table."""
     head = ["run", "tok/s", "tau", "alpha", "k", "rounds", "prefill s", "drafter KV (device)", "verifier KV"]
     lines = [head]
     for label, m in rows:
-        lines.append([label, f"{m.tokens_per_s:.2f}", f"{m.tau:.2f}", f"{m.alpha:.3f}", f"{m.k:.1f}",
-                      str(m.rounds), f"{m.prefill_s:.2f}", human_bytes(m.drafter_kv_device_bytes),
-                      human_bytes(m.verifier_kv_bytes)])
+        d = m if isinstance(m, dict) else m.to_dict()
+        lines.append([label, f"{d['tokens_per_s']:.2f}", f"{d['tau']:.2f}", f"{d['alpha']:.3f}",
+                      f"{d['k']:.1f}", str(d["rounds"]), f"{d['prefill_s']:.2f}",
+                      human_bytes(d["drafter_kv_device_bytes"]), human_bytes(d["verifier_kv_bytes"])])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)

@@ -201,8 +201,10 @@ class SpecEngine:
             r.drafter_base = 0      # re-send the whole committed prefix when it comes back
             r.metrics.drafter_failures += 1
             return [], None, time.perf_counter() - t0
-        r.drafter_base = len(r.tokens)
         m = r.metrics
+        if r.drafter_base > 0:   # a re-open (base_len 0) is a prefill, not per-round overhead
+            m.draft_overhead_s.append(max(0.0, time.perf_counter() - t0 - reply.draft_s))
+        r.drafter_base = len(r.tokens)
         m.drafter_kv_device_bytes = max(m.drafter_kv_device_bytes, reply.device_bytes)
         m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
         return reply.tokens, reply.qs, time.perf_counter() - t0

@@ -25,6 +25,7 @@ class RequestMetrics:
     verifier_kv_bytes: int = 0
     reused_prefix_tokens: int = 0  # multi-turn: prompt tokens whose KV was already cached
     drafter_failures: int = 0      # rounds decoded alone because the drafter failed
+    draft_overhead_s: list[float] = field(default_factory=list)  # per round: draft call - drafter work (RPC)
     stop_reason: str = ""
 
     def record_round(self, k: int, accepted: int) -> None:
@@ -78,5 +79,15 @@ class RequestMetrics:
             "verifier_kv_bytes": self.verifier_kv_bytes,
             "reused_prefix_tokens": self.reused_prefix_tokens,
             "drafter_failures": self.drafter_failures,
+            "draft_overhead_p50_ms": round(_percentile(self.draft_overhead_s, 50) * 1e3, 3),
+            "draft_overhead_p95_ms": round(_percentile(self.draft_overhead_s, 95) * 1e3, 3),
             "stop_reason": self.stop_reason,
         }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
