@@ -3,6 +3,16 @@
 # torch goes first so that nothing later pulls a multi-GB CUDA build onto a CPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The services keep sessions in Redis: redis-server must be on PATH.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "setup: please install redis-server (https://redis.io/docs/install/)" >&2
+    exit 1
+  fi
+fi
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

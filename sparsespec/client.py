@@ -108,6 +108,20 @@ class _Resumable:
         self._current = (self._current + 1) % len(self.addresses)
         return self.addresses[self._current]
 
+    def _after_error(self, code, details: str, resume: bool, offset: int,
+                     deadline: float | None) -> tuple[bool, float]:
+        """A broken stream: raise if retrying cannot help, else return (resume, deadline)."""
+        if code == grpc.StatusCode.NOT_FOUND and resume and offset == 0:
+            resume = False  # the session was never created: send the request again
+        elif code not in RETRYABLE:
+            raise GenerationError(code, details)
+        else:
+            resume = True
+        deadline = deadline or time.monotonic() + self.reconnect_timeout_s
+        if time.monotonic() > deadline:
+            raise GenerationError(code, f"{details} (gave up after {self.reconnect_timeout_s}s of reconnecting)")
+        return resume, deadline
+
     @staticmethod
     def _fresh(chunk: Chunk, offset: int) -> Chunk | None:
         """Drop what the caller already has (a resumed stream may restart before `offset`)."""
@@ -154,17 +168,8 @@ class SparseSpecClient(_Resumable):
                 raise grpc.RpcError("stream ended without a final message")
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE
-                if code == grpc.StatusCode.NOT_FOUND and resume and offset == 0:
-                    resume = False  # the session was never created: send the request again
-                elif code not in RETRYABLE:
-                    raise GenerationError(code, e.details() if hasattr(e, "details") else str(e)) from None
-                else:
-                    resume = True
-                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
-                if time.monotonic() > deadline:
-                    details = e.details() if hasattr(e, "details") else str(e)
-                    raise GenerationError(code, f"{details} (gave up after {self.reconnect_timeout_s}s "
-                                                "of reconnecting)") from None
+                details = e.details() if hasattr(e, "details") else str(e)
+                resume, deadline = self._after_error(code, details, resume, offset, deadline)
                 self.reconnects += 1
                 time.sleep(0.2)
                 address = self._next_address()
@@ -230,17 +235,7 @@ class AsyncSparseSpecClient(_Resumable):
                         return
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended early")
             except grpc.aio.AioRpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.NOT_FOUND and resume and offset == 0:
-                    resume = False
-                elif code not in RETRYABLE:
-                    raise GenerationError(code, e.details()) from None
-                else:
-                    resume = True
-                deadline = deadline or time.monotonic() + self.reconnect_timeout_s
-                if time.monotonic() > deadline:
-                    raise GenerationError(code, f"{e.details()} (gave up after {self.reconnect_timeout_s}s "
-                                                "of reconnecting)") from None
+                resume, deadline = self._after_error(e.code(), e.details(), resume, offset, deadline)
                 await asyncio.sleep(0.2)
                 address = self._next_address()
 

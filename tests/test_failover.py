@@ -152,3 +152,19 @@ def test_redis_down_refuses_with_unavailable_then_recovers(model_dir, redis_srv,
             assert all(p.alive() for p in cluster.verifiers + cluster.drafters)
     finally:
         cluster.stop()
+
+
+def test_sigterm_drains_running_turns(model_dir, redis_srv, truth):
+    cluster = new_cluster(model_dir, redis_srv)
+    try:
+        verifier = cluster.verifiers[0]
+        with SparseSpecClient(cluster.address, reconnect_timeout_s=5) as client:
+            chunks, started, t, result = stream_in_background(client)
+            assert started.wait(120)
+            assert verifier.stop(timeout=60) == 0               # SIGTERM: drain, then exit 0
+            t.join(120)
+            assert "error" not in result, result
+            truth([x for c in chunks for x in c.token_ids], "drained")
+            assert client.reconnects == 0                       # finished by the draining verifier
+    finally:
+        cluster.stop()

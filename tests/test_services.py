@@ -162,3 +162,52 @@ def test_sdk_bad_input_is_not_retried(client):
     with pytest.raises(GenerationError) as err:
         client.generate(PROMPT, max_tokens=0)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in err.value.message
+
+
+def test_async_client_streams_the_same_tokens(cluster, client):
+    import asyncio
+
+    from sparsespec.client import AsyncSparseSpecClient
+
+    async def run():
+        c = AsyncSparseSpecClient(cluster.address)
+        try:
+            return await c.generate(PROMPT, max_tokens=24, k=4)
+        finally:
+            await c.close()
+
+    done = asyncio.run(run())
+    assert done.token_ids == client.generate(PROMPT, max_tokens=24, k=4).token_ids and done.text
+
+
+def test_sparsespec_up_and_generate_server(model_dir, tmp_path):
+    """`sparsespec up` prints `ready HOST:PORT`; `generate --server` prints the same JSON shape
+    and tokens as in-process; Ctrl-C stops every process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    up = subprocess.Popen([sys.executable, "-m", "sparsespec", "up", "--model", str(model_dir), "--budget", "16"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if line.startswith("ready "):
+                break
+        assert lines and lines[-1].startswith("ready "), "".join(lines)
+        address = lines[-1].split()[1]
+        common = ["--prompt", PROMPT, "--max-tokens", "16", "--json"]
+        remote = subprocess.run([sys.executable, "-m", "sparsespec", "generate", "--server", address, *common],
+                                capture_output=True, text=True, env=env, timeout=120)
+        local = subprocess.run([sys.executable, "-m", "sparsespec", "generate", "--model", str(model_dir),
+                                "--mode", "ar", *common], capture_output=True, text=True, env=env, timeout=120)
+        assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+        r, l = json.loads(remote.stdout), json.loads(local.stdout)
+        assert r["token_ids"] == l["token_ids"] and r["text"] == l["text"]
+        assert r["metrics"]["rounds"] > 0 and "tokens_per_s" in r["metrics"]
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0

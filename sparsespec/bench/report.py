@@ -87,10 +87,15 @@ def write(out_dir, runs: list[dict], rows: list[dict], env: dict, command: str) 
         markdown_table(rows),
         END,
     ])
-    md = out / "benchmarks.md"
+    return replace_section(out / "benchmarks.md", BEGIN, END, section)
+
+
+def replace_section(md: Path, begin: str, end: str, section: str) -> Path:
+    """Put `section` (which starts with `begin` and ends with `end`) into the markdown file,
+    replacing the previous one; the rest of the file is left alone."""
     text = md.read_text() if md.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     md.write_text(text)

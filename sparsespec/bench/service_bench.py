@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from sparsespec.bench.engine_bench import BOOKS
+from sparsespec.bench.report import replace_section
 from sparsespec.client import SparseSpecClient
 from sparsespec.cluster import ClusterConfig, LocalCluster
 from sparsespec.data import kjv
@@ -121,10 +122,4 @@ def _write(out: Path, rows, runs, command: str, context: int, max_tokens: int) -
         "(prefill included). The draft RPC overhead is the verifier-side time of a Draft call minus the "
         "drafter's own work, per round. Every output is in `bench/services.json`.", "",
         *lines, END])
-    md = out / "benchmarks.md"
-    text = md.read_text() if md.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    md.write_text(text)
+    replace_section(out / "benchmarks.md", BEGIN, END, section)
