@@ -89,4 +89,6 @@ class KController:
             return
         best = max(range(self.cfg.k_min, self.cfg.k_max + 1), key=self.rate)
         self.k = best
-        self.off = self.rate(best) < self.cfg.margin / self.t_ar
+        was_off, self.off = self.off, self.rate(best) < self.cfg.margin / self.t_ar
+        if self.off and not was_off:
+            self._plain_since_probe = 0   # a full probe_every plain steps before the next probe

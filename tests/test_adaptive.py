@@ -1,0 +1,51 @@
+"""Adaptive k: the cost model grows k when drafts are accepted, switches speculation off when it
+cannot beat plain decoding, and probes to switch it back on. Pure logic (the controller changes
+timing only; token equality with adaptive k is in test_spec_greedy.py)."""
+
+from sparsespec.spec.adaptive import AdaptiveConfig, KController, expected_tokens
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+
+
+def controller(**kw):
+    c = KController(4, AdaptiveConfig(enabled=True, k_max=16, probe_every=5, **kw))
+    assert c.next_k() == 0          # first a plain step: it calibrates the cost model
+    c.observe_plain(0.010)
+    return c
+
+
+def test_high_acceptance_and_cheap_drafts_grow_k():
+    c = controller()
+    for _ in range(10):
+        k = c.next_k()
+        c.observe_round(k, k, draft_s=0.001 * k, verify_s=0.011)   # every draft accepted
+    assert not c.off and c.next_k() > 4
+
+
+def test_useless_drafter_switches_speculation_off_then_probes():
+    c = controller()
+    for _ in range(5):
+        k = c.next_k()
+        if k == 0:
+            break
+        c.observe_round(k, 0, draft_s=0.010 * k, verify_s=0.012)  # nothing accepted, drafts cost a step each
+    assert c.off and c.next_k() == 0
+    for _ in range(5):
+        assert c.next_k() == 0
+        c.observe_plain(0.010)
+    probe = c.next_k()
+    assert probe >= 1                                               # the probe round
+    for _ in range(10):                                             # the drafter got good: back on
+        c.observe_round(probe, probe, draft_s=0.0005 * probe, verify_s=0.011)
+        probe = c.next_k() or probe
+    assert not c.off and c.next_k() >= 1
+
+
+def test_disabled_keeps_k():
+    c = KController(6, AdaptiveConfig(enabled=False))
+    c.observe_round(6, 0, 1.0, 1.0)
+    assert c.next_k() == 6
