@@ -174,5 +174,7 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: done.set())
     print(f"listening {server.address}", flush=True)
     done.wait()
+    log.info("draining")
     server.drain_and_stop()
+    print("stopped", flush=True)
     return 0
