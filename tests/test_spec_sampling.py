@@ -20,7 +20,7 @@ from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams, target_probs
 from sparsespec.spec.transport import LocalDrafterClient
 
-VOCAB, PROMPT, DRAWS, BATCH = 8, [3, 1, 4, 1, 5, 2, 6], 20_000, 16
+VOCAB, PROMPT, DRAWS, BATCH = 8, [3, 1, 4, 1, 5, 2, 6], 20_000, 50
 PARAMS = SamplingParams(temperature=0.9, top_p=0.95, top_k=6, seed=1234)
 
 
