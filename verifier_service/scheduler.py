@@ -128,14 +128,22 @@ class Scheduler:
         return self.load() == 0
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop and fail whatever still runs (callers drain first)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        for job, run in list(self._active.values()):
+            self._drop(job, run, SparseSpecError("verifier shutting down"))
 
-    # --- the scheduler thread -----------------------------------------------------------
+    # --- the loop -----------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+    def run(self, until) -> None:
+        """Run rounds on the calling thread until `until()` is true (or `stop`).
+
+        The verifier process calls this on its main thread: torch ops issued from a worker
+        thread ran measurably slower here (see sparsespec/runtime.py)."""
+        while not self._stop.is_set() and not until():
             self._admit()
             if not self._active:
                 self._wake.wait(0.05)
@@ -143,8 +151,9 @@ class Scheduler:
                 continue
             self._renew_leases()
             self._round()
-        for job, run in list(self._active.values()):
-            self._drop(job, run, SparseSpecError("verifier shutting down"))
+
+    def _loop(self) -> None:
+        self.run(lambda: False)
 
     def _admit(self) -> None:
         while self._active.__len__() < self.engine.max_batch:

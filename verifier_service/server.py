@@ -100,9 +100,11 @@ class VerifierServer:
         self._stopping = threading.Event()
         self._watch = threading.Thread(target=self._watch_health, name="health", daemon=True)
 
-    def start(self) -> "VerifierServer":
+    def start(self, scheduler_thread: bool = True) -> "VerifierServer":
+        """Serve. With scheduler_thread=False the caller runs `scheduler.run` itself (main)."""
         from kvstore.sessions import Heartbeat, WorkerInfo
-        self.scheduler.start()
+        if scheduler_thread:
+            self.scheduler.start()
         self.server.start()
         self._watch.start()
         info = WorkerInfo(self.cfg.worker_id, "verifier", self.address, str(self.cfg.model), self.cfg.max_batch)
@@ -123,14 +125,21 @@ class VerifierServer:
                     self.health.set(name, status)
             self._stopping.wait(0.5)
 
-    def drain_and_stop(self) -> None:
-        """Refuse new work, let running turns finish (bounded), then stop."""
+    def begin_drain(self) -> float:
+        """Refuse new work from now on; returns the deadline for running turns."""
         self.servicer.draining = True
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        deadline = time.monotonic() + self.cfg.drain_s
+        return time.monotonic() + self.cfg.drain_s
+
+    def drain_and_stop(self) -> None:
+        """Refuse new work, let running turns finish (bounded), then stop (threaded scheduler)."""
+        deadline = self.begin_drain()
         while not self.scheduler.idle() and time.monotonic() < deadline:
             time.sleep(0.05)
+        self.stop()
+
+    def stop(self) -> None:
         self._stopping.set()
         self.heartbeat.stop()
         self.server.stop(grace=1.0).wait()
@@ -165,7 +174,7 @@ def main(argv=None) -> int:
                              host=args.host, port=args.port, dtype=args.dtype, max_context=args.max_context,
                              max_batch=args.max_batch, default_k=args.k, lease_ms=args.lease_ms,
                              drain_s=args.drain_s, **extra)
-        server = VerifierServer(cfg).start()
+        server = VerifierServer(cfg).start(scheduler_thread=False)
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -173,8 +182,11 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     print(f"listening {server.address}", flush=True)
-    done.wait()
+    scheduler = server.scheduler
+    scheduler.run(until=done.is_set)                     # rounds run on the main thread
     log.info("draining")
-    server.drain_and_stop()
+    deadline = server.begin_drain()
+    scheduler.run(until=lambda: scheduler.idle() or time.monotonic() > deadline)
+    server.stop()
     print("stopped", flush=True)
     return 0
