@@ -72,11 +72,15 @@ class FullKVCache(KVCache):
                 kc[row, :, start:start + t] = k[i]
                 vc[row, :, start:start + t] = v[i]
         end = max(starts) + t
-        if self._rows is None:
+        rows_ = self._rows
+        if rows_ is None:
             keys, values = kc[:, :, :end], vc[:, :, :end]                       # [B, Hkv, S, D]
+        elif rows_ == list(range(rows_[0], rows_[0] + len(rows_))):
+            a, b = rows_[0], rows_[0] + len(rows_)                              # contiguous: a view,
+            keys, values = kc[a:b, :, :end], vc[a:b, :, :end]                   # no copy of the cache
         else:
-            index = torch.tensor(self._rows, device=kc.device)
-            keys, values = kc[index, :, :end], vc[index, :, :end]               # gathered rows
+            index = torch.tensor(rows_, device=kc.device)
+            keys, values = kc[index, :, :end], vc[index, :, :end]               # gathered rows (a copy)
         for obs in self.observers:
             obs(layer, q, keys, self._mask, lengths)
         return attend(q, keys, values, self._mask, self._causal)

@@ -46,6 +46,7 @@ def _through_services(args):
     print("starting the local cluster (redis-server, drafter, verifier) ...", flush=True)
     with LocalCluster(cfg) as cluster, SparseSpecClient(cluster.address) as client:
         _describe(args, len(prompt), f"verifier {cluster.address}, drafter {cluster.drafters[0].address}")
+        client.generate(prompt[:32], max_tokens=4)         # warm-up: first-call costs stay out of the table
         ar = client.generate(prompt, max_tokens=args.max_tokens, mode="ar")
         print("\n--- continuation (speculative, streamed as committed) ---")
         ids, text, metrics = [], [], {}

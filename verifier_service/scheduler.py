@@ -197,7 +197,8 @@ class Scheduler:
         for job, run in entries:
             if job.cancelled:
                 run.done, run.stopper.reason = True, "aborted"
-        runnable = [run for job, run in entries if not run.done]
+        # In row order, so that adjacent rows are verified over a view of the cache, not a copy.
+        runnable = sorted((run for job, run in entries if not run.done), key=lambda r: r.row)
         try:
             committed = self.engine.step(runnable) if runnable else {}
         except Exception as e:  # noqa: BLE001 - a failed forward fails these jobs, not the server
