@@ -26,6 +26,7 @@ class FullKVCache(KVCache):
         self.capacity = capacity
         self.observers: list = []  # obs(layer, q, keys, mask, past_lengths) before attention (summaries)
         self._rows: list[int] | None = None  # active rows; None = all
+        self._span: tuple[int, int] | None = None  # (first, end) when the active rows are adjacent
         self._t = 0
         self._mask: torch.Tensor | None = None
         self._causal = False
@@ -42,6 +43,9 @@ class FullKVCache(KVCache):
     def set_active(self, rows: list[int] | None) -> None:
         """Restrict the next forwards to these rows (in this order); None = every row."""
         self._rows = None if rows is None or list(rows) == list(range(self.batch)) else list(rows)
+        r = self._rows
+        # Adjacent ascending rows are attended over a view of the cache; others need a gather (copy).
+        self._span = (r[0], r[0] + len(r)) if r and r == list(range(r[0], r[0] + len(r))) else None
 
     def _active_lengths(self) -> torch.Tensor:
         return self.lengths if self._rows is None else self.lengths[self._rows]
@@ -72,14 +76,13 @@ class FullKVCache(KVCache):
                 kc[row, :, start:start + t] = k[i]
                 vc[row, :, start:start + t] = v[i]
         end = max(starts) + t
-        rows_ = self._rows
-        if rows_ is None:
+        if self._rows is None:
             keys, values = kc[:, :, :end], vc[:, :, :end]                       # [B, Hkv, S, D]
-        elif rows_ == list(range(rows_[0], rows_[0] + len(rows_))):
-            a, b = rows_[0], rows_[0] + len(rows_)                              # contiguous: a view,
-            keys, values = kc[a:b, :, :end], vc[a:b, :, :end]                   # no copy of the cache
+        elif self._span is not None:
+            a, b = self._span                                                   # a view, no copy
+            keys, values = kc[a:b, :, :end], vc[a:b, :, :end]
         else:
-            index = torch.tensor(rows_, device=kc.device)
+            index = torch.tensor(self._rows, device=kc.device)
             keys, values = kc[index, :, :end], vc[index, :, :end]               # gathered rows (a copy)
         for obs in self.observers:
             obs(layer, q, keys, self._mask, lengths)
