@@ -6,10 +6,19 @@ Every user error ends as one line on stderr (`error: <field>: <problem>`) and ex
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from sparsespec.errors import SparseSpecError
+
+
+# Subcommands that live with the code they drive: each module has add_parser(sub) and run(args).
+# Their heavy imports (torch, ray) happen inside run(), so `sparsespec --help` stays fast.
+EXTENSIONS = {
+    "train": "sparsespec.train.cli",
+    "ray": "sparsespec.deploy.ray_cli",
+}
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -85,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--services", action="store_true",
                        help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
     bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services")
+    for module in EXTENSIONS.values():
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -214,6 +225,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "models": cmd_models, "demo": cmd_demo, "bench": cmd_bench,
                 "up": cmd_up, "serve": cmd_serve}
+    if args.command in EXTENSIONS:
+        handlers[args.command] = importlib.import_module(EXTENSIONS[args.command]).run
     try:
         return handlers[args.command](args)
     except SparseSpecError as e:

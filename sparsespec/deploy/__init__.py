@@ -1,0 +1,1 @@
+"""Cluster deployment: Ray pools (Kubernetes lives in deploy/helm)."""

@@ -1,0 +1,1 @@
+"""BudgetDraft training: a drafter robust to its KV budget (issue #5)."""
