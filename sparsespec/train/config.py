@@ -31,8 +31,8 @@ class TrainConfig:
     continuation: int = 256              # tokens trained on per window
     windows: int = 60                    # training windows (teacher targets computed once each)
     heldout_windows: int = 8             # held-out windows for the teacher-forced evaluation
-    steps: int = 180
-    lr: float = 2e-4
+    steps: int = 200
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1            # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
     warmup: int = 15
@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
-    save_every: int = 60                 # steps between checkpoints (and at the end)
+    save_every: int = 100                # steps between checkpoints (and at the end)
     eval_every: int = 0                  # steps between held-out evaluations (0: start and end only)
 
     def __post_init__(self):

@@ -56,7 +56,9 @@ def spec_eval(verifier, tokenizer, drafters: dict[str, object], prompts: list[tu
         t0 = time.perf_counter()
         ar = _decode(engine, GenerationRequest(tuple(ids), cfg.max_tokens, k=cfg.k, mode="ar"), cached=0)
         rec = {"prompt": name, "prompt_tokens": len(ids), "ar_token_ids": ar.token_ids, "ar_text": ar.text,
-               "ar_s": round(time.perf_counter() - t0, 2), "spec": {}}
+               "ar_s": round(time.perf_counter() - t0, 2), "spec": {},
+               # a low ratio flags a degenerate, repetitive continuation (which inflates acceptance)
+               "ar_distinct_ratio": round(len(set(ar.token_ids)) / max(1, len(ar.token_ids)), 3)}
         bar.update(1)
         for variant, model in drafters.items():
             for b in cfg.budgets:

@@ -25,6 +25,9 @@ class Targets:
     ids: torch.Tensor        # [C, K] int64: its top-k tokens, most probable first
     probs: torch.Tensor      # [C, K] float32: their probabilities (temperature 1)
 
+    def to(self, device) -> "Targets":
+        return Targets(self.argmax.to(device), self.ids.to(device), self.probs.to(device))
+
 
 def fingerprint(model_dir: Path) -> str:
     """Identifies a verifier on disk: its config and the size and mtime of every file."""

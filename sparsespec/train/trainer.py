@@ -131,7 +131,7 @@ class Trainer:
         window = self.plan.train_windows[window_index(cfg, step, len(self.plan.train_windows))]
         ids = torch.tensor([window], device=model.device)                      # [1, P + C]
         cont = ids[:, cfg.prefix:]                                              # [1, C]
-        targets = None if cfg.objective == "lm" else self.teacher.load(window)
+        targets = None if cfg.objective == "lm" else self.teacher.load(window).to(model.device)
         next_tokens = cont[0, 1:]                                               # [C - 1], lm only
         budgets = step_budgets(cfg, step)
         lr = lr_at(cfg, step)
