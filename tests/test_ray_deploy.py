@@ -1,0 +1,337 @@
+"""Pools on a real local Ray cluster (`ray start --head` on 127.0.0.1), driven by the real CLI.
+
+One verifier and two drafters (CPU resources, the drafters also on a custom resource) come up
+from one deployment file; concurrent generations through the SDK equal in-process AR while a
+drafter actor is killed (ray.kill) and while the drafter pool shrinks and grows; `ray down` and
+stopping Ray leave no process behind (every process the cluster started carries a tag in its
+environment, which is how they are found afterwards). Bad deployment files fail `ray up` before
+Ray is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psutil
+import pytest
+import yaml
+
+from equality import assert_greedy_equal
+from sparsespec.client import SparseSpecClient
+from sparsespec.deploy.autoscale import PoolAutoscaler
+from sparsespec.deploy.config import DeployConfig
+from sparsespec.errors import InvalidArgument, SparseSpecError
+from sparsespec.models import load_model, load_tokenizer
+from sparsespec.models.testing import save_random_model, tiny_config
+from sparsespec.spec.loop import GenerationRequest, SpecEngine
+
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+PROMPTS = ["In the beginning God created the heaven and the earth. ",
+           "And the earth was without form, and void; and darkness was upon the face of the deep. ",
+           "And the Spirit of God moved upon the face of the waters. ",
+           "And God said, Let there be light: and there was light. "]
+MAX_TOKENS = 160
+NAME = "sstest"
+TAG_VAR = "SPARSESPEC_RAY_TEST_TAG"
+os.environ.update(RAY_ENV)   # Ray reads these when it is imported: before `import ray` here
+
+
+# ---- validation: no Ray needed ----------------------------------------------------------------
+
+def good(**over):
+    data = {"model": "/models/m", "redis_url": "redis://127.0.0.1:6379/0",
+            "pools": {"verifier": {"replicas": 1}, "drafter": {"replicas": 2, "resources": {"CPU": 0.5}}}}
+    data.update(over)
+    return data
+
+
+BAD = {
+    "unknown pool": (good(pools={"verifier": {}, "drafters": {"replicas": 2}}), "pools.drafters: unknown pool"),
+    "zero verifiers": (good(pools={"verifier": {"replicas": 0}}), "pools.verifier.replicas: must be >= 1"),
+    "verifier min 0": (good(pools={"verifier": {"replicas": 1, "min_replicas": 0, "max_replicas": 2}}),
+                       "pools.verifier.min_replicas: must be >= 1"),
+    "no verifier pool": (good(pools={"drafter": {"replicas": 1}}), "pools.verifier: is required"),
+    "missing model": ({k: v for k, v in good().items() if k != "model"}, "model: is required"),
+    "no redis": (good(redis_url=""), "redis_url: is required"),
+    "replicas above max": (good(pools={"verifier": {"replicas": 3, "max_replicas": 2}}),
+                           "pools.verifier.replicas: must lie in [min_replicas, max_replicas]"),
+    "negative GPU": (good(pools={"verifier": {"resources": {"GPU": -1}}}), "pools.verifier.resources.GPU"),
+    "managed flag": (good(pools={"verifier": {"args": {"redis": "redis://x"}}}), "pools.verifier.args.redis"),
+    "unknown key": (good(pool={}), "pool: unknown key"),
+    "unknown pool key": (good(pools={"verifier": {"replica": 2}}), "pools.verifier.replica: unknown key"),
+    "bad dtype": (good(dtype="float8"), "dtype:"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_names_the_field(case):
+    data, needle = BAD[case]
+    with pytest.raises(InvalidArgument) as err:
+        DeployConfig.from_dict(data)
+    assert str(err.value).startswith(needle), str(err.value)
+
+
+def test_resource_shape_and_flags():
+    cfg = DeployConfig.from_dict(good(pools={
+        "verifier": {"resources": {"CPU": 4, "GPU": 1, "accelerator_type:H100": 0.001}, "args": {"max_batch": 16}},
+        "drafter": {"replicas": 2, "min_replicas": 1, "max_replicas": 8,
+                    "resources": {"GPU": 1, "accelerator_type:A10G": 0.001, "memory": 8e9},
+                    "args": {"budget": 256, "policy": "snapkv"}}}))
+    v, d = cfg.pools["verifier"], cfg.pools["drafter"]
+    assert v.ray_options() == {"num_cpus": 4.0, "num_gpus": 1.0, "resources": {"accelerator_type:H100": 0.001}}
+    assert d.ray_options() == {"num_cpus": 0.0, "num_gpus": 1.0, "memory": 8e9,
+                               "resources": {"accelerator_type:A10G": 0.001}}
+    assert v.service_flags() == ["--max-batch", "16"] and not v.autoscaled and d.autoscaled
+    assert d.service_flags() == ["--budget", "256", "--policy", "snapkv"]
+    assert DeployConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_refuses_a_bad_file_before_touching_ray(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(BAD["zero verifiers"][0]))
+    out = subprocess.run([sys.executable, "-m", "sparsespec", "ray", "up", "--config", str(path),
+                          "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().splitlines() == [
+        "error: pools.verifier.replicas: must be >= 1 (a deployment without verifiers cannot generate), got 0"]
+
+
+def test_autoscaler_grows_at_once_and_shrinks_after_the_delay():
+    a = PoolAutoscaler(min_replicas=1, max_replicas=4, target_load=8, downscale_delay_s=60)
+    assert a.decide(0, current=1, total_load=17) == 3          # ceil(17 / 8)
+    assert a.decide(1, current=3, total_load=100) == 4         # clamped to max
+    assert a.decide(2, current=4, total_load=0) == 4           # low since t=2 ...
+    assert a.decide(30, current=4, total_load=3) == 4
+    assert a.decide(62, current=4, total_load=3) == 1          # ... held 60 s: shrink to want
+    assert a.decide(63, current=1, total_load=0) == 1          # never below min
+    assert a.decide(64, current=1, total_load=9) == 2
+    assert a.decide(65, current=2, total_load=0) == 2          # a new lull starts its own clock
+
+
+# ---- the real cluster ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tagged(tag: str) -> list[str]:
+    """Live (non-zombie) processes whose environment carries this test's tag."""
+    found = []
+    for p in psutil.process_iter(["pid", "name", "status", "cmdline"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and p.environ().get(TAG_VAR) == tag:
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [p.info['name']])[:120]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(what, predicate, timeout_s: float, every_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(every_s)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = tiny_config(max_position_embeddings=1024, eos_token_ids=(), num_layers=4)
+    return save_random_model(tmp_path_factory.mktemp("ray") / "model", cfg, seed=11)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head --block` on 127.0.0.1 with 4 CPUs and 3 `drafter_slot`s; SIGTERM to it
+    stops every process of the cluster. Yields (address, env, tag)."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, **RAY_ENV, TAG_VAR: tag}
+    port = free_port()
+    temp_dir = str(tmp_path_factory.mktemp("ray-tmp"))
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+           "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4", '--resources={"drafter_slot": 3}',
+           "--include-dashboard=false", f"--dashboard-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           "--object-store-memory=80000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in head.stdout:
+        lines.append(line)
+        if "Ray runtime started" in line:
+            break
+    assert head.poll() is None, "".join(lines[-20:])
+    threading.Thread(target=lambda: [None for _ in head.stdout], daemon=True).start()
+    try:
+        yield f"127.0.0.1:{port}", env, tag
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(60)
+        deadline = time.monotonic() + 30
+        while tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = tagged(tag)
+        assert not left, "processes left behind after Ray stopped:\n" + "\n".join(left)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    engine = SpecEngine(model, None, eos_ids=[tokenizer.eos_token_id])
+
+    def check(prompt: str, tokens: list[int], label: str):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        expected = engine.generate(GenerationRequest(ids, MAX_TOKENS, mode="ar")).token_ids
+        assert_greedy_equal(model, ids, expected, tokens, label)
+
+    return check
+
+
+def sparsespec(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "sparsespec", *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"sparsespec {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+class Generations:
+    """Concurrent streamed generations, one SDK client each; `started` is set once every stream
+    has received tokens, so a test can act mid-generation."""
+
+    def __init__(self, addresses: list[str], prompts: list[str]):
+        self.prompts, self.outs, self.metrics, self.errors = prompts, {}, {}, []
+        self._first = [threading.Event() for _ in prompts]
+        self.threads = [threading.Thread(target=self._one, args=(i, addresses)) for i in range(len(prompts))]
+        for t in self.threads:
+            t.start()
+
+    def _one(self, i, addresses):
+        try:
+            with SparseSpecClient(addresses, reconnect_timeout_s=60) as c:
+                tokens = []
+                for chunk in c.stream(self.prompts[i], max_tokens=MAX_TOKENS, k=4):
+                    tokens += chunk.token_ids
+                    self._first[i].set()
+                    if chunk.finished:
+                        self.metrics[i] = chunk.metrics
+                self.outs[i] = tokens
+        except Exception as e:  # noqa: BLE001 - reported by join()
+            self.errors.append(e)
+        finally:
+            self._first[i].set()
+
+    def wait_started(self, timeout_s=120):
+        for e in self._first:
+            assert e.wait(timeout_s)
+
+    def join(self, reference, label):
+        for t in self.threads:
+            t.join(300)
+        assert not self.errors, self.errors
+        for i, p in enumerate(self.prompts):
+            reference(p, self.outs[i], f"{label} session {i}")
+        return self
+
+
+def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference, tmp_path):
+    import ray
+
+    address, env, tag = ray_cluster
+    redis_srv.start()
+    cfg = {"name": NAME, "model": str(model_dir), "redis_url": redis_srv.url,
+           "autoscale": {"interval_s": 3600},
+           "pools": {"verifier": {"replicas": 1, "resources": {"CPU": 1},
+                                  "args": {"max_batch": 8, "k": 4, "lease_ms": 1500, "drain_s": 10}},
+                     "drafter": {"replicas": 2, "min_replicas": 1, "max_replicas": 3,
+                                 "resources": {"CPU": 0.5, "drafter_slot": 1},
+                                 "args": {"policy": "chunk_topk", "budget": 16, "threads": 1}}}}
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    t0 = time.monotonic()
+    up = sparsespec(env, "ray", "up", "--config", str(path), "--address", address).stdout.splitlines()
+    ready = [line for line in up if line.startswith("ready ")]
+    assert ready, up
+    verifiers = ready[0].split()[1].split(",")
+    assert len(verifiers) == 1 and sum(line.startswith("drafter ") for line in up) == 2, up
+    print(f"ray up: {time.monotonic() - t0:.1f}s")
+
+    ray.init(address=address, namespace=NAME, logging_level="WARNING", log_to_driver=False)
+    try:
+        from sparsespec.deploy import connect
+        dep = connect(NAME, address)
+        from kvstore.registry import WorkerRegistry
+        registry = WorkerRegistry(redis_srv.url)
+        assert sorted(w.worker_id for w in registry.live("drafter")) == [f"{NAME}-drafter-0", f"{NAME}-drafter-1"]
+
+        # 1. A drafter actor is killed while every session streams.
+        gens = Generations(verifiers, PROMPTS)
+        gens.wait_started()
+        ray.kill(ray.get_actor("drafter-0", namespace=NAME))
+        gens.join(reference, "drafter killed")
+        failures = sum(m.get("drafter_failures", 0) for m in gens.metrics.values())
+        assert failures >= 1, gens.metrics          # the kill did land mid-generation
+        wait_for("the controller to replace drafter-0",
+                 lambda: sorted(dep.addresses("drafter")) and
+                 {r["name"] for r in dep.status()["pools"]["drafter"]["replicas"] if r["state"] == "ready"}
+                 == {"drafter-1", "drafter-2"}, 120)
+        assert dep.status()["pools"]["drafter"]["replaced"] == 1
+
+        # 2. The pool shrinks (a drafter with sessions is stopped gracefully) while sessions stream.
+        gens = Generations(verifiers, PROMPTS[::-1])
+        gens.wait_started()
+        sparsespec(env, "ray", "scale", "drafter", "1", "--name", NAME, "--address", address)
+        gens.join(reference, "scaled down")
+        wait_for("one drafter", lambda: len(registry.live("drafter")) == 1 and len(dep.addresses("drafter")) == 1, 60)
+
+        # 3. ... and grows back; new sessions use the new drafters.
+        sparsespec(env, "ray", "scale", "drafter", "3", "--wait", "--name", NAME, "--address", address)
+        assert len(registry.live("drafter")) == 3
+        gens = Generations(verifiers, PROMPTS).join(reference, "scaled up")
+        assert all(m["rounds"] > 0 for m in gens.metrics.values())
+
+        # Out-of-range scale and an unknown pool are refused with the field named.
+        bad = subprocess.run([sys.executable, "-m", "sparsespec", "ray", "scale", "drafter", "9", "--name", NAME,
+                              "--address", address], env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "error: replicas: pool drafter takes [1, 3]" in bad.stderr, bad.stderr
+        with pytest.raises(SparseSpecError, match="^pool: unknown pool 'drafters'"):
+            dep.scale("drafters", 1)
+    finally:
+        ray.shutdown()
+    sparsespec(env, "ray", "down", "--name", NAME, "--address", address)
+    wait_for("every service process to exit",
+             lambda: not [p for p in tagged(tag) if "_service" in p or "ServiceReplica" in p] or None, 30)
+    assert registry.live("drafter") == [] and registry.live("verifier") == []
+    print(f"whole run: {time.monotonic() - t0:.1f}s")
+
+
+def test_a_replica_that_cannot_start_fails_up_with_its_error(ray_cluster, redis_srv, tmp_path):
+    """A model path that does not exist on the node: `ray up` fails with the service's own
+    message, and leaves no deployment behind."""
+    address, env, tag = ray_cluster
+    redis_srv.start()
+    cfg = {"name": "ssbad", "model": str(tmp_path / "no-such-model"), "redis_url": redis_srv.url,
+           "pools": {"verifier": {"replicas": 1, "resources": {"CPU": 1}, "start_timeout_s": 120}}}
+    path = tmp_path / "bad-model.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "sparsespec", "ray", "up", "--config", str(path),
+                          "--address", address], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("error: pools.verifier: a replica did not start: verifier-0: verifier exited"), \
+        out.stderr
+    assert "no-such-model" in out.stderr
+    status = subprocess.run([sys.executable, "-m", "sparsespec", "ray", "status", "--name", "ssbad",
+                             "--address", address], env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 2 and "error: name: no deployment named 'ssbad'" in status.stderr, status.stderr
