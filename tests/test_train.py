@@ -214,3 +214,15 @@ def test_spec_eval_checks_sd_equals_ar_on_heldout_prompts(trained):
             assert 0.0 <= c["alpha"] <= 1.0 and 1.0 <= c["tau"] <= 5.0
     full = result["cells"]
     assert full["trained"]["full"]["alpha"] > full["untrained"]["full"]["alpha"]
+
+
+def test_report_renders_the_saved_numbers(trained, tmp_path):
+    from sparsespec.train.report import render
+
+    trainer, summary = trained
+    path = tmp_path / "summary_paper.json"
+    path.write_text(json.dumps(summary))
+    text = render(None, [path])
+    final = summary["history"][-1]["heldout"]
+    assert f"| paper | {final['128']['greedy']:.3f} | {final['256']['greedy']:.3f} |" in text
+    assert "| untrained |" in text

@@ -16,8 +16,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a budget-robust drafter (BudgetDraft); `train eval` compares drafters",
                        description="Train a drafter on the verifier's full-cache targets through full and sparse "
                                    "KV views. Flags left unset take the preset's value.")
-    p.add_argument("action", nargs="?", default="run", choices=("run", "eval"),
-                   help="run: train (default); eval: speculative decoding per variant and budget")
+    p.add_argument("action", nargs="?", default="run", choices=("run", "eval", "report"),
+                   help="run: train (default); eval: speculative decoding per variant and budget; "
+                        "report: markdown tables from --eval-json and --summaries")
     p.add_argument("--preset", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--out", help="run directory (checkpoints, summary.json); eval: the results JSON")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -40,6 +41,9 @@ def add_parser(sub) -> None:
     e.add_argument("--prompts", type=int, default=3)
     e.add_argument("--max-tokens", type=int, default=48)
     e.add_argument("-k", type=int, default=4)
+    r = p.add_argument_group("report")
+    r.add_argument("--eval-json", help="a `train eval` results file")
+    r.add_argument("--summaries", nargs="*", default=[], help="summary_<name>.json files of runs")
 
 
 def _config(args):
@@ -60,6 +64,8 @@ def _config(args):
 def run(args) -> int:
     if args.action == "eval":
         return _run_eval(args)
+    if args.action == "report":
+        return _run_report(args)
     cfg = _config(args)                          # field errors here, before anything is loaded
     if not args.out and not args.teacher_only:
         raise InvalidArgument("out", "a run directory is required (--out DIR)")
@@ -105,3 +111,16 @@ def _run_eval(args) -> int:
     print(json.dumps({v: {b: (c["alpha"], c["tau"], c["sd_equals_ar"]) for b, c in cells.items()}
                       for v, cells in result["cells"].items()}))
     return 0 if all(c["sd_equals_ar"] for cells in result["cells"].values() for c in cells.values()) else 1
+
+
+def _run_report(args) -> int:
+    paths = [Path(p) for p in args.summaries] + ([Path(args.eval_json)] if args.eval_json else [])
+    if not paths:
+        raise InvalidArgument("summaries", "name --summaries FILES and/or --eval-json FILE")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise InvalidArgument("eval-json" if str(missing[0]) == args.eval_json else "summaries",
+                              f"{missing[0]} does not exist")
+    from sparsespec.train.report import render
+    print(render(Path(args.eval_json) if args.eval_json else None, [Path(p) for p in args.summaries]))
+    return 0

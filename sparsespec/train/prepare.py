@@ -32,7 +32,7 @@ class Plan:
 
 def plan(cfg: TrainConfig) -> Plan:
     """Validate the run against the models and data; InvalidArgument names the field."""
-    verifier_dir = resolve_model(cfg.verifier)
+    verifier_dir = _resolve("verifier", cfg.verifier)
     vcfg = load_config(verifier_dir)
     drafter_dir = None
     n = cfg.drafter_layers()
@@ -40,7 +40,7 @@ def plan(cfg: TrainConfig) -> Plan:
         if n > vcfg.num_layers:
             raise InvalidArgument("drafter", f"layers:{n} exceeds the verifier's {vcfg.num_layers} layers")
     else:
-        drafter_dir = resolve_drafter(cfg.drafter)
+        drafter_dir = _resolve("drafter", cfg.drafter)
         dcfg = load_config(drafter_dir)
         if dcfg.vocab_size != vcfg.vocab_size:
             raise InvalidArgument("drafter", f"vocabulary size {dcfg.vocab_size} differs from the verifier's "
@@ -57,11 +57,12 @@ def plan(cfg: TrainConfig) -> Plan:
     return Plan(cfg, verifier_dir, drafter_dir, tokenizer, corpus, train, held)
 
 
-def resolve_drafter(spec: str) -> Path:
+def _resolve(field: str, spec: str) -> Path:
+    """resolve_model, with the error naming our flag rather than `model`."""
     try:
         return resolve_model(spec)
     except InvalidArgument as e:
-        raise InvalidArgument("drafter", str(e).split(": ", 1)[1]) from None
+        raise InvalidArgument(field, str(e).split(": ", 1)[1]) from None
 
 
 def load_verifier(p: Plan):

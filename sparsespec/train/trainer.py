@@ -83,6 +83,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.prepare_targets()
         self.out.mkdir(parents=True, exist_ok=True)
+        ignore = self.out / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("*\n")          # checkpoints are hundreds of MB: never committed by accident
         found = checkpoints(self.out) if resume else []
         if found:
             state = load_state(found[-1], cfg)
