@@ -26,7 +26,8 @@ import yaml
 from equality import assert_greedy_equal
 from sparsespec.client import SparseSpecClient
 from sparsespec.deploy.autoscale import PoolAutoscaler
-from sparsespec.deploy.config import DeployConfig
+from sparsespec.deploy.config import DeployConfig, load_config
+from sparsespec.deploy.serve_app import PoolsApp
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.models import load_model, load_tokenizer
 from sparsespec.models.testing import save_random_model, tiny_config
@@ -91,6 +92,18 @@ def test_resource_shape_and_flags():
     assert v.service_flags() == ["--max-batch", "16"] and not v.autoscaled and d.autoscaled
     assert d.service_flags() == ["--budget", "256", "--policy", "snapkv"]
     assert DeployConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_example_files_are_valid(monkeypatch):
+    from pathlib import Path
+    examples = Path(__file__).resolve().parents[1] / "deploy" / "ray"
+    cpu = load_config(str(examples / "cpu.yaml"))
+    assert cpu.pools["drafter"].autoscaled and cpu.redis_url.startswith("redis://")
+    monkeypatch.setenv("SPARSESPEC_REDIS_URL", "redis://:secret@redis:6379/0")   # gpu.yaml keeps it out
+    gpu = load_config(str(examples / "gpu.yaml"))
+    assert gpu.redis_url == "redis://:secret@redis:6379/0"
+    assert gpu.pools["drafter"].ray_options()["resources"] == {"accelerator_type:A10G": 0.001}
+    assert gpu.pools["verifier"].ray_options()["resources"] == {"accelerator_type:H100": 0.001}
 
 
 def test_cli_refuses_a_bad_file_before_touching_ray(tmp_path):
@@ -277,16 +290,21 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
         assert sorted(w.worker_id for w in registry.live("drafter")) == [f"{NAME}-drafter-0", f"{NAME}-drafter-1"]
 
         # 1. A drafter actor is killed while every session streams.
+        t1 = time.monotonic()
         gens = Generations(verifiers, PROMPTS)
         gens.wait_started()
-        ray.kill(ray.get_actor("drafter-0", namespace=NAME))
+        busiest = max(registry.live("drafter"), key=lambda w: w.load).worker_id   # the one holding sessions
+        victim = "drafter-" + busiest.rsplit("-", 1)[1]
+        ray.kill(ray.get_actor(victim, namespace=NAME))
+        t_kill = time.monotonic() - t1
         gens.join(reference, "drafter killed")
+        print(f"kill at {t_kill:.2f}s of a {time.monotonic() - t1:.2f}s batch ({victim})")
         failures = sum(m.get("drafter_failures", 0) for m in gens.metrics.values())
         assert failures >= 1, gens.metrics          # the kill did land mid-generation
-        wait_for("the controller to replace drafter-0",
-                 lambda: sorted(dep.addresses("drafter")) and
-                 {r["name"] for r in dep.status()["pools"]["drafter"]["replicas"] if r["state"] == "ready"}
-                 == {"drafter-1", "drafter-2"}, 120)
+        survivor = {"drafter-0": "drafter-1", "drafter-1": "drafter-0"}[victim]
+        wait_for(f"the controller to replace {victim}",
+                 lambda: {r["name"] for r in dep.status()["pools"]["drafter"]["replicas"] if r["state"] == "ready"}
+                 == {survivor, "drafter-2"}, 120)
         assert dep.status()["pools"]["drafter"]["replaced"] == 1
 
         # 2. The pool shrinks (a drafter with sessions is stopped gracefully) while sessions stream.
@@ -296,8 +314,16 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
         gens.join(reference, "scaled down")
         wait_for("one drafter", lambda: len(registry.live("drafter")) == 1 and len(dep.addresses("drafter")) == 1, 60)
 
-        # 3. ... and grows back; new sessions use the new drafters.
-        sparsespec(env, "ray", "scale", "drafter", "3", "--wait", "--name", NAME, "--address", address)
+        # 3. ... and grows back; new sessions use the new drafters. The Serve application's health
+        # check (what KubeRay's RayService watches) fails while the pool is below size.
+        app = PoolsApp(str(path), address)
+        app.check_health()
+        sparsespec(env, "ray", "scale", "drafter", "3", "--name", NAME, "--address", address)
+        with pytest.raises(SparseSpecError, match="^pools below size: drafter: 1/3 ready$"):
+            app.check_health()
+        dep.wait_ready(120)
+        app.check_health()
+        assert app.status()["verifiers"] == verifiers
         assert len(registry.live("drafter")) == 3
         gens = Generations(verifiers, PROMPTS).join(reference, "scaled up")
         assert all(m["rounds"] > 0 for m in gens.metrics.values())
