@@ -22,6 +22,7 @@ import torch
 
 from drafter_service.memory import SessionCost, session_cost
 from kvstore.sparse import SparseConfig
+from kvstore.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.rpc.errors import DrafterFull, SessionUnknown, StateMismatch
 from sparsespec.spec.adaptive import MAX_K
@@ -63,6 +64,7 @@ class OpenInfo:
     device_bytes: int
     host_bytes: int
     prefill_s: float
+    want: SummaryWant | None = None
 
 
 @dataclass(eq=False)
@@ -161,16 +163,19 @@ class DrafterEngine:
             entry.drafter = drafter
             entry.gen = None if params.greedy else params.generator(salt=DRAFT_SALT)
             entry.last_used = self.clock()
-            return OpenInfo(drafter.cache.device_bytes(), drafter.cache.host_bytes(), time.perf_counter() - t0)
+            return OpenInfo(drafter.cache.device_bytes(), drafter.cache.host_bytes(), time.perf_counter() - t0,
+                            drafter.want())
 
     def draft(self, session_id: str, base_len: int, append: list[int], k: int, params: SamplingParams,
-              epoch: int = 0) -> DraftReply:
-        """Sync to base_len + append (the committed prefix), then chain-draft k tokens.
+              epoch: int = 0, summary: bytes | None = None) -> DraftReply:
+        """Sync to base_len + append (the committed prefix), take the verifier's KV summary if
+        one came, then chain-draft k tokens.
 
         base_len 0: `append` is the whole committed prefix and the session is (re)built first.
         """
         _check_session(session_id)
         _check_epoch(epoch)
+        decoded = Summary.decode(summary) if summary else None   # refuse a malformed one up front
         if not 1 <= k <= min(MAX_K, self.config.sparse.max_draft):
             raise InvalidArgument("k", f"must be in [1, {min(MAX_K, self.config.sparse.max_draft)}], got {k}")
         if base_len < 0:
@@ -202,6 +207,8 @@ class DrafterEngine:
             try:
                 with self._compute:
                     drafter.sync(base_len, append)     # StateMismatch leaves the state untouched
+                    if decoded is not None:
+                        drafter.take_summary(decoded)
                     result = drafter.draft(k, params, entry.gen)
             except StateMismatch:
                 raise
@@ -210,7 +217,7 @@ class DrafterEngine:
                 raise
             entry.last_used = self.clock()
             return DraftReply(result.tokens, result.qs, time.perf_counter() - t0,
-                              drafter.cache.device_bytes(), drafter.cache.host_bytes())
+                              drafter.cache.device_bytes(), drafter.cache.host_bytes(), drafter.want())
 
     def close(self, session_id: str) -> bool:
         """Free the session (idempotent). True if it was open."""

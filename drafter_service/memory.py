@@ -33,7 +33,7 @@ def session_cost(cfg: ModelConfig, dtype: torch.dtype, capacity: int, sparse: Sp
     kv = 2 * L * Hkv * rows * D * item                        # dev_k, dev_v [Hkv, rows, D]
     pos = L * Hkv * rows * 8                                  # dev_pos [Hkv, rows] int64
     obs = 0
-    if get_policy(sparse.policy).needs_queries:               # query rings [H, obs_window + tail_cap, D]
+    if get_policy(sparse.policy)(sparse).needs_queries:              # query rings [H, obs_window + tail_cap, D]
         obs = L * H * (sparse.obs_window + sparse.tail_cap) * D * item
     host = 2 * L * Hkv * capacity * D * item                  # host_k, host_v [Hkv, capacity, D]
     return SessionCost(device_bytes=kv + pos + obs, host_bytes=host)

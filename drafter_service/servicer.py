@@ -55,19 +55,26 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         info = self.engine.open(request.session_id, list(request.tokens),
                                 sampling_from_proto(request.sampling), request.epoch)
         return drafter_pb2.OpenSessionReply(device_bytes=info.device_bytes, host_bytes=info.host_bytes,
-                                            prefill_s=info.prefill_s)
+                                            prefill_s=info.prefill_s, **_want_fields(info.want))
 
     @rpc
     def Draft(self, request, context):
-        # request.summary (issue #4) is advisory and not used yet: ignoring it changes no token.
         reply = self.engine.draft(request.session_id, request.base_len, list(request.append), request.k,
-                                  sampling_from_proto(request.sampling), request.epoch)
+                                  sampling_from_proto(request.sampling), request.epoch,
+                                  summary=request.summary or None)
         return drafter_pb2.DraftReply(tokens=reply.tokens,
                                       q=[dist_to_proto(q) for q in reply.qs] if reply.qs else [],
                                       draft_s=reply.draft_s, device_bytes=reply.device_bytes,
-                                      host_bytes=reply.host_bytes)
+                                      host_bytes=reply.host_bytes, **_want_fields(reply.want))
 
     @rpc
     def CloseSession(self, request, context):
         self.engine.close(request.session_id)
         return drafter_pb2.CloseSessionReply()
+
+
+def _want_fields(want) -> dict:
+    """A SummaryWant as the summary_* fields of OpenSessionReply / DraftReply."""
+    if want is None:
+        return {}
+    return {"summary_slots": want.slots, "summary_sink": want.sink, "summary_window": want.window}

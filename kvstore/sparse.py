@@ -51,9 +51,17 @@ class SparseConfig:
     reselect_interval: int = 16     # R: re-select after this many appended tokens
     obs_window: int = 16            # recent queries per layer kept as the policies' query proxy
     max_draft: int = 64             # longest draft a round may append (sizes the tail)
+    fallback: str = "chunk_topk"    # verifier_guided: its own policy (alone until the first summary)
+    guided_share: float = 0.5       # verifier_guided: share of the middle slots the summary fills
 
     def __post_init__(self):
         cls = get_policy(self.policy)  # raises InvalidArgument("policy", ...) listing the known ones
+        fallback = get_policy(self.fallback)
+        if fallback.keeps_all or fallback.uses_summary:
+            raise InvalidArgument("fallback", f"must be a budgeted policy that needs no summary, "
+                                              f"got {self.fallback!r}")
+        if isinstance(self.guided_share, bool) or not 0.0 < self.guided_share <= 1.0:
+            raise InvalidArgument("guided_share", f"must be in (0, 1], got {self.guided_share!r}")
         for name in ("chunk", "reselect_interval", "obs_window", "max_draft"):
             _check_int(name, getattr(self, name), 1)
         for name in ("sink", "window"):
@@ -316,6 +324,40 @@ class SparseKVCache(KVCache):
         self._mask = None
 
     # --- rollback and selection -----------------------------------------------------------
+
+    def adopt_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Start from an exact prefix computed elsewhere: per layer K/V [Hkv, n, D], rotated
+        (e.g. the verifier's own cache rows, for a drafter that shares those layers). The cache
+        is left in its prefill phase, exactly as if the n tokens had been appended here, so a
+        sweep over many policies and budgets pays for one prefill. Queries are not recorded:
+        append the last obs_window tokens normally before the first selection."""
+        if self.length:
+            raise RuntimeError("adopt_prefix needs an empty cache")
+        if len(keys) != self.num_layers or len(values) != self.num_layers:
+            raise ValueError(f"need K/V for {self.num_layers} layers, got {len(keys)} / {len(values)}")
+        n = keys[0].shape[1]
+        if n > self.capacity:
+            raise ContextOverflow("length", f"prefix of {n} exceeds capacity {self.capacity}")
+        full = self._full
+        for layer in range(self.num_layers):
+            k_dest = full.k[layer][0] if full is not None else self.host_k[layer]     # [Hkv, capacity, D]
+            v_dest = full.v[layer][0] if full is not None else self.host_v[layer]
+            k_dest[:, :n] = keys[layer]
+            v_dest[:, :n] = values[layer]
+        if full is not None:
+            full.lengths[0] = n
+        else:
+            self._length = n
+
+    def set_summary(self, summary) -> bool:
+        """Take the verifier's latest summary (kvstore.summary.Summary). A policy that reads it
+        re-selects at once, so the advice applies to the very next draft; the device view stays
+        within the budget (a re-selection empties the tail). Returns whether it re-selected."""
+        self.summary = summary
+        if self._full is not None or not self.policy.uses_summary or not self.selected:
+            return False
+        self._select()
+        return True
 
     def truncate(self, n: int) -> None:
         """Roll back to `n` entries (drops rejected drafts).

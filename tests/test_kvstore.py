@@ -19,7 +19,7 @@ from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.models.config import ModelConfig
 from sparsespec.models.llama import LlamaModel
 
-SPARSE = ("streaming", "chunk_topk", "snapkv")
+SPARSE = ("streaming", "chunk_topk", "snapkv", "verifier_guided")
 L, H, HKV, D = 2, 4, 2, 16
 G = H // HKV
 
@@ -120,7 +120,7 @@ def test_config_defaults_and_clamps():
     assert SparseConfig(budget=16, sink=8, window=8).window == 8           # explicit, exactly fits
     assert SparseConfig(policy="full", budget=None).budget is None
     assert SparseConfig(policy="full", budget=256).budget is None          # full has no budget
-    assert set(POLICIES) == {"streaming", "chunk_topk", "snapkv", "full"}
+    assert set(POLICIES) == {"streaming", "chunk_topk", "snapkv", "verifier_guided", "full"}
     assert get_policy("snapkv").name == "snapkv"
 
 

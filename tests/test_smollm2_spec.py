@@ -19,7 +19,7 @@ from sparsespec.spec.transport import LocalDrafterClient
 pytestmark = pytest.mark.smollm2
 
 CONTEXT, MAX_TOKENS = 1024, 24
-POLICY_BUDGETS = [(p, b) for p in ("streaming", "chunk_topk", "snapkv") for b in (16, 256)] + [("full", None)]
+POLICY_BUDGETS = [(p, b) for p in ("streaming", "chunk_topk", "snapkv", "verifier_guided") for b in (16, 256)] + [("full", None)]
 
 
 def spec_engine(model, drafter_model, policy, budget, max_batch=1):

@@ -13,7 +13,7 @@ from sparsespec.spec.adaptive import AdaptiveConfig
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.transport import LocalDrafterClient
 
-POLICY_BUDGETS = [(p, b) for p in ("streaming", "chunk_topk", "snapkv") for b in (16, 256)] + [("full", None)]
+POLICY_BUDGETS = [(p, b) for p in ("streaming", "chunk_topk", "snapkv", "verifier_guided") for b in (16, 256)] + [("full", None)]
 MAX_TOKENS = 40
 
 

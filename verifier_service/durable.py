@@ -121,6 +121,12 @@ class DurableSessions(CommitLog):
     def renew(self, session, epoch):
         self.store.renew_lease(session, self.owner, epoch, self.lease_ms)
 
+    def put_summary(self, session, epoch, data):
+        self.store.put_summary(session, epoch, data)
+
+    def summary(self, session):
+        return self.store.get_summary(session)
+
     def finish_turn(self, session, epoch, result):
         state = "aborted" if result.metrics.stop_reason == "aborted" else "finished"
         self.store.finish(session, epoch, state)

@@ -70,23 +70,23 @@ class RoutingDrafterClient(DrafterClient):
         candidates = [a for a in self.directory.addresses() if self._bad_until.get(a, 0.0) <= now]
         for address in candidates:
             try:
-                self._client(address).open(session, tokens, params)
+                want = self._client(address).open(session, tokens, params)
             except DrafterUnavailable as e:
                 self._mark_bad(address, e)
                 continue
             self._bound[session] = address
             self._next_try.pop(session, None)
-            return
+            return want
         raise DrafterUnavailable(f"session {session}: no live drafter among {len(candidates)} candidates")
 
-    def draft(self, session, base_len, append, k, params) -> DraftReply:
+    def draft(self, session, base_len, append, k, params, summary=None) -> DraftReply:
         if base_len == 0 or session not in self._bound:
             self.close(session)
             self.open(session, append, params)
             base_len, append = len(append), []
         address = self._bound[session]
         try:
-            return self._client(address).draft(session, base_len, append, k, params)
+            return self._client(address).draft(session, base_len, append, k, params, summary)
         except DrafterUnavailable as e:
             self._bound.pop(session, None)
             self._mark_bad(address, e)

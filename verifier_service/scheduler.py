@@ -45,6 +45,13 @@ class CommitLog:
     def finish_turn(self, session: str, epoch: int, result: GenerationResult) -> None:
         pass
 
+    def put_summary(self, session: str, epoch: int, data: bytes) -> None:
+        """Keep the session's latest KV summary, so a replacement drafter starts from it."""
+
+    def summary(self, session: str) -> bytes | None:
+        """The session's latest KV summary, if one was kept."""
+        return None
+
 
 @dataclass
 class Job:
@@ -168,13 +175,31 @@ class Scheduler:
             cached = _common_prefix(parked.context, job.req.prompt_ids) if parked else 0
             drafter_base = parked.drafter_base if parked and cached == len(parked.context) else 0
             try:
-                run = self.engine.start(job.req, row, job.session, cached, drafter_base)
+                summary = None if parked else self._stored_summary(job.session)
+                run = self.engine.start(job.req, row, job.session, cached, drafter_base, summary)
             except Exception as e:  # noqa: BLE001 - one bad session must not stop the others
                 log.exception("session %s failed to start", job.session)
                 self._free_rows.append(row)
                 job._update(error=e)
                 continue
             self._active[job.session] = (job, run)
+
+    def _stored_summary(self, session: str) -> bytes | None:
+        try:
+            return self.log.summary(session)
+        except SparseSpecError as e:       # advice only: a session starts without it
+            log.warning("session %s: no stored summary: %s", session, e)
+            return None
+
+    def _keep_summary(self, job: Job, run: Run) -> None:
+        s = run.summary
+        if s is None or not s.dirty:
+            return
+        s.dirty = False
+        try:
+            self.log.put_summary(job.session, job.epoch, s.latest)
+        except SparseSpecError as e:       # advice only: the tokens are what must be durable
+            log.warning("session %s: summary not stored: %s", job.session, e)
 
     def _evict_lru(self) -> None:
         session, parked = self._parked.popitem(last=False)
@@ -215,6 +240,7 @@ class Scheduler:
                     self._drop(job, run, e)
                     continue
                 job._update(tokens)
+            self._keep_summary(job, run)
             if run.done:
                 self._complete(job, run)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from kvstore.summary import SummaryConfig
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
 
@@ -47,6 +48,7 @@ class VerifierConfig:
     max_message_bytes: int = 4 << 20     # a 128K-token prompt is < 1 MiB; larger is a mistake
     drain_s: float = 30.0
     worker_id: str = field(default_factory=lambda: f"verifier-{uuid.uuid4().hex[:8]}")
+    summaries: SummaryConfig = field(default_factory=SummaryConfig)   # KV summaries to drafters
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "default_k", "lease_ms", "max_message_bytes"):
@@ -81,7 +83,8 @@ class VerifierServer:
         eos = set(model.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        engine = SpecEngine(model, drafters, tokenizer, cfg.max_context, cfg.max_batch, sorted(eos))
+        engine = SpecEngine(model, drafters, tokenizer, cfg.max_context, cfg.max_batch, sorted(eos),
+                            summary=cfg.summaries)
         self.sessions = DurableSessions(self.store, cfg.worker_id, cfg.lease_ms)
         self.scheduler = Scheduler(engine, self.sessions, cfg.max_queue)
         info = dict(model=str(cfg.model), vocab_size=model.cfg.vocab_size, max_context=engine.max_context,
@@ -161,7 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ms", type=int, default=3000)
     p.add_argument("--drain-s", type=float, default=30.0)
     p.add_argument("--worker-id", default=None)
+    p.add_argument("--summaries", choices=["on", "off"], default="on",
+                   help="score attention and send KV summaries to drafters whose policy reads them")
+    p.add_argument("--summary-layers", default=None, help="verifier layers scored, comma-separated "
+                                                          "(default: 3 evenly spaced)")
+    p.add_argument("--summary-every", type=int, default=SummaryConfig.every_rounds,
+                   help="send at least every R rounds")
+    p.add_argument("--summary-alpha", type=float, default=SummaryConfig.alpha_threshold,
+                   help="send early when the windowed alpha drops below this")
+    p.add_argument("--summary-growth", type=int, default=SummaryConfig.growth,
+                   help="send when the context grew by this many tokens")
     return p
+
+
+def summary_config(args) -> SummaryConfig:
+    layers = None
+    if args.summary_layers:
+        try:
+            layers = tuple(int(x) for x in args.summary_layers.split(","))
+        except ValueError:
+            raise InvalidArgument("summary.layers", f"expected comma-separated integers, got "
+                                                    f"{args.summary_layers!r}") from None
+    return SummaryConfig(enabled=args.summaries == "on", layers=layers, every_rounds=args.summary_every,
+                         alpha_threshold=args.summary_alpha, growth=args.summary_growth)
 
 
 def main(argv=None) -> int:
@@ -173,7 +198,7 @@ def main(argv=None) -> int:
         cfg = VerifierConfig(model=args.model, redis_url=args.redis, drafters=tuple(args.drafter_address),
                              host=args.host, port=args.port, dtype=args.dtype, max_context=args.max_context,
                              max_batch=args.max_batch, default_k=args.k, lease_ms=args.lease_ms,
-                             drain_s=args.drain_s, **extra)
+                             drain_s=args.drain_s, summaries=summary_config(args), **extra)
         server = VerifierServer(cfg).start(scheduler_thread=False)
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)

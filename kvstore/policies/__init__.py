@@ -11,6 +11,7 @@ from kvstore.policies.chunk_topk import ChunkTopKPolicy
 from kvstore.policies.full import FullPolicy
 from kvstore.policies.snapkv import SnapKVPolicy
 from kvstore.policies.streaming import StreamingPolicy
+from kvstore.policies.verifier_guided import VerifierGuidedPolicy
 from sparsespec.errors import InvalidArgument
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -22,7 +23,7 @@ def register(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
-_BUILTIN = (StreamingPolicy, ChunkTopKPolicy, SnapKVPolicy, FullPolicy)
+_BUILTIN = (StreamingPolicy, ChunkTopKPolicy, SnapKVPolicy, VerifierGuidedPolicy, FullPolicy)
 for _cls in _BUILTIN:
     register(_cls)
 
@@ -44,4 +45,4 @@ def get_policy(name: str) -> type[Policy]:
 
 
 __all__ = ["Policy", "SelectionContext", "POLICIES", "get_policy", "policy_names", "register",
-           "StreamingPolicy", "ChunkTopKPolicy", "SnapKVPolicy", "FullPolicy"]
+           "StreamingPolicy", "ChunkTopKPolicy", "SnapKVPolicy", "VerifierGuidedPolicy", "FullPolicy"]

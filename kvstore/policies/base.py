@@ -30,7 +30,7 @@ class SelectionContext:
     lo: int                              # middle range start (= sink)
     hi: int                              # middle range end (= n - window), exclusive
     m: int                               # positions to choose per KV head, 0 < m <= hi - lo
-    summary: Any = None                  # the verifier's latest summary, if any (verifier_guided)
+    summary: Any = None                  # kvstore.summary.Summary: the verifier's latest, if any
 
     @property
     def num_kv_heads(self) -> int:
@@ -61,13 +61,15 @@ class Policy(ABC):
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = True   # False: the cache does not record queries (saves work)
     keeps_all: ClassVar[bool] = False      # True: no budget, the cache keeps every entry on device
+    uses_summary: ClassVar[bool] = False   # True: the drafter asks the verifier for KV summaries
 
     def __init__(self, config=None):
         self.config = config
 
     @abstractmethod
     def choose(self, ctx: SelectionContext) -> torch.Tensor:
-        """Returns int64 [Hkv, ctx.m]: distinct positions in [ctx.lo, ctx.hi) per KV head (any order)."""
+        """Returns int64 [Hkv, ctx.m]: distinct positions in [ctx.lo, ctx.hi) per KV head, best
+        first (the cache sorts them; verifier_guided fills its free slots in this order)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -17,5 +17,5 @@ class StreamingPolicy(Policy):
     needs_queries = False
 
     def choose(self, ctx: SelectionContext) -> torch.Tensor:
-        recent = torch.arange(ctx.hi - ctx.m, ctx.hi, device=ctx.keys.device)   # [m]
+        recent = torch.arange(ctx.hi - 1, ctx.hi - ctx.m - 1, -1, device=ctx.keys.device)  # [m], newest first
         return recent.expand(ctx.num_kv_heads, ctx.m).contiguous()             # [Hkv, m]

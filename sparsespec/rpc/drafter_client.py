@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import grpc
 
+from kvstore.summary import SummaryWant
 from sparsespec.errors import InvalidArgument
 from sparsespec.rpc.convert import dist_from_proto, drafter_error, sampling_to_proto
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
@@ -47,16 +48,18 @@ class GrpcDrafterClient(DrafterClient):
         except ValueError as e:   # the channel was shut down
             raise drafter_error(grpc.StatusCode.UNAVAILABLE, f"drafter {self.address}: {e}") from None
 
-    def open(self, session: str, tokens: list[int], params: SamplingParams) -> None:
-        self._call(self.stub.OpenSession,
-                   drafter_pb2.OpenSessionRequest(session_id=session, tokens=tokens,
-                                                  sampling=sampling_to_proto(params), epoch=self.epoch),
-                   self.open_timeout_s)
+    def open(self, session: str, tokens: list[int], params: SamplingParams) -> SummaryWant | None:
+        reply = self._call(self.stub.OpenSession,
+                           drafter_pb2.OpenSessionRequest(session_id=session, tokens=tokens,
+                                                          sampling=sampling_to_proto(params), epoch=self.epoch),
+                           self.open_timeout_s)
+        return _want(reply)
 
     def draft(self, session: str, base_len: int, append: list[int], k: int,
-              params: SamplingParams) -> DraftReply:
+              params: SamplingParams, summary: bytes | None = None) -> DraftReply:
         request = drafter_pb2.DraftRequest(session_id=session, base_len=base_len, append=append, k=k,
-                                           sampling=sampling_to_proto(params), epoch=self.epoch)
+                                           sampling=sampling_to_proto(params), epoch=self.epoch,
+                                           summary=summary or b"")
         reply = self._call(self.stub.Draft, request, self.open_timeout_s if base_len == 0 else self.timeout_s)
         if len(reply.tokens) != k:
             raise self._bad_reply(f"{len(reply.tokens)} drafts for k = {k}")
@@ -68,7 +71,8 @@ class GrpcDrafterClient(DrafterClient):
                 qs = [dist_from_proto(q, f"q[{i}]") for i, q in enumerate(reply.q)]
             except InvalidArgument as e:
                 raise self._bad_reply(str(e)) from None
-        return DraftReply(list(reply.tokens), qs, reply.draft_s, reply.device_bytes, reply.host_bytes)
+        return DraftReply(list(reply.tokens), qs, reply.draft_s, reply.device_bytes, reply.host_bytes,
+                          _want(reply))
 
     def _bad_reply(self, problem: str):
         return drafter_error(grpc.StatusCode.INTERNAL, f"drafter {self.address}: malformed reply: {problem}")
@@ -85,3 +89,10 @@ class GrpcDrafterClient(DrafterClient):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _want(reply) -> SummaryWant | None:
+    """OpenSessionReply / DraftReply -> what a summary may hold (None: the drafter reads none)."""
+    if reply.summary_slots <= 0:
+        return None
+    return SummaryWant(reply.summary_slots, reply.summary_sink, reply.summary_window)

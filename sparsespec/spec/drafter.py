@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.sparse import SparseConfig, SparseKVCache
+from kvstore.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, SparseSpecError
 from sparsespec.spec.sampling import SamplingParams, SparseDist, draft_distribution, sample
 
@@ -34,6 +35,7 @@ class Drafter:
         self._last_logits: torch.Tensor | None = None  # [V], after the last committed token
         self._drafts: list[int] = []                    # last round's drafts; d1..d_{k-1} are cached
         self._draft_logits: list[torch.Tensor] = []     # logits after each cached draft
+        self.summaries = 0                              # summaries applied (a metric)
 
     @torch.inference_mode()
     def start(self, tokens: list[int]) -> None:
@@ -43,13 +45,27 @@ class Drafter:
         self._drafts, self._draft_logits = [], []
         self._append(tokens)
 
+    @torch.inference_mode()
+    def start_from(self, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: list[int]) -> None:
+        """`start(tokens)` for a drafter whose first n = keys[0].shape[1] tokens' K/V are already
+        known exactly (SparseKVCache.adopt_prefix): only tokens[n:] are computed."""
+        n = keys[0].shape[1]
+        if not 0 < n < len(tokens):
+            raise ValueError(f"a prefix of {n} entries needs more than {n} tokens, got {len(tokens)}")
+        self.cache.truncate(0)
+        self._drafts, self._draft_logits = [], []
+        self.cache.adopt_prefix(keys, values)
+        self.committed_len = n
+        self._append(tokens[n:], upkeep_first=False)   # still the prefill phase: exact attention
+
     def _forward(self, tokens: list[int]) -> torch.Tensor:
         ids = torch.tensor([tokens], device=self.model.device)
         return self.model(ids, self.cache, last_only=True)[0, -1]              # [V]
 
-    def _append(self, tokens: list[int]) -> None:
+    def _append(self, tokens: list[int], upkeep_first: bool = True) -> None:
         """Append committed tokens, in pieces that fit the cache's tail, then run policy upkeep."""
-        self.cache.upkeep()
+        if upkeep_first:
+            self.cache.upkeep()
         i = 0
         while i < len(tokens):
             room = self.cache.room()
@@ -109,6 +125,24 @@ class Drafter:
                 self._draft_logits.append(logits)
         self._drafts = tokens
         return DraftResult(tokens, None if params.greedy else qs)
+
+    def apply_summary(self, data: bytes | None) -> None:
+        """Take a KV summary from the verifier (wire bytes; None = none this round). Decoded even
+        when the policy ignores it, so a malformed one is refused the same way everywhere."""
+        if data:
+            self.take_summary(Summary.decode(data))
+
+    def take_summary(self, summary: Summary) -> None:
+        self.cache.set_summary(summary)
+        self.summaries += 1
+
+    def want(self) -> SummaryWant | None:
+        """What a summary may hold for this drafter; None when its policy reads none."""
+        c, policy = self.cache.config, self.cache.policy
+        if not policy.uses_summary:
+            return None
+        return SummaryWant(slots=policy.summary_slots(c.budget - c.sink - c.window), sink=c.sink,
+                           window=c.window)
 
     def device_bytes(self) -> int:
         return self.cache.device_bytes()

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvstore.summary import SummaryConfig
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.spec.acceptance import choose
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig, KController
 from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
+from sparsespec.spec.summaries import SummarySchedule
 from sparsespec.spec.transport import DRAFTER_FAILURES, DrafterClient
 from sparsespec.spec.verifier import Verifier
 
@@ -74,6 +76,7 @@ class Run:
     metrics: RequestMetrics
     gen: torch.Generator | None
     drafter_base: int = 0                   # committed tokens the drafter holds; 0 = must (re)open
+    summary: SummarySchedule | None = None  # KV summaries for this session's drafter (spec, summaries on)
     done: bool = False
     started_at: float = 0.0                 # perf_counter() after the prefill
     finished_at: float = 0.0                # perf_counter() when the run stopped
@@ -92,7 +95,8 @@ class SpecEngine:
     """
 
     def __init__(self, verifier_model, drafter: DrafterClient | None = None, tokenizer=None,
-                 max_context: int | None = None, max_batch: int = 8, eos_ids=None):
+                 max_context: int | None = None, max_batch: int = 8, eos_ids=None,
+                 summary: SummaryConfig | None = SummaryConfig()):
         self.model = verifier_model
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -103,7 +107,8 @@ class SpecEngine:
         self.max_batch = max_batch
         self.eos_ids = tuple(eos_ids if eos_ids is not None else verifier_model.cfg.eos_token_ids)
         # Room past the context limit for the drafts of a last round and batch padding.
-        self.verifier = Verifier(verifier_model, self.max_context + MAX_K + 1, max_batch)
+        self.verifier = Verifier(verifier_model, self.max_context + MAX_K + 1, max_batch, summary)
+        self.summary = summary if summary is not None and summary.enabled else None
 
     def generate(self, req: GenerationRequest) -> GenerationResult:
         return self.generate_many([req])[0]
@@ -130,14 +135,17 @@ class SpecEngine:
             raise InvalidArgument("mode", "spec needs a drafter")
 
     def start(self, req: GenerationRequest, row: int, session: str | None = None,
-              cached: int = 0, drafter_cached: int = 0) -> Run:
+              cached: int = 0, drafter_cached: int = 0, summary: bytes | None = None) -> Run:
         """Prefill `row` and open the drafter. Multi-turn: the row already holds the first
         `cached` prompt tokens and the drafter the first `drafter_cached`; only the rest is
-        computed (metrics.reused_prefix_tokens)."""
+        computed (metrics.reused_prefix_tokens). `summary`: the session's latest KV summary
+        (restored from Redis on a take-over), sent to the drafter until a fresh one is made."""
         prompt = list(req.prompt_ids)
         metrics = RequestMetrics(prompt_tokens=len(prompt))
         session = session or uuid.uuid4().hex
         t0 = time.perf_counter()
+        spec_summaries = req.mode == "spec" and self.summary is not None
+        self.verifier.track(row, spec_summaries)
         cached = min(cached, len(prompt) - 1, self.verifier.length(row))
         if cached > 0:
             self.verifier.commit(row, cached)
@@ -146,22 +154,27 @@ class SpecEngine:
             metrics.reused_prefix_tokens = cached
         else:
             self.verifier.prefill(row, prompt[:-1])
-        drafter_base = 0
-        if req.mode == "spec":
-            drafter_base = drafter_cached if drafter_cached > 0 else self._open_drafter(session, prompt, req)
+        drafter_base, want = 0, None
+        if req.mode == "spec" and drafter_cached > 0:
+            drafter_base = drafter_cached
+        elif req.mode == "spec":
+            drafter_base, want = self._open_drafter(session, prompt, req)
+            if drafter_base and want is None:
+                self.verifier.track(row, False)   # its drafter reads no summaries
         metrics.prefill_s = time.perf_counter() - t0
         stopper = StopChecker(self.eos_ids, list(req.stop), req.max_tokens,
                               self.max_context - len(prompt), self.tokenizer)
         gen = None if req.sampling.greedy else req.sampling.generator()
+        schedule = SummarySchedule(self.summary, want=want, latest=summary) if spec_summaries else None
         return Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
-                   gen, drafter_base=drafter_base, started_at=time.perf_counter())
+                   gen, drafter_base=drafter_base, summary=schedule, started_at=time.perf_counter())
 
-    def _open_drafter(self, session: str, tokens: list[int], req: GenerationRequest) -> int:
+    def _open_drafter(self, session: str, tokens: list[int], req: GenerationRequest):
+        """(committed tokens the drafter now holds, what a summary may hold for it)."""
         try:
-            self.drafter.open(session, tokens, req.sampling)
-            return len(tokens)
+            return len(tokens), self.drafter.open(session, tokens, req.sampling)
         except DRAFTER_FAILURES:
-            return 0  # decode alone for now; the next draft call re-opens with base_len 0
+            return 0, None  # decode alone for now; the next draft call re-opens with base_len 0
 
     def release(self, run: Run) -> None:
         """Free the run's drafter state (the verifier row is the caller's to reuse)."""
@@ -179,6 +192,8 @@ class SpecEngine:
         m.generated = len(run.generated)
         m.stop_reason = run.stopper.reason
         m.verifier_kv_bytes = len(run.tokens) * self.model.cfg.kv_bytes_per_token(self.model.dtype.itemsize)
+        if run.summary is not None:
+            m.summaries_sent, m.summary_bytes = run.summary.sent, run.summary.bytes_sent
         self.verifier.commit(run.row, min(self.verifier.length(run.row), len(run.tokens) - 1))
         return GenerationResult(list(run.generated), run.stopper.final_text(), m)
 
@@ -194,13 +209,20 @@ class SpecEngine:
         if k == 0:
             return [], None, 0.0
         t0 = time.perf_counter()
+        summary, fresh = self._summary_for(r)
         try:
             reply = self.drafter.draft(r.session, r.drafter_base, r.tokens[r.drafter_base:], k,
-                                       r.req.sampling)
+                                       r.req.sampling, summary)
         except DRAFTER_FAILURES:
             r.drafter_base = 0      # re-send the whole committed prefix when it comes back
             r.metrics.drafter_failures += 1
             return [], None, time.perf_counter() - t0
+        if r.summary is not None:
+            if summary:
+                r.summary.delivered(summary, len(r.tokens), fresh)
+            r.summary.want = reply.want
+            if reply.want is None:           # this drafter reads no summaries: stop scoring its row
+                self.verifier.track(r.row, False)
         m = r.metrics
         if r.drafter_base > 0:   # a re-open (base_len 0) is a prefill, not per-round overhead
             m.draft_overhead_s.append(max(0.0, time.perf_counter() - t0 - reply.draft_s))
@@ -208,6 +230,19 @@ class SpecEngine:
         m.drafter_kv_device_bytes = max(m.drafter_kv_device_bytes, reply.device_bytes)
         m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
         return reply.tokens, reply.qs, time.perf_counter() - t0
+
+    def _summary_for(self, r: Run) -> tuple[bytes | None, bool]:
+        """This round's KV summary for r's drafter, if one is due: (wire bytes, made now?)."""
+        s = r.summary
+        reopen = r.drafter_base == 0
+        if s is None or not s.due(len(r.tokens), reopen):
+            return None, False
+        made = None
+        if s.want is not None:
+            made = self.verifier.tracker.summary(r.row, self.verifier.length(r.row), s.want)
+        if made is not None:
+            return made.encode(), True
+        return (s.latest, False) if reopen else (None, False)
 
     def step(self, active: list[Run]) -> dict[str, list[int]]:
         """One round for every active run: draft, one batched verify, accept, commit.
@@ -233,6 +268,8 @@ class SpecEngine:
             else:
                 m.ar_steps += 1
                 r.ctrl.observe_plain(verify_s)
+            if r.summary is not None:
+                r.summary.observe(len(d), outcome.accepted)
             new = committed[r.session] = []
             for token in outcome.committed_tokens(d):
                 r.tokens.append(token)

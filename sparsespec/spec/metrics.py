@@ -26,6 +26,8 @@ class RequestMetrics:
     reused_prefix_tokens: int = 0  # multi-turn: prompt tokens whose KV was already cached
     drafter_failures: int = 0      # rounds decoded alone because the drafter failed
     draft_overhead_s: list[float] = field(default_factory=list)  # per round: draft call - drafter work (RPC)
+    summaries_sent: int = 0        # KV summaries the verifier delivered to the drafter
+    summary_bytes: int = 0         # their wire bytes, in total
     stop_reason: str = ""
 
     def record_round(self, k: int, accepted: int) -> None:
@@ -79,6 +81,7 @@ class RequestMetrics:
             "verifier_kv_bytes": self.verifier_kv_bytes,
             "reused_prefix_tokens": self.reused_prefix_tokens,
             "drafter_failures": self.drafter_failures,
+            "summaries_sent": self.summaries_sent, "summary_bytes": self.summary_bytes,
             "draft_overhead_p50_ms": round(_percentile(self.draft_overhead_s, 50) * 1e3, 3),
             "draft_overhead_p95_ms": round(_percentile(self.draft_overhead_s, 95) * 1e3, 3),
             "stop_reason": self.stop_reason,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.sparse import SparseConfig
+from kvstore.summary import SummaryWant
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.drafter import Drafter, StateMismatch
 from sparsespec.spec.sampling import SamplingParams, SparseDist
@@ -34,17 +35,21 @@ class DraftReply:
     draft_s: float                    # drafter-side seconds (sync + drafting)
     device_bytes: int = 0
     host_bytes: int = 0
+    want: SummaryWant | None = None   # what a KV summary may hold for this drafter; None = send none
 
 
 class DrafterClient(ABC):
     @abstractmethod
-    def open(self, session: str, tokens: list[int], params: SamplingParams) -> None:
-        """Create (or rebuild) the session's drafter state from the committed tokens."""
+    def open(self, session: str, tokens: list[int], params: SamplingParams) -> SummaryWant | None:
+        """Create (or rebuild) the session's drafter state from the committed tokens. Returns
+        what a KV summary may hold for it (None: its policy reads none), so the very first draft
+        can carry one."""
 
     @abstractmethod
     def draft(self, session: str, base_len: int, append: list[int], k: int,
-              params: SamplingParams) -> DraftReply:
-        """Sync to base_len + append (the committed prefix), then propose k drafts.
+              params: SamplingParams, summary: bytes | None = None) -> DraftReply:
+        """Sync to base_len + append (the committed prefix), take the KV summary if one is
+        given (kvstore.summary wire bytes), then propose k drafts.
 
         base_len 0 means `append` is the whole committed prefix: (re)build the session first.
         """
@@ -66,17 +71,19 @@ class LocalDrafterClient(DrafterClient):
         drafter.start(tokens)
         gen = None if params.greedy else params.generator(salt=0x5EED)
         self.sessions[session] = (drafter, gen)
+        return drafter.want()
 
-    def draft(self, session, base_len, append, k, params):
+    def draft(self, session, base_len, append, k, params, summary=None):
         if base_len == 0:
             self.open(session, append, params)
             base_len, append = len(append), []
         drafter, gen = self.sessions[session]
         t0 = time.perf_counter()
         drafter.sync(base_len, append)
+        drafter.apply_summary(summary)
         result = drafter.draft(k, params, gen)
         return DraftReply(result.tokens, result.qs, time.perf_counter() - t0,
-                          drafter.cache.device_bytes(), drafter.cache.host_bytes())
+                          drafter.cache.device_bytes(), drafter.cache.host_bytes(), drafter.want())
 
     def close(self, session):
         self.sessions.pop(session, None)

@@ -1,7 +1,8 @@
 """The verifier engine: the target model over a FullKVCache with one row per session.
 
-A row's cache holds every committed token except the newest ("pending") one, so a round is one
+A row's cache holds every committed token except the newest ("pending"), so a round is one
 forward over [pending, d1..dk] and plain autoregressive decoding is the same round with k = 0.
+With summaries on, an ImportanceTracker watches the attention of tracked rows (kvstore/summary.py).
 """
 
 from __future__ import annotations
@@ -9,35 +10,48 @@ from __future__ import annotations
 import torch
 
 from kvstore.full import FullKVCache
+from kvstore.summary import ImportanceTracker, SummaryConfig
 
 
 class Verifier:
-    def __init__(self, model, capacity: int, batch: int = 1):
+    def __init__(self, model, capacity: int, batch: int = 1, summary: SummaryConfig | None = None):
         self.model = model
         self.capacity = capacity
         self.cache = FullKVCache.for_model(model, capacity, batch)
+        self.tracker: ImportanceTracker | None = None
+        self.tracked = [False] * batch          # rows whose importance is tracked (spec sessions)
+        if summary is not None and summary.enabled:
+            self.tracker = ImportanceTracker(summary, model.cfg.num_layers, batch, capacity)
+            self.cache.observers.append(self.tracker.observe)
+
+    def track(self, row: int, on: bool) -> None:
+        """Track the row's importance from its next forward on (its prefill, normally)."""
+        self.tracked[row] = on and self.tracker is not None
+
+    def _forward(self, rows: list[int], ids: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """One forward over `rows` (ids [R, T]), bracketed for the tracker."""
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.begin(rows, [self.tracked[r] for r in rows], self.cache.lengths[rows].tolist())
+        self.cache.set_active(rows)
+        try:
+            return self.model(ids, self.cache, last_only=last_only)
+        finally:
+            self.cache.set_active(None)
+            if tracker is not None:
+                tracker.end()
 
     @torch.inference_mode()
     def prefill(self, row: int, tokens: list[int], chunk: int = 2048) -> None:
         """Fill `row` with `tokens` (everything committed but the pending token)."""
         self.cache.truncate(row, 0)
-        self.cache.set_active([row])
-        try:
-            for i in range(0, len(tokens), chunk):
-                ids = torch.tensor([tokens[i:i + chunk]], device=self.model.device)
-                self.model(ids, self.cache, last_only=True)
-        finally:
-            self.cache.set_active(None)
+        for i in range(0, len(tokens), chunk):
+            self._forward([row], torch.tensor([tokens[i:i + chunk]], device=self.model.device), True)
 
     @torch.inference_mode()
     def extend(self, row: int, tokens: list[int]) -> None:
         """Append committed tokens to a row that already holds a prefix (multi-turn)."""
-        self.cache.set_active([row])
-        try:
-            ids = torch.tensor([tokens], device=self.model.device)
-            self.model(ids, self.cache, last_only=True)
-        finally:
-            self.cache.set_active(None)
+        self._forward([row], torch.tensor([tokens], device=self.model.device), True)
 
     @torch.inference_mode()
     def verify(self, rows: list[int], inputs: list[list[int]]) -> list[torch.Tensor]:
@@ -47,12 +61,7 @@ class Verifier:
         """
         width = max(len(x) for x in inputs)
         padded = [x + [x[-1]] * (width - len(x)) for x in inputs]  # pads are rolled back in commit
-        self.cache.set_active(rows)
-        try:
-            ids = torch.tensor(padded, device=self.model.device)
-            logits = self.model(ids, self.cache)                                # [R, T, V]
-        finally:
-            self.cache.set_active(None)
+        logits = self._forward(rows, torch.tensor(padded, device=self.model.device), False)  # [R, T, V]
         return [logits[i, :len(x)] for i, x in enumerate(inputs)]
 
     def commit(self, row: int, length: int) -> None:

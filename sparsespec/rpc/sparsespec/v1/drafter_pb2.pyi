@@ -20,14 +20,20 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("device_bytes", "host_bytes", "prefill_s")
+    __slots__ = ("device_bytes", "host_bytes", "prefill_s", "summary_slots", "summary_sink", "summary_window")
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_SINK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_WINDOW_FIELD_NUMBER: _ClassVar[int]
     device_bytes: int
     host_bytes: int
     prefill_s: float
-    def __init__(self, device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ...) -> None: ...
+    summary_slots: int
+    summary_sink: int
+    summary_window: int
+    def __init__(self, device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., summary_slots: _Optional[int] = ..., summary_sink: _Optional[int] = ..., summary_window: _Optional[int] = ...) -> None: ...
 
 class SparseQ(_message.Message):
     __slots__ = ("ids", "probs")
@@ -56,18 +62,24 @@ class DraftRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., base_len: _Optional[int] = ..., append: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., epoch: _Optional[int] = ..., summary: _Optional[bytes] = ...) -> None: ...
 
 class DraftReply(_message.Message):
-    __slots__ = ("tokens", "q", "draft_s", "device_bytes", "host_bytes")
+    __slots__ = ("tokens", "q", "draft_s", "device_bytes", "host_bytes", "summary_slots", "summary_sink", "summary_window")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     DRAFT_S_FIELD_NUMBER: _ClassVar[int]
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_SINK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_WINDOW_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseQ]
     draft_s: float
     device_bytes: int
     host_bytes: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseQ, _Mapping]]] = ..., draft_s: _Optional[float] = ..., device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ...) -> None: ...
+    summary_slots: int
+    summary_sink: int
+    summary_window: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseQ, _Mapping]]] = ..., draft_s: _Optional[float] = ..., device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., summary_slots: _Optional[int] = ..., summary_sink: _Optional[int] = ..., summary_window: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
