@@ -280,6 +280,10 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
     verifiers = ready[0].split()[1].split(",")
     assert len(verifiers) == 1 and sum(line.startswith("drafter ") for line in up) == 2, up
     print(f"ray up: {time.monotonic() - t0:.1f}s")
+    # The tag finds the cluster's processes (so the "nothing left" checks below can fail).
+    running = "\n".join(tagged(tag))
+    for name in ("gcs_server", "raylet", "-m verifier_service", "-m drafter_service"):
+        assert name in running, (name, running)
 
     ray.init(address=address, namespace=NAME, logging_level="WARNING", log_to_driver=False)
     try:
