@@ -223,10 +223,13 @@ class Generations:
     """Concurrent streamed generations, one SDK client each; `started` is set once every stream
     has received tokens, so a test can act mid-generation."""
 
-    def __init__(self, addresses: list[str], prompts: list[str]):
+    def __init__(self, addresses: list[str], prompts: list[str], spread: bool = False):
+        """spread: session i starts on addresses[i % n] (the SDK tries its list in order)."""
         self.prompts, self.outs, self.metrics, self.errors = prompts, {}, {}, []
         self._first = [threading.Event() for _ in prompts]
-        self.threads = [threading.Thread(target=self._one, args=(i, addresses)) for i in range(len(prompts))]
+        order = [addresses[i % len(addresses):] + addresses[:i % len(addresses)] if spread else addresses
+                 for i in range(len(prompts))]
+        self.threads = [threading.Thread(target=self._one, args=(i, order[i])) for i in range(len(prompts))]
         for t in self.threads:
             t.start()
 
@@ -265,7 +268,7 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
     redis_srv.start()
     cfg = {"name": NAME, "model": str(model_dir), "redis_url": redis_srv.url,
            "autoscale": {"interval_s": 3600},
-           "pools": {"verifier": {"replicas": 1, "resources": {"CPU": 1},
+           "pools": {"verifier": {"replicas": 1, "max_replicas": 2, "resources": {"CPU": 1},
                                   "args": {"max_batch": 8, "k": 4, "lease_ms": 1500, "drain_s": 10}},
                      "drafter": {"replicas": 2, "min_replicas": 1, "max_replicas": 3,
                                  "resources": {"CPU": 0.5, "drafter_slot": 1},
@@ -318,18 +321,31 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
         gens.join(reference, "scaled down")
         wait_for("one drafter", lambda: len(registry.live("drafter")) == 1 and len(dep.addresses("drafter")) == 1, 60)
 
-        # 3. ... and grows back; new sessions use the new drafters. The Serve application's health
-        # check (what KubeRay's RayService watches) fails while the pool is below size.
+        # 3. ... and grows back while sessions stream. The Serve application's health check (what
+        # KubeRay's RayService watches) fails while the pool is below size.
         app = PoolsApp(str(path), address)
         app.check_health()
+        gens = Generations(verifiers, PROMPTS)
+        gens.wait_started()
         sparsespec(env, "ray", "scale", "drafter", "3", "--name", NAME, "--address", address)
         with pytest.raises(SparseSpecError, match="^pools below size: drafter: 1/3 ready$"):
             app.check_health()
+        gens.join(reference, "scaling up")
         dep.wait_ready(120)
         app.check_health()
         assert app.status()["verifiers"] == verifiers
         assert len(registry.live("drafter")) == 3
-        gens = Generations(verifiers, PROMPTS).join(reference, "scaled up")
+
+        # 4. A second verifier joins, sessions spread over both, and the pool shrinks back to one
+        # while they stream: the removed verifier drains its turns (or the SDK resumes them).
+        sparsespec(env, "ray", "scale", "verifier", "2", "--wait", "--name", NAME, "--address", address)
+        both = dep.verifier_addresses()
+        assert len(both) == 2 and len(registry.live("verifier")) == 2
+        gens = Generations(both, PROMPTS, spread=True)
+        gens.wait_started()
+        sparsespec(env, "ray", "scale", "verifier", "1", "--name", NAME, "--address", address)
+        gens.join(reference, "verifier removed")
+        wait_for("one verifier", lambda: len(registry.live("verifier")) == 1 and len(dep.verifier_addresses()) == 1, 60)
         assert all(m["rounds"] > 0 for m in gens.metrics.values())
 
         # Out-of-range scale and an unknown pool are refused with the field named.
@@ -353,7 +369,7 @@ def test_a_replica_that_cannot_start_fails_up_with_its_error(ray_cluster, redis_
     address, env, tag = ray_cluster
     redis_srv.start()
     cfg = {"name": "ssbad", "model": str(tmp_path / "no-such-model"), "redis_url": redis_srv.url,
-           "pools": {"verifier": {"replicas": 1, "resources": {"CPU": 1}, "start_timeout_s": 120}}}
+           "pools": {"verifier": {"replicas": 1, "max_replicas": 2, "resources": {"CPU": 1}, "start_timeout_s": 120}}}
     path = tmp_path / "bad-model.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = subprocess.run([sys.executable, "-m", "sparsespec", "ray", "up", "--config", str(path),

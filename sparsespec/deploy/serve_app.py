@@ -39,7 +39,7 @@ class PoolsApp:
         status["verifiers"] = self.deployment.verifier_addresses()
         return status
 
-    async def __call__(self, request) -> dict:
+    def __call__(self, request) -> dict:     # sync: Serve runs it off the event loop
         return self.status()
 
 
