@@ -94,6 +94,20 @@ def test_resource_shape_and_flags():
     assert DeployConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("args, needle", [
+    ({"verifier": {"max_bach": 8}}, "pools.verifier.args: unknown flag --max-bach (see sparsespec serve verifier --help)"),
+    ({"drafter": {"budget": 16, "polcy": "x"}}, "pools.drafter.args: unknown flag --polcy"),
+    ({"verifier": {"k": "four"}}, "pools.verifier.args: argument -k: invalid int value: 'four'"),
+])
+def test_service_flags_are_checked_against_the_services_parsers(args, needle):
+    from sparsespec.deploy.flags import check_service_flags
+    pools = {"verifier": {"args": args.get("verifier", {})}, "drafter": {"args": args.get("drafter", {})}}
+    with pytest.raises(InvalidArgument) as err:
+        check_service_flags(DeployConfig.from_dict(good(pools=pools)))
+    assert str(err.value).startswith(needle), str(err.value)
+    check_service_flags(DeployConfig.from_dict(good()))      # the defaults pass
+
+
 def test_example_files_are_valid(monkeypatch):
     from pathlib import Path
     examples = Path(__file__).resolve().parents[1] / "deploy" / "ray"
@@ -101,6 +115,9 @@ def test_example_files_are_valid(monkeypatch):
     assert cpu.pools["drafter"].autoscaled and cpu.redis_url.startswith("redis://")
     monkeypatch.setenv("SPARSESPEC_REDIS_URL", "redis://:secret@redis:6379/0")   # gpu.yaml keeps it out
     gpu = load_config(str(examples / "gpu.yaml"))
+    from sparsespec.deploy.flags import check_service_flags
+    check_service_flags(cpu)
+    check_service_flags(gpu)
     assert gpu.redis_url == "redis://:secret@redis:6379/0"
     assert gpu.pools["drafter"].ray_options()["resources"] == {"accelerator_type:A10G": 0.001}
     assert gpu.pools["verifier"].ray_options()["resources"] == {"accelerator_type:H100": 0.001}

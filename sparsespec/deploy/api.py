@@ -89,7 +89,9 @@ def up(config: DeployConfig, address: str | None = "auto", timeout_s: float = 60
     import ray
 
     from sparsespec.deploy.controller import PoolController
+    from sparsespec.deploy.flags import check_service_flags
 
+    check_service_flags(config)
     init_ray(address, config.name)
     try:
         ray.get_actor(CONTROLLER, namespace=config.name)
