@@ -81,14 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-k", type=int, default=4)
     demo.add_argument("--in-process", action="store_true", help="run the engine here instead of through services")
 
-    bench = sub.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
+    bench = sub.add_parser("bench", help="benchmarks: speed (docs/benchmarks.md) or the acceptance study "
+                                          "(docs/acceptance.md)")
+    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance"],
+                       help="speed: AR vs speculative vs transformers; acceptance: tau per policy, "
+                            "budget and context, with KV summaries")
     bench.add_argument("--quick", action="store_true", help="a small grid, for smoke runs")
-    bench.add_argument("--out", default="docs", help="directory for benchmarks.md and JSON")
+    bench.add_argument("--out", default="docs", help="directory for the markdown, JSON and plots")
     bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--contexts", default="1024,2048,4096", help="prompt lengths in tokens, comma-separated")
-    bench.add_argument("--prompts", type=int, default=3, help="prompts per context (different books)")
+    bench.add_argument("--contexts", default=None,
+                       help="prompt lengths in tokens, comma-separated (speed: 1024,2048,4096; "
+                            "acceptance: 2048,4096,8000)")
+    bench.add_argument("--prompts", type=int, default=None,
+                       help="prompts per context (speed: 3 books; acceptance: 2 documents per source)")
     bench.add_argument("--max-tokens", type=int, default=48)
-    bench.add_argument("-k", type=int, default=4)
+    bench.add_argument("-k", type=int, default=None,
+                       help="draft length (speed: 4; acceptance: chosen on held-out prompts)")
+    bench.add_argument("--budgets", default="64,128,256,512,1024", help="acceptance: drafter budgets")
+    bench.add_argument("--policies", default="streaming,chunk_topk,snapkv,verifier_guided,full",
+                       help="acceptance: policies")
+    bench.add_argument("--drafters", default="same,layers:6", help="acceptance: same | layers:N | DIR, comma-separated")
+    bench.add_argument("--sources", default="kjv,code,retrieval", help="acceptance: prompt sources")
+    bench.add_argument("--heldout", type=int, default=1, help="acceptance: held-out documents per source (choose k)")
+    bench.add_argument("--temperatures", default="0,0.7", help="acceptance: sampling temperatures")
+    bench.add_argument("--append", action="store_true",
+                       help="acceptance: add to the results already in --out (a grid run in parts)")
     bench.add_argument("--layers", type=int, default=6, help="N of the layers:N drafter")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     bench.add_argument("--services", action="store_true",
@@ -211,10 +228,18 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     import os
 
+    args.threads = args.threads or os.cpu_count() or 1
+    if args.suite == "acceptance":
+        from sparsespec.bench.acceptance import run_acceptance
+        args.contexts = args.contexts or "2048,4096,8000"
+        args.prompts = args.prompts or 2
+        if args.quick:
+            args.contexts, args.prompts, args.max_tokens, args.budgets = "512", 1, 16, "64"
+        return run_acceptance(args)
     from sparsespec.bench.engine_bench import run_bench
+    args.contexts, args.prompts, args.k = args.contexts or "1024,2048,4096", args.prompts or 3, args.k or 4
     if args.quick:
         args.contexts, args.prompts, args.max_tokens = "1024", 1, 16
-    args.threads = args.threads or os.cpu_count() or 1
     if args.services:
         from sparsespec.bench.service_bench import run_service_bench
         return run_service_bench(args)

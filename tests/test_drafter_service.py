@@ -238,6 +238,8 @@ def _bad_requests(prompt):
         ("Draft", Draft(**{**ok, "session_id": "never-opened"}), "NOT_FOUND", "session_id: 'never-opened'"),
         ("Draft", Draft(**{**ok, "base_len": n + 3}), "FAILED_PRECONDITION", f"base_len {n + 3} does not match"),
         ("Draft", Draft(**ok, summary=b"x" * 10_000_000), "RESOURCE_EXHAUSTED", "larger than max"),
+        ("Draft", Draft(**ok, summary=b"\x01\x10"), "INVALID_ARGUMENT", "summary: truncated"),
+        ("Draft", Draft(**ok, summary=b"\x09"), "INVALID_ARGUMENT", "summary: unknown format version 9"),
         ("OpenSession", Open(session_id="x", tokens=prompt, epoch=-1), "INVALID_ARGUMENT", "epoch: "),
     ]
 

@@ -15,6 +15,7 @@ import torch
 from conftest import random_model
 from kvstore.full import FullKVCache
 from kvstore.sparse import SparseConfig
+from kvstore.summary import SummaryConfig
 from sparsespec.spec import acceptance
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams, target_probs
@@ -82,10 +83,10 @@ def exact(models):
     return exact_distribution(models[0]).flatten()
 
 
-def make_engine(models):
+def make_engine(models, policy="streaming"):
     verifier, drafter = models
-    return SpecEngine(verifier, LocalDrafterClient(drafter, SparseConfig(policy="streaming", budget=4), 64),
-                      max_batch=BATCH)
+    return SpecEngine(verifier, LocalDrafterClient(drafter, SparseConfig(policy=policy, budget=4), 64),
+                      max_batch=BATCH, summary=SummaryConfig(every_rounds=1, min_gap_rounds=1))
 
 
 def test_ar_sampler_matches_exact(models, exact):
@@ -95,6 +96,17 @@ def test_ar_sampler_matches_exact(models, exact):
 
 def test_spec_sampler_matches_exact(models, exact):
     counts = sample_counts(make_engine(models), "spec")
+    assert chi_square_pvalue(counts, exact) > 1e-3
+
+
+def test_spec_sampler_with_kv_summaries_matches_exact(models, exact, monkeypatch):
+    # verifier_guided re-selects the drafter's KV from the verifier's summary before drafting,
+    # which changes q: the output must still follow p exactly.
+    sent = []
+    finish = SpecEngine.finish
+    monkeypatch.setattr(SpecEngine, "finish", lambda self, run: sent.append(run.summary.sent) or finish(self, run))
+    counts = sample_counts(make_engine(models, "verifier_guided"), "spec")
+    assert sum(sent) == DRAWS                  # every generation's first draft carried a summary
     assert chi_square_pvalue(counts, exact) > 1e-3
 
 

@@ -1,0 +1,276 @@
+"""`sparsespec bench acceptance`: how well each policy keeps the drafter in step with the verifier
+as the context grows, on real long text and on retrieval prompts.
+
+For every (context, source, prompt) the verifier prefills once and decodes the AR reference.
+Every configuration (drafter x policy x budget x temperature) then runs the real round loop
+(SpecEngine, real verifier forwards, real drafter) from that shared state:
+
+- the verifier row is reused (`start(cached=...)`) and its importance tracker is reset to what
+  the prefill left, so no configuration sees another's rounds;
+- the drafter adopts the exact prefix K/V (SparseKVCache.adopt_prefix, from the verifier's own
+  cache when the drafter shares its layers) and computes the last 64 prompt tokens itself, which
+  leaves it in the state a fresh prefill would.
+
+Greedy outputs are checked token-for-token against AR (exit code 1 on any difference). k is
+chosen per drafter on held-out documents (never the reported ones) unless given.
+Writes <out>/bench/acceptance.json, <out>/acceptance.md and the plots under <out>/img/.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvstore.full import FullKVCache
+from kvstore.sparse import SparseConfig
+from kvstore.summary import SummaryConfig
+from sparsespec.bench.prompts import SOURCES, documents, make_prompt
+from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
+from sparsespec.errors import InvalidArgument
+from sparsespec.spec.adaptive import MAX_K
+from sparsespec.spec.drafter import Drafter
+from sparsespec.spec.loop import GenerationRequest, SpecEngine
+from sparsespec.spec.sampling import SamplingParams
+from sparsespec.spec.transport import LocalDrafterClient
+
+POLICIES = ("streaming", "chunk_topk", "snapkv", "verifier_guided", "full")
+OWN_TAIL = 64          # prompt tokens the drafter computes itself after adopting the prefix
+PREFILL_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: str = "smollm2-135m"
+    contexts: tuple[int, ...] = (2048, 4096, 8000)
+    budgets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    policies: tuple[str, ...] = POLICIES
+    drafters: tuple[str, ...] = ("same", "layers:6")
+    sources: tuple[str, ...] = SOURCES
+    prompts: int = 2                    # reported prompts per (context, source)
+    heldout: int = 1                    # held-out prompts per source for choosing k
+    max_tokens: int = 48
+    temperatures: tuple[float, ...] = (0.0, 0.7)
+    k: int | None = None                # None: choose per drafter on the held-out prompts
+    k_candidates: tuple[int, ...] = (2, 4, 8)
+    seed: int = 0
+    threads: int = 1
+    out: str = "docs"
+
+    def __post_init__(self):
+        if not self.contexts or min(self.contexts) <= OWN_TAIL + 1:
+            raise InvalidArgument("contexts", f"need contexts > {OWN_TAIL + 1} tokens, got {self.contexts}")
+        if not self.budgets or min(self.budgets) < 16:
+            raise InvalidArgument("budgets", f"need budgets >= 16, got {self.budgets}")
+        for p in self.policies:
+            SparseConfig(policy=p, budget=256)   # raises InvalidArgument("policy", ...)
+        for s in self.sources:
+            documents(s)
+        docs = min(len(documents(s)) for s in self.sources)
+        if self.prompts < 1 or self.heldout < 0 or self.prompts + self.heldout > docs:
+            raise InvalidArgument("prompts", f"prompts ({self.prompts}) + heldout ({self.heldout}) must be "
+                                             f"in [1, {docs}] (documents per source)")
+        if self.k is not None and not 1 <= self.k <= MAX_K:
+            raise InvalidArgument("k", f"must be in [1, {MAX_K}], got {self.k}")
+        if self.k is None and (self.heldout < 1 or not self.k_candidates):
+            raise InvalidArgument("k", "without -k the study needs held-out prompts and k candidates")
+        if self.max_tokens < 1:
+            raise InvalidArgument("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if any(t < 0 for t in self.temperatures) or not self.temperatures:
+            raise InvalidArgument("temperatures", f"must be >= 0, got {self.temperatures}")
+
+
+@dataclass
+class PromptState:
+    """One prompt's shared state: the verifier row after its prefill and the AR reference."""
+    ids: list[int]
+    info: dict
+    ar_tokens: list[int]
+    ar_tokens_per_s: float
+    scores: torch.Tensor          # the importance tracker's row after the prefill
+    forwards: torch.Tensor
+    prefixes: dict = field(default_factory=dict)   # drafter name -> (keys, values) of the prefix
+
+
+class AdoptingDrafterClient(LocalDrafterClient):
+    """LocalDrafterClient whose sessions start from a known exact prefix (see module doc)."""
+
+    def __init__(self, model, sparse, capacity, prefix):
+        super().__init__(model, sparse, capacity)
+        self.prefix = prefix
+
+    def open(self, session, tokens, params):
+        drafter = Drafter(self.model, self.sparse, self.capacity)
+        drafter.start_from(*self.prefix, tokens)
+        self.sessions[session] = (drafter, None if params.greedy else params.generator(salt=0x5EED))
+        return drafter.want()
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        max_context = max(cfg.contexts) + cfg.max_tokens + 8
+        self.engine_cfg = EngineConfig(model=cfg.model, max_context=max_context, max_batch=1)
+        self.verifier, self.tokenizer = load_verifier(self.engine_cfg)
+        if max_context > self.verifier.max_context:
+            raise InvalidArgument("contexts", f"{max(cfg.contexts)} + {cfg.max_tokens} tokens exceed the "
+                                              f"model's context of {self.verifier.max_context}")
+        self.engine = SpecEngine(self.verifier, None, self.tokenizer, max_context, 1, summary=SummaryConfig())
+        self.tracker = self.engine.verifier.tracker
+        self.capacity = max_context + MAX_K + 1
+        self.drafter_models = {d: make_drafter_model(self.verifier, d, self.engine_cfg) for d in cfg.drafters}
+
+    # --- per prompt -----------------------------------------------------------------------
+
+    def prepare(self, source: str, context: int, doc: str) -> PromptState:
+        ids, info = make_prompt(source, self.tokenizer, context, doc, self.cfg.seed)
+        v = self.engine.verifier
+        v.track(0, True)
+        v.prefill(0, ids[:-1], PREFILL_CHUNK)
+        state = PromptState(ids, info, [], 0.0, self.tracker.scores[0].clone(), self.tracker.forwards[0].clone())
+        ar = self._run(state, GenerationRequest(ids, self.cfg.max_tokens, mode="ar"))
+        state.ar_tokens, state.ar_tokens_per_s = ar["token_ids"], ar["tokens_per_s"]
+        n = len(ids) - OWN_TAIL
+        for name, model in self.drafter_models.items():
+            state.prefixes[name] = self._prefix(model, ids[:n])
+        return state
+
+    def _prefix(self, model, tokens: list[int]):
+        """K/V [Hkv, n, D] per layer of `tokens` under the drafter model: slices of the verifier's
+        row when the drafter's layers are the verifier's own, else one prefill of its own."""
+        v, n = self.verifier, len(tokens)
+        if all(a is b for a, b in zip(model.layers, v.layers)):
+            cache = self.engine.verifier.cache
+            return ([cache.k[i][0, :, :n] for i in range(len(model.layers))],
+                    [cache.v[i][0, :, :n] for i in range(len(model.layers))])
+        cache = FullKVCache.for_model(model, n)
+        with torch.inference_mode():
+            for i in range(0, n, PREFILL_CHUNK):
+                model(torch.tensor([tokens[i:i + PREFILL_CHUNK]], device=model.device), cache, last_only=True)
+        return [k[0] for k in cache.k], [x[0] for x in cache.v]
+
+    def run_config(self, state: PromptState, drafter: str, policy: str, budget: int | None, k: int,
+                   temperature: float) -> dict:
+        sparse = SparseConfig(policy=policy, budget=budget)
+        self.engine.drafter = AdoptingDrafterClient(self.drafter_models[drafter], sparse, self.capacity,
+                                                    state.prefixes[drafter])
+        sampling = SamplingParams(temperature=temperature, seed=self.cfg.seed)
+        tracker_s = self.tracker.seconds
+        run = self._run(state, GenerationRequest(state.ids, self.cfg.max_tokens, sampling, k=k))
+        run["tracker_s"] = self.tracker.seconds - tracker_s
+        model = self.drafter_models[drafter]
+        run["drafter_full_kv_bytes"] = len(state.ids) * model.cfg.kv_bytes_per_token(model.dtype.itemsize)
+        if temperature == 0:
+            run["first_divergence"] = _first_divergence(run["token_ids"], state.ar_tokens)
+            run["equal_to_ar"] = run["first_divergence"] is None
+        return run
+
+    def _run(self, state: PromptState, req: GenerationRequest) -> dict:
+        """One generation from the shared row: the prompt's KV is reused, the tracker restored."""
+        e = self.engine
+        self.tracker.scores[0] = state.scores
+        self.tracker.forwards[0] = state.forwards
+        run = e.start(req, 0, cached=len(state.ids) - 1)
+        try:
+            while not run.done:
+                e.step([run])
+        finally:
+            e.release(run)
+        result = e.finish(run)
+        return {"token_ids": result.token_ids, **result.metrics.to_dict()}
+
+    # --- the study --------------------------------------------------------------------------
+
+    def choose_k(self, log) -> dict[str, int]:
+        """Per drafter, the k with the best median tokens/s on held-out documents (chunk_topk,
+        B = 256, greedy, the shortest context): never on a reported prompt."""
+        cfg = self.cfg
+        if cfg.k is not None:
+            return {d: cfg.k for d in cfg.drafters}
+        context = min(cfg.contexts)
+        speeds: dict[tuple[str, int], list[float]] = defaultdict(list)
+        for source in cfg.sources:
+            for doc in documents(source)[:cfg.heldout]:
+                state = self.prepare(source, context, doc)
+                for d in cfg.drafters:
+                    for k in cfg.k_candidates:
+                        run = self.run_config(state, d, "chunk_topk", 256, k, 0.0)
+                        speeds[(d, k)].append(run["tokens_per_s"])
+                        log(f"[held-out {source}/{doc} {context}] {d} k={k}: {run['tokens_per_s']:.2f} tok/s "
+                            f"tau {run['tau']:.2f}")
+        return {d: max(cfg.k_candidates, key=lambda k: statistics.median(speeds[(d, k)]))
+                for d in cfg.drafters}
+
+    def run(self, log=print) -> dict:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads)
+        t0 = time.perf_counter()
+        chosen_k = self.choose_k(log)
+        log(f"k per drafter (held-out): {chosen_k}")
+        runs = []
+        for context in cfg.contexts:
+            for source in cfg.sources:
+                for i, doc in enumerate(documents(source)[cfg.heldout:cfg.heldout + cfg.prompts]):
+                    state = self.prepare(source, context, doc)
+                    for temperature in cfg.temperatures:
+                        for d in cfg.drafters:
+                            for policy in cfg.policies:
+                                for budget in ([None] if policy == "full" else cfg.budgets):
+                                    run = self.run_config(state, d, policy, budget, chosen_k[d], temperature)
+                                    run.update(context=context, source=source, document=doc, prompt=i,
+                                               drafter=d, policy=policy, budget=budget,
+                                               temperature=temperature, prompt_info=state.info,
+                                               ar_tokens_per_s=state.ar_tokens_per_s)
+                                    runs.append(run)
+                                    log(_progress(run))
+        return {"config": asdict(cfg), "k": chosen_k, "runs": runs, "environment": _environment(cfg),
+                "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _first_divergence(tokens: list[int], reference: list[int]) -> int | None:
+    if tokens == reference:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
+                min(len(tokens), len(reference)))
+
+
+def _progress(run: dict) -> str:
+    budget = "full" if run["budget"] is None else run["budget"]
+    same = {True: "equal", False: f"DIFFERS at {run.get('first_divergence')}", None: "sampled"}[run.get("equal_to_ar")]
+    return (f"[{run['context']:>5} {run['source']:<9} #{run['prompt']} T={run['temperature']}] "
+            f"{run['drafter']:<9} {run['policy']:<15} {budget!s:>5}  tau {run['tau']:.2f} "
+            f"alpha {run['alpha']:.2f} k {run['k']:.1f}  {same}")
+
+
+def _environment(cfg: StudyConfig) -> dict:
+    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": cfg.threads,
+            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "device": "cpu", "dtype": "float32"}
+
+
+def run_acceptance(args) -> int:
+    """CLI entry: run the study, write JSON + markdown + plots, fail on any greedy difference."""
+    from sparsespec.bench import acceptance_report
+
+    def ints(text):
+        return tuple(int(x) for x in str(text).split(","))
+
+    cfg = StudyConfig(model=args.model, contexts=ints(args.contexts), budgets=ints(args.budgets),
+                      policies=tuple(args.policies.split(",")), drafters=tuple(args.drafters.split(",")),
+                      sources=tuple(args.sources.split(",")), prompts=args.prompts, heldout=args.heldout,
+                      max_tokens=args.max_tokens, temperatures=tuple(float(t) for t in args.temperatures.split(",")),
+                      k=args.k, threads=args.threads, out=args.out)
+    result = Study(cfg).run()
+    result["command"] = acceptance_report.command(args)
+    acceptance_report.write(Path(cfg.out), result, append=args.append)
+    bad = [r for r in result["runs"] if r.get("equal_to_ar") is False]
+    if bad:
+        print(f"error: {len(bad)} greedy runs differ from AR")
+        return 1
+    return 0
