@@ -133,6 +133,15 @@ def test_cli_refuses_a_bad_file_before_touching_ray(tmp_path):
         "error: pools.verifier.replicas: must be >= 1 (a deployment without verifiers cannot generate), got 0"]
 
 
+def test_no_cluster_at_the_address_fails_in_seconds():
+    port = free_port()        # nothing listens there
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "sparsespec", "ray", "status", "--address", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and time.monotonic() - t0 < 60, out
+    assert out.stderr.startswith(f"error: address: no Ray cluster answers at 127.0.0.1:{port}"), out.stderr
+
+
 def test_autoscaler_grows_at_once_and_shrinks_after_the_delay():
     a = PoolAutoscaler(min_replicas=1, max_replicas=4, target_load=8, downscale_delay_s=60)
     assert a.decide(0, current=1, total_load=17) == 3          # ceil(17 / 8)

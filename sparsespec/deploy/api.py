@@ -23,12 +23,37 @@ CONTROLLER = "controller"
 HEAD_RESOURCE = "node:__internal_head__"    # Ray gives the head node this resource
 
 
+def _check_reachable(address: str | None) -> None:
+    """Fail in seconds when nothing listens where Ray will connect; ray.init itself retries for
+    many minutes. Ray rewrites 127.0.0.1 to this node's IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    so the check uses Ray's own rewrite (a private helper: when it is missing, nothing is checked)."""
+    import socket
+
+    if address in (None, "local"):
+        return
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 - no cluster found, or the helper moved: ray.init reports it
+        return
+    if not resolved:
+        return
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        hint = (" (Ray connects to this node's IP instead of 127.0.0.1 unless "
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set)" if resolved != address else "")
+        raise SparseSpecError(f"address: no Ray cluster answers at {resolved}{hint}: {e}") from None
+
+
 def init_ray(address: str | None, namespace: str) -> None:
     """Connect this process to Ray (quietly, without the dashboard when it starts a local one)."""
     import ray
 
     if ray.is_initialized():
         return
+    _check_reachable(address)
     opts: dict[str, Any] = {"namespace": namespace, "logging_level": "WARNING", "log_to_driver": False}
     if address is None:
         opts["include_dashboard"] = False
