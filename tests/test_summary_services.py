@@ -32,3 +32,21 @@ def test_guided_drafter_through_services_equals_ar_and_summary_is_stored(guided_
     stored = SessionStore(guided_cluster.redis_url).get_summary(done.session_id)
     summary = Summary.decode(stored)            # the latest one, for a replacement drafter
     assert summary.chunks and summary.length >= len(reference.encode(prompt)) - 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--summary-layers", "a,b"], "error: summary.layers: expected comma-separated integers"),
+    (["--summary-every", "0"], "error: summary.every_rounds: must be an integer >= 1"),
+    (["--summary-alpha", "1.5"], "error: summary.alpha_threshold: must be in [0, 1]"),
+    (["--summary-layers", "99"], "error: summary.layers: layer 99 does not exist"),
+])
+def test_bad_summary_flags_stop_the_verifier_with_one_line(model_dir, redis_srv, flags, message):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+    redis_srv.start()
+    proc = subprocess.run([sys.executable, "-m", "verifier_service", "--model", str(model_dir), "--redis",
+                           redis_srv.url, *flags], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
