@@ -50,10 +50,28 @@ class EngineConfig:
     max_context: int | None = None
     max_batch: int = 8
 
+    def __post_init__(self):
+        check_device(self.device)
+
     def sparse_config(self) -> SparseConfig:
         if self.budget is None or self.policy == "full":
             return SparseConfig(policy="full", budget=None)
         return SparseConfig(policy=self.policy, budget=self.budget)
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, and CUDA only where it exists: refused before any model loads."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgument("device", f"expected cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgument("device", f"expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgument("device", f"{device!r} requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgument("device", f"{device!r}: this machine has {torch.cuda.device_count()} GPUs")
 
 
 def load_verifier(cfg: EngineConfig):

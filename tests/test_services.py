@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+import torch
 
 from equality import assert_greedy_equal
 from sparsespec.client import GenerationError, SparseSpecClient
@@ -211,3 +212,19 @@ def test_sparsespec_up_and_generate_server(model_dir, tmp_path):
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
+
+
+@pytest.mark.parametrize("service", ["verifier_service", "drafter_service"])
+@pytest.mark.parametrize("device,message", [("gpu", "expected cpu, cuda or cuda:N"),
+                                            ("cuda:x", "expected cpu, cuda or cuda:N")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]))
+def test_device_flag_is_checked_before_loading(model_dir, service, device, message):
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", service, "--model", str(model_dir), "--redis",
+                           "redis://127.0.0.1:1/0", "--device", device], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: device: '{device}'" if "CUDA" in message
+                                                            else "error: device: "), proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

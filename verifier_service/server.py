@@ -39,6 +39,7 @@ class VerifierConfig:
     host: str = "127.0.0.1"
     port: int = 0
     dtype: str = "float32"
+    device: str = "cpu"                # where the verifier model and its full KV live (cuda, cuda:1)
     max_context: int | None = None
     max_batch: int = 8
     max_queue: int = 64
@@ -70,8 +71,8 @@ class VerifierServer:
         from verifier_service.servicer import GenerationServicer
 
         self.cfg = cfg
-        engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, max_context=cfg.max_context,
-                                  max_batch=cfg.max_batch)
+        engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                  max_context=cfg.max_context, max_batch=cfg.max_batch)
         model, tokenizer = load_verifier(engine_cfg)
         self.store = SessionStore(cfg.redis_url)
         self.registry = WorkerRegistry(cfg.redis_url)
@@ -108,25 +109,28 @@ class VerifierServer:
         from kvstore.sessions import Heartbeat, WorkerInfo
         if scheduler_thread:
             self.scheduler.start()
+        self._check_health()        # a probe right after `listening` gets an answer, not NOT_FOUND
         self.server.start()
         self._watch.start()
         info = WorkerInfo(self.cfg.worker_id, "verifier", self.address, str(self.cfg.model), self.cfg.max_batch)
         self.heartbeat = Heartbeat(self.registry, info, load=self.scheduler.load).start()
         return self
 
-    def _watch_health(self) -> None:
+    def _check_health(self) -> None:
         """SERVING only while Redis answers: a verifier that cannot commit must not take work."""
-        while not self._stopping.is_set():
-            try:
-                self.store.ping()
-                status = health_pb2.HealthCheckResponse.SERVING
-            except SparseSpecError as e:
-                log.warning("%s", e)
-                status = health_pb2.HealthCheckResponse.NOT_SERVING
-            if not self.servicer.draining:
-                for name in ("", SERVICE):
-                    self.health.set(name, status)
-            self._stopping.wait(0.5)
+        try:
+            self.store.ping()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except SparseSpecError as e:
+            log.warning("%s", e)
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if not self.servicer.draining:
+            for name in ("", SERVICE):
+                self.health.set(name, status)
+
+    def _watch_health(self) -> None:
+        while not self._stopping.wait(0.5):
+            self._check_health()
 
     def begin_drain(self) -> float:
         """Refuse new work from now on; returns the deadline for running turns."""
@@ -158,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("-k", type=int, default=4, help="default draft length")
@@ -196,7 +201,8 @@ def main(argv=None) -> int:
     try:
         extra = {"worker_id": args.worker_id} if args.worker_id else {}
         cfg = VerifierConfig(model=args.model, redis_url=args.redis, drafters=tuple(args.drafter_address),
-                             host=args.host, port=args.port, dtype=args.dtype, max_context=args.max_context,
+                             host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+                             max_context=args.max_context,
                              max_batch=args.max_batch, default_k=args.k, lease_ms=args.lease_ms,
                              drain_s=args.drain_s, summaries=summary_config(args), **extra)
         server = VerifierServer(cfg).start(scheduler_thread=False)
