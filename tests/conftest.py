@@ -10,7 +10,9 @@ import torch
 from sparsespec.models.config import ModelConfig
 from sparsespec.models.llama import LlamaModel
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# SPARSESPEC_TEST_THREADS=1 on a machine busy with other work: more torch threads than free cores
+# make OpenMP spin and every op dozens of times slower.
+torch.set_num_threads(int(os.environ.get("SPARSESPEC_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 def random_model(seed: int = 0, vocab: int = 128, layers: int = 2, std: float = 0.2,
