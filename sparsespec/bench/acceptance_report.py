@@ -122,7 +122,8 @@ def markdown(result: dict, agg: dict, gaps: list[dict]) -> str:
               "| drafter | T | context | source | B | best other | tau best | tau guided | tau full | gap closed |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for g in gaps:
-        closed = "n/a (no gap)" if g["closed"] is None else f"{100 * g['closed']:.0f}%"
+        closed = (f"no gap (guided {g['tau_guided'] - g['tau_best']:+.2f})" if g["closed"] is None
+                  else f"{100 * g['closed']:.0f}%")
         lines.append(f"| {g['drafter']} | {g['temperature']} | {g['context']} | {g['source']} | {g['budget']} | "
                      f"{g['best_policy']} | {g['tau_best']:.2f} | {g['tau_guided']:.2f} | {g['tau_full']:.2f} | {closed} |")
     lines += ["", "## tau by budget (median over prompts [min, max])", ""]
