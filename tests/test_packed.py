@@ -44,3 +44,20 @@ def test_gradients_reach_each_layer():
         packed(torch.randn(1, 8))                              # pack first: params become views
     packed(torch.randn(4, 8)).sum().backward()
     assert all(l.weight.grad is not None and l.weight.grad.abs().sum() > 0 for l in ls)
+
+
+def test_an_optimizer_built_before_packing_still_trains_what_inference_reads():
+    """Packing keeps the Parameter objects (only their data moves into the pack)."""
+    torch.manual_seed(0)
+    q, k = torch.nn.Linear(8, 4), torch.nn.Linear(8, 6)
+    params_before = [q.weight, q.bias, k.weight, k.bias]
+    opt = torch.optim.SGD(params_before, lr=0.1)
+    pack = PackedLinear(q, k)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        pack(x)                                            # first inference packs
+    assert all(a is b for a, b in zip([q.weight, q.bias, k.weight, k.bias], params_before))
+    (q(x).sum() + k(x).sum()).backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(pack(x), torch.cat([q(x), k(x)], dim=-1))

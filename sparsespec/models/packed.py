@@ -2,7 +2,7 @@
 
 Decoding on a CPU or a small GPU is bound by reading weights; one GEMV over the stacked matrix
 saves the launches and passes of three. The stacked weight is built once, and the layers'
-parameters are then re-pointed to views of it, so no memory is duplicated and an in-place update
+parameters' data are then re-pointed to views of it, so no memory is duplicated and an in-place update
 of a parameter (an optimizer step, `load_state_dict`) is seen by the packed matmul. When a
 parameter is replaced by a new tensor (`load_state_dict(assign=True)`), the pack is rebuilt.
 
@@ -57,7 +57,9 @@ class PackedLinear:
         row = 0
         for l in self.linears:
             n = l.weight.shape[0]
-            l.weight = nn.Parameter(self._weight[row:row + n], requires_grad=l.weight.requires_grad)
+            # Re-point the data, not the Parameter: an optimizer (or anyone) holding the Parameter
+            # object keeps updating exactly what the packed matmul reads.
+            l.weight.data = self._weight[row:row + n]
             if has_bias:
-                l.bias = nn.Parameter(self._bias[row:row + n], requires_grad=l.bias.requires_grad)
+                l.bias.data = self._bias[row:row + n]
             row += n
