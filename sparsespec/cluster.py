@@ -25,55 +25,72 @@ class ClusterError(SparseSpecError):
 
 @dataclass
 class Proc:
+    """A service process with its recent output; `address` once it printed `listening HOST:PORT`."""
     name: str
     popen: subprocess.Popen
     address: str = ""
     output: list[str] = field(default_factory=list)
+    _listening: threading.Event = field(default_factory=threading.Event, repr=False)
+    _pump: threading.Thread | None = field(default=None, repr=False)
+
+    def _read_output(self) -> None:
+        for line in self.popen.stdout:
+            line = line.rstrip("\n")
+            self.output.append(line)
+            del self.output[:-200]
+            if line.startswith("listening ") and not self._listening.is_set():
+                self.address = line.split()[1]
+                self._listening.set()
+        self._listening.set()    # EOF: the process is gone
+
+    def wait_listening(self, timeout: float) -> bool:
+        """True once it listens; False if it exited or stayed silent for `timeout` seconds."""
+        return self._listening.wait(timeout) and bool(self.address)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL: the failure tests' crash."""
+        """SIGKILL: the failure tests' crash. Returns once its last output has been read."""
         if self.alive():
             self.popen.kill()
-            self.popen.wait()
+        self.popen.wait()
+        if self._pump is not None:
+            self._pump.join(5.0)
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (the drafter deregisters, the verifier drains its turns), SIGKILL after timeout."""
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+                self.kill()
+        return self.popen.wait()
+
+
+def spawn_service(name: str, module: str, args: list, env: dict[str, str] | None = None,
+                  preexec_fn=None) -> Proc:
+    """Run `python -m module args...` with its output read in the background (not waited for)."""
+    # One malloc arena: torch on worker threads is ~15% slower otherwise (sparsespec/runtime.py).
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env.setdefault("MALLOC_ARENA_MAX", "1")
+    popen = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=child_env,
+                             preexec_fn=preexec_fn)
+    proc = Proc(name, popen)
+    proc._pump = threading.Thread(target=proc._read_output, name=f"{name}-output", daemon=True)
+    proc._pump.start()
+    return proc
 
 
 def start_service(name: str, module: str, args: list[str], timeout: float = 300.0) -> Proc:
     """Run `python -m module args...`, wait for its `listening HOST:PORT` line."""
-    # One malloc arena: torch on worker threads is ~15% slower otherwise (sparsespec/runtime.py).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
-    popen = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env)
-    proc = Proc(name, popen)
-    ready = threading.Event()
-
-    def pump():
-        for line in popen.stdout:
-            line = line.rstrip("\n")
-            proc.output.append(line)
-            del proc.output[:-200]
-            if line.startswith("listening ") and not ready.is_set():
-                proc.address = line.split()[1]
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, name=f"{name}-output", daemon=True).start()
-    if not ready.wait(timeout) or not proc.address:
+    proc = spawn_service(name, module, args)
+    if not proc.wait_listening(timeout):
         proc.kill()
         tail = "\n".join(proc.output[-15:])
-        raise ClusterError(f"{name}: did not start (exit {popen.poll()}):\n{tail}")
+        raise ClusterError(f"{name}: did not start (exit {proc.popen.poll()}):\n{tail}")
     return proc
 
 
