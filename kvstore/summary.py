@@ -210,7 +210,7 @@ class Summary:
             raise InvalidArgument("summary", f"chunk {self.chunk} / length {self.length} out of range")
         if any(b <= a for a, b in zip(self.chunks, self.chunks[1:])) or (self.chunks and self.chunks[0] < 0):
             raise InvalidArgument("summary", "chunk indices must be increasing and non-negative")
-        if any(c * self.chunk >= self.length for c in self.chunks[-1:]):
+        if self.chunks and self.chunks[-1] * self.chunk >= self.length:
             raise InvalidArgument("summary", f"chunk {self.chunks[-1]} starts past the summarised "
                                              f"length {self.length}")
 

@@ -32,6 +32,7 @@ from kvstore.full import FullKVCache
 from kvstore.sparse import SparseConfig
 from kvstore.summary import SummaryConfig
 from sparsespec.bench.prompts import SOURCES, documents, make_prompt
+from sparsespec.bench.report import first_divergence
 from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
 from sparsespec.errors import InvalidArgument
 from sparsespec.spec.adaptive import MAX_K
@@ -105,11 +106,10 @@ class AdoptingDrafterClient(LocalDrafterClient):
         super().__init__(model, sparse, capacity)
         self.prefix = prefix
 
-    def open(self, session, tokens, params):
+    def _start(self, tokens):
         drafter = Drafter(self.model, self.sparse, self.capacity)
         drafter.start_from(*self.prefix, tokens)
-        self.sessions[session] = (drafter, None if params.greedy else params.generator(salt=0x5EED))
-        return drafter.want()
+        return drafter
 
 
 class Study:
@@ -167,7 +167,7 @@ class Study:
         model = self.drafter_models[drafter]
         run["drafter_full_kv_bytes"] = len(state.ids) * model.cfg.kv_bytes_per_token(model.dtype.itemsize)
         if temperature == 0:
-            run["first_divergence"] = _first_divergence(run["token_ids"], state.ar_tokens)
+            run["first_divergence"] = first_divergence(run["token_ids"], state.ar_tokens)
             run["equal_to_ar"] = run["first_divergence"] is None
         return run
 
@@ -231,13 +231,6 @@ class Study:
                                     log(_progress(run))
         return {"config": asdict(cfg), "k": chosen_k, "runs": runs, "environment": _environment(cfg),
                 "wall_s": round(time.perf_counter() - t0, 1)}
-
-
-def _first_divergence(tokens: list[int], reference: list[int]) -> int | None:
-    if tokens == reference:
-        return None
-    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
-                min(len(tokens), len(reference)))
 
 
 def _progress(run: dict) -> str:

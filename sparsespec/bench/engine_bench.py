@@ -80,7 +80,7 @@ def run_bench(args) -> int:
                 run = _run_one(v, prompt, args, cfg, verifier, tokenizer, hf_models, eos)
                 ar_tokens = run["token_ids"] if v.system == "ours-ar" else ar_tokens
                 run.update(context=context, prompt=i, book=BOOKS[i], variant=v.name, **asdict(v))
-                run["first_divergence"] = _first_divergence(run["token_ids"], ar_tokens)
+                run["first_divergence"] = report.first_divergence(run["token_ids"], ar_tokens)
                 run["equal_to_ar"] = run["first_divergence"] is None
                 runs.append(run)
                 print(report.progress_line(run), flush=True)
@@ -117,15 +117,6 @@ def _warm_up(verifier, tokenizer, hf_model, prompt, eos) -> None:
                              verifier, tokenizer)
     engine.generate(GenerationRequest(prompt, 4, k=2, mode="spec"))
     hf_generate(hf_model, prompt, 4, eos)
-
-
-def _first_divergence(tokens: list[int], reference: list[int] | None) -> int | None:
-    if reference is None or tokens == reference:
-        return None
-    for i, (a, b) in enumerate(zip(tokens, reference)):
-        if a != b:
-            return i
-    return min(len(tokens), len(reference))
 
 
 def _environment(args) -> dict:

@@ -16,6 +16,16 @@ from sparsespec.report import human_bytes
 BEGIN, END = "<!-- engine-bench:begin -->", "<!-- engine-bench:end -->"
 
 
+def first_divergence(tokens: list[int], reference: list[int] | None) -> int | None:
+    """The first index where tokens differ from the reference (None when equal or no reference)."""
+    if reference is None or tokens == reference:
+        return None
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i
+    return min(len(tokens), len(reference))
+
+
 def median_spread(values: list[float]) -> str:
     """'median [min, max]' (just the value when all agree)."""
     med, lo, hi = statistics.median(values), min(values), max(values)

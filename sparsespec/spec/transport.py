@@ -67,8 +67,7 @@ class LocalDrafterClient(DrafterClient):
         self.sessions: dict[str, tuple[Drafter, torch.Generator | None]] = {}
 
     def open(self, session, tokens, params):
-        drafter = Drafter(self.model, self.sparse, self.capacity)
-        drafter.start(tokens)
+        drafter = self._start(tokens)
         gen = None if params.greedy else params.generator(salt=0x5EED)
         self.sessions[session] = (drafter, gen)
         return drafter.want()
@@ -84,6 +83,12 @@ class LocalDrafterClient(DrafterClient):
         result = drafter.draft(k, params, gen)
         return DraftReply(result.tokens, result.qs, time.perf_counter() - t0,
                           drafter.cache.device_bytes(), drafter.cache.host_bytes(), drafter.want())
+
+    def _start(self, tokens: list[int]) -> Drafter:
+        """A drafter holding the committed tokens (a prefill; subclasses may start otherwise)."""
+        drafter = Drafter(self.model, self.sparse, self.capacity)
+        drafter.start(tokens)
+        return drafter
 
     def close(self, session):
         self.sessions.pop(session, None)

@@ -32,7 +32,9 @@ class Verifier:
         """One forward over `rows` (ids [R, T]), bracketed for the tracker."""
         tracker = self.tracker
         if tracker is not None:
-            tracker.begin(rows, [self.tracked[r] for r in rows], self.cache.lengths[rows].tolist())
+            tracked = [self.tracked[r] for r in rows]
+            lengths = self.cache.lengths[rows].tolist() if any(tracked) else [0] * len(rows)
+            tracker.begin(rows, tracked, lengths)
         self.cache.set_active(rows)
         try:
             return self.model(ids, self.cache, last_only=last_only)
