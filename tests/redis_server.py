@@ -19,7 +19,9 @@ def redis_server() -> Iterator[RedisServer]:
     if exe is None:
         import pytest
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    srv = RedisServer(exe)
+    # Throwaway and without persistence: tests/test_sessions.py shows that a restarted Redis that
+    # comes back empty is survived; tests/test_durability.py runs the persistent default.
+    srv = RedisServer(exe, persistence="none")
     try:
         srv.start()
         yield srv

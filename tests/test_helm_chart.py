@@ -25,6 +25,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sparsespec.models.testing import save_random_model, tiny_config
+from sparsespec.redis_server import PERSISTENCE
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "sparsespec"
@@ -159,6 +160,30 @@ def test_external_redis_renders_no_redis_and_reads_the_users_secret():
 
 
 MODEL = {"model": {"path": "/models/m"}}
+
+
+def redis_pod(docs) -> dict:
+    return by_kind(docs, "Deployment")["rel-sparsespec-redis"]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("mode", sorted(PERSISTENCE))
+def test_bundled_redis_runs_the_persistence_flags_of_sparsespec_up(mode):
+    """The same append-only file settings as sparsespec/redis_server.py (tests/test_durability.py
+    restarts a Redis run with them and finds every committed token), on /data."""
+    values = {**MODEL, "redis": {"persistence": {"mode": mode}}} if mode != "everysec" else MODEL   # the default
+    pod = redis_pod(render(values))
+    args = pod["containers"][0]["args"]
+    assert args[:args.index("--dir")] == list(PERSISTENCE[mode]) and flag(args, "--dir") == "/data"
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert pod["volumes"] == [{"name": "data", "emptyDir": {}}]          # lives as long as the pod
+
+
+def test_bundled_redis_keeps_its_data_on_a_given_volume():
+    pod = redis_pod(render(values_of("gpu")))
+    assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "sparsespec-redis"}}]
+    assert flag(pod["containers"][0]["args"], "--appendfsync") == "everysec"
+
+
 BAD = {
     "missing model path": ({}, "model.path is required"),
     "zero verifiers": ({**MODEL, "verifier": {"replicas": 0}}, "/verifier/replicas"),
@@ -176,6 +201,7 @@ BAD = {
                                                                          "maxReplicas": 2}}},
                                   "drafter.autoscaling.minReplicas (9) must be <= maxReplicas (2)"),
     "bad dtype": ({"model": {"path": "/m", "dtype": "float8"}}, "/model/dtype"),
+    "bad redis persistence": ({**MODEL, "redis": {"persistence": {"mode": "no"}}}, "/redis/persistence/mode"),
 }
 
 
