@@ -61,10 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("role", choices=["verifier", "drafter"])
     serve.add_argument("service_args", nargs=argparse.REMAINDER)
 
-    up = sub.add_parser("up", help="local cluster on 127.0.0.1: redis-server, one drafter, one verifier")
+    from sparsespec.cluster import RestartPolicy
+    from sparsespec.redis_server import PERSISTENCE
+
+    up = sub.add_parser("up", help="local cluster on 127.0.0.1: redis-server, one drafter, one verifier; "
+                                   "a child that exits is restarted on its port")
     _add_engine_flags(up)
     up.add_argument("--max-batch", type=int, default=8)
     up.add_argument("-k", type=int, default=4, help="the verifier's default draft length")
+    up.add_argument("--redis-persistence", default="everysec", choices=list(PERSISTENCE),
+                    help="Redis append-only file fsync: everysec (a machine crash loses <= ~1 s), always, "
+                         "or none (a Redis restart loses every session); docs/deploy.md, Durability")
+    up.add_argument("--redis-dir", default=None,
+                    help="keep Redis' data here, across `up` runs (default: a temp dir removed at exit)")
+    up.add_argument("--max-crashes", type=int, default=RestartPolicy.max_crashes,
+                    help="stop the cluster (exit 1) when a child exits this many times in a row")
 
     models = sub.add_parser("models", help="named models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -183,27 +194,30 @@ def cmd_generate_remote(args) -> int:
 
 
 def cmd_up(args) -> int:
-    """Start the local cluster, print `ready HOST:PORT`, stop everything on Ctrl-C / SIGTERM."""
+    """Start the local cluster, print `ready HOST:PORT`, restart a child that exits (on its port),
+    stop everything on Ctrl-C / SIGTERM (exit 0) or when a child keeps crashing (exit 1)."""
     import signal
     import threading
 
     from sparsespec.build import parse_budget
-    from sparsespec.cluster import ClusterConfig, LocalCluster
+    from sparsespec.cluster import ClusterConfig, LocalCluster, RestartPolicy
 
     parse_budget(args.budget)  # validate before starting anything
+    policy = RestartPolicy(max_crashes=args.max_crashes)
     cfg = ClusterConfig(model=args.model, drafter=args.drafter, policy=args.policy, budget=args.budget,
-                        dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, k=args.k)
+                        dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, k=args.k,
+                        redis_persistence=args.redis_persistence, redis_dir=args.redis_dir)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     with LocalCluster(cfg) as cluster:
-        print(f"redis {cluster.redis_url}", flush=True)
-        for d in cluster.drafters:
-            print(f"drafter {d.address}", flush=True)
+        print(f"redis {cluster.redis_url} pid {cluster.redis.proc.pid}", flush=True)
+        for proc in cluster.drafters + cluster.verifiers:
+            print(f"{proc.name.rstrip('0123456789')} {proc.address} pid {proc.popen.pid}", flush=True)
         print(f"ready {cluster.address}", flush=True)
-        done.wait()
+        ok = cluster.supervise(done, policy)
         print("stopping", flush=True)
-    return 0
+    return 0 if ok else 1
 
 
 def cmd_serve(args) -> int:

@@ -3,7 +3,8 @@
 Used by `sparsespec up`, by the demo and by the service tests, so the thing we test is the thing
 users start. Every process is started with a pipe on stdout; a service prints
 `listening HOST:PORT` once it serves, and the cluster waits for that line (and for Redis to
-answer PING) before it reports ready.
+answer PING) before it reports ready. `supervise()` (what `sparsespec up` runs) restarts a child
+that exits, on the same port, and gives up on one that keeps crashing.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from sparsespec.errors import SparseSpecError
-from sparsespec.redis_server import RedisServer, find_redis_server
+from sparsespec.errors import InvalidArgument, SparseSpecError
+from sparsespec.redis_server import RedisServer, check_persistence, find_redis_server
 
 
 class ClusterError(SparseSpecError):
@@ -25,9 +28,14 @@ class ClusterError(SparseSpecError):
 
 @dataclass
 class Proc:
-    """A service process with its recent output; `address` once it printed `listening HOST:PORT`."""
+    """A service process with its recent output; `address` once it printed `listening HOST:PORT`.
+    It keeps the command it runs, so it can be run again (`respawn`)."""
     name: str
     popen: subprocess.Popen
+    module: str = ""
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    started: float = field(default_factory=time.monotonic)
     address: str = ""
     output: list[str] = field(default_factory=list)
     _listening: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -68,6 +76,17 @@ class Proc:
                 self.kill()
         return self.popen.wait()
 
+    def respawn(self) -> "Proc":
+        """The same service again, on the port this one served on, so clients keep its address
+        (both services take --port). One that never listened had its port pinned already."""
+        args = list(self.args)
+        if self.address:
+            if "--port" in args:
+                i = args.index("--port")
+                del args[i:i + 2]
+            args += ["--port", self.address.rsplit(":", 1)[1]]
+        return spawn_service(self.name, self.module, args, self.env)
+
 
 def spawn_service(name: str, module: str, args: list, env: dict[str, str] | None = None,
                   preexec_fn=None) -> Proc:
@@ -78,7 +97,7 @@ def spawn_service(name: str, module: str, args: list, env: dict[str, str] | None
     popen = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=child_env,
                              preexec_fn=preexec_fn)
-    proc = Proc(name, popen)
+    proc = Proc(name, popen, module, [str(a) for a in args], env)
     proc._pump = threading.Thread(target=proc._read_output, name=f"{name}-output", daemon=True)
     proc._pump.start()
     return proc
@@ -105,6 +124,45 @@ class ClusterConfig:
     max_batch: int = 8
     k: int = 4
     lease_ms: int = 3000
+    redis_persistence: str = "everysec"   # sparsespec.redis_server.PERSISTENCE
+    redis_dir: str | None = None          # None: a temp dir, removed when the cluster stops
+
+    def __post_init__(self):
+        check_persistence(self.redis_persistence, "redis-persistence")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When `supervise()` restarts an exited child and when it gives up.
+
+    The `max_crashes`-th exit in a row stops the cluster: a child that crashes that often will
+    not start working by itself, and a cluster without it only fails requests. A child that ran
+    `stable_s` before it exited starts a new count (it crashed once; it is not crash-looping)."""
+    max_crashes: int = 3
+    stable_s: float = 60.0
+    start_timeout_s: float = 300.0      # a restarted service that does not listen by then crashed
+    poll_s: float = 0.2
+
+    def __post_init__(self):
+        if self.max_crashes < 1:
+            raise InvalidArgument("max-crashes", f"must be >= 1, got {self.max_crashes}")
+        for name in ("stable_s", "start_timeout_s", "poll_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(name, f"must be > 0, got {getattr(self, name)}")
+
+
+def _stderr_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _exited(code: int) -> str:
+    """`exited with code -9 (SIGKILL)`: Popen's negative codes are signals."""
+    if code < 0:
+        try:
+            return f"exited with code {code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
 
 
 class LocalCluster:
@@ -118,6 +176,10 @@ class LocalCluster:
         self.redis_url = redis_url or ""
         self.drafters: list[Proc] = []
         self.verifiers: list[Proc] = []
+        # stop() sets _stopping under _lock, so supervise() never restarts a child being stopped.
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._redis_started = 0.0
 
     def start(self) -> "LocalCluster":
         try:
@@ -125,8 +187,9 @@ class LocalCluster:
                 exe = find_redis_server()
                 if exe is None:
                     raise ClusterError("redis: redis-server is not on PATH (apt-get install redis-server)")
-                self.redis = RedisServer(exe)
+                self.redis = RedisServer(exe, persistence=self.cfg.redis_persistence, dir=self.cfg.redis_dir)
                 self.redis.start()
+                self._redis_started = time.monotonic()
                 self.redis_url = self.redis.url
             self.add_drafter()
             self.add_verifier()
@@ -160,10 +223,84 @@ class LocalCluster:
         return proc
 
     def stop(self) -> None:
-        for proc in self.verifiers + self.drafters:
+        with self._lock:
+            self._stopping.set()
+            procs = self.verifiers + self.drafters
+        for proc in procs:
             proc.stop()
         if self.redis is not None:
             self.redis.close()
+
+    # --- supervision -----------------------------------------------------------------------
+
+    def supervise(self, stop: threading.Event, policy: RestartPolicy | None = None,
+                  log: Callable[[str], None] = _stderr_line) -> bool:
+        """Restart every child that exits until `stop` is set or the cluster stops (True), or
+        until one crashed policy.max_crashes times in a row (False: the caller stops the cluster).
+
+        Services come back on their port, Redis on its port and data dir (with its AOF it keeps
+        every key). Runs on the caller's thread; one line to `log` per crash, restart and give-up."""
+        policy = policy or RestartPolicy()
+        crashes: dict[str, int] = {}
+        coming_back: set[str] = set()      # restarted services that have not listened yet
+        while not stop.wait(policy.poll_s) and not self._stopping.is_set():
+            for name, reason, started in self._failed(policy, coming_back):
+                if stop.is_set() or self._stopping.is_set():
+                    return True
+                n = 1 if time.monotonic() - started >= policy.stable_s else crashes.get(name, 0) + 1
+                crashes[name] = n
+                if n >= policy.max_crashes:
+                    log(f"up: {name} {reason}; giving up (crash {n} of {policy.max_crashes}, each within "
+                        f"{policy.stable_s:g} s of its start); stopping the cluster")
+                    return False
+                log(f"up: {name} {reason}; restarting (crash {n} of {policy.max_crashes})")
+                if self._restart(name, log):
+                    coming_back.add(name)      # logged once it listens (or counted as a crash)
+            for proc in self.drafters + self.verifiers:
+                if proc.name in coming_back and proc.address:
+                    coming_back.discard(proc.name)
+                    log(f"up: {proc.name} restarted: {proc.address} pid {proc.popen.pid}")
+        return True
+
+    def _failed(self, policy: RestartPolicy, coming_back: set[str]) -> list[tuple[str, str, float]]:
+        """(name, what happened, when it started) for every child that is down."""
+        failed = []
+        if self.redis is not None and not self.redis.running:
+            code = self.redis.proc.poll() if self.redis.proc is not None else None
+            failed.append(("redis", "did not start" if code is None else _exited(code),
+                           self._redis_started))
+        for proc in self.drafters + self.verifiers:
+            code = proc.popen.poll()
+            if code is not None:
+                failed.append((proc.name, _exited(code), proc.started))
+            elif proc.name in coming_back and time.monotonic() - proc.started > policy.start_timeout_s:
+                proc.kill()
+                coming_back.discard(proc.name)
+                failed.append((proc.name, f"did not listen within {policy.start_timeout_s:g} s", proc.started))
+        return failed
+
+    def _restart(self, name: str, log: Callable[[str], None]) -> bool:
+        """Start `name` again. True: a service was spawned and is not listening yet (it loads its
+        model while the loop keeps watching the others); False: Redis (started, or not), or the
+        cluster is stopping. A Redis that fails to start shows up as down on the next poll."""
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            if name == "redis":
+                self._redis_started = time.monotonic()
+                try:
+                    self.redis.start()
+                except RuntimeError as e:
+                    log(f"up: {e}")
+                    return False
+                log(f"up: redis restarted: {self.redis.url} pid {self.redis.proc.pid}")
+                return False
+            for procs in (self.drafters, self.verifiers):
+                for i, proc in enumerate(procs):
+                    if proc.name == name:
+                        procs[i] = proc.respawn()
+                        return True
+        raise KeyError(name)
 
     def __enter__(self):
         return self.start()
