@@ -13,6 +13,15 @@ class InvalidArgument(SparseSpecError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+def shown(value, limit: int = 64) -> str:
+    """A client's value as an error message may echo it: at most `limit` characters of it (and
+    its length), so a 1 MB session_id does not come back in the status."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ModelLoadError(SparseSpecError):
     """A model path, config or weight file cannot be used."""
 

@@ -8,6 +8,7 @@ from exactly this q, which is what makes the rejection rule lossless.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,11 @@ class SamplingParams:
     q_support: int = 32       # draft distribution support cap
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0):
-            raise InvalidArgument("temperature", f"must be >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
+        # inf temperature passes ">= 0" and would silently sample uniformly: finite only
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise InvalidArgument("temperature", f"must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise InvalidArgument("top_p", f"must be a finite number in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument("top_k", f"must be >= 0, got {self.top_k}")
         if self.q_support < 1:
