@@ -1,9 +1,12 @@
-"""Many sessions' drafters over one shared model, under one device-memory budget.
+"""Many sessions' drafters over one shared model, under a device-memory and a host-memory budget.
 
-A session is admitted only if the bytes its SparseKVCache will allocate on the device fit what
-the budget has left (`DrafterFull` otherwise), and gives them back on close or when it has been
-idle longer than the TTL. Drafter state is disposable (docs/design.md, invariant 2), so eviction
-and refusal cost the verifier speed, never tokens: it decodes alone and re-opens later.
+A session is admitted only if the bytes its SparseKVCache will allocate fit what both budgets
+have left (`DrafterFull` otherwise), and gives them back on close or when it has been idle longer
+than the TTL; a close or eviction then hands the freed pages to the OS (runtime.release_memory),
+so the process's RSS falls with its sessions. The host budget counts the host tier, plus the
+device KV when the device is the CPU (it is host RAM then too). Drafter state is disposable
+(docs/design.md, invariant 2), so eviction and refusal cost the verifier speed, never tokens: it
+decodes alone and re-opens later.
 
 Every field is validated here, with the wire's field names, so the gRPC servicer only converts.
 Concurrency: a table lock for the session map and the byte count, a lock per session to order
@@ -25,6 +28,7 @@ from kvstore.sparse import SparseConfig
 from kvstore.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.rpc.errors import DrafterFull, SessionUnknown, StateMismatch
+from sparsespec.runtime import release_memory
 from sparsespec.spec.adaptive import MAX_K
 from sparsespec.spec.drafter import Drafter
 from sparsespec.spec.sampling import SamplingParams
@@ -42,14 +46,17 @@ class DrafterEngineConfig:
     max_context: int                          # longest committed prefix a session may hold
     memory_budget_bytes: int | None = None    # device bytes for every session's KV; None = no limit
     session_ttl_s: float = 600.0              # a session idle this long is evicted
+    host_memory_budget_bytes: int | None = None   # host RAM for every session (see SessionCost); None = no limit
 
     def __post_init__(self):
         if not isinstance(self.sparse, SparseConfig):
             raise InvalidArgument("sparse", f"must be a SparseConfig, got {type(self.sparse).__name__}")
         if self.max_context < 1:
             raise InvalidArgument("max_context", f"must be >= 1, got {self.max_context}")
-        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
-            raise InvalidArgument("memory_budget_bytes", f"must be >= 1, got {self.memory_budget_bytes}")
+        for name in ("memory_budget_bytes", "host_memory_budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidArgument(name, f"must be an integer >= 1 or None (no limit), got {value!r}")
         if not self.session_ttl_s > 0:
             raise InvalidArgument("session_ttl_s", f"must be > 0, got {self.session_ttl_s}")
 
@@ -67,6 +74,15 @@ class OpenInfo:
     want: SummaryWant | None = None
 
 
+@dataclass(frozen=True)
+class _Budget:
+    config_field: str   # the DrafterEngineConfig field it comes from
+    name: str           # "device memory budget" | "host memory budget"
+    limit: int          # bytes
+    per_session: int    # bytes every session takes from it
+    what: str           # what those bytes are
+
+
 @dataclass(eq=False)
 class _Session:
     epoch: int
@@ -77,6 +93,12 @@ class _Session:
     closed: bool = False
 
 
+def _retire(entry: _Session) -> None:
+    """Mark a session closed and drop its cache now, not when the entry's last reference goes."""
+    entry.closed = True
+    entry.drafter = entry.gen = None
+
+
 class DrafterEngine:
     def __init__(self, model, config: DrafterEngineConfig, clock: Callable[[], float] = time.monotonic):
         if config.max_context > model.max_context:
@@ -84,10 +106,16 @@ class DrafterEngine:
         self.model, self.config, self.clock = model, config, clock
         self.vocab_size = model.cfg.vocab_size
         self.cost: SessionCost = session_cost(model.cfg, model.dtype, config.capacity, config.sparse)
-        budget = config.memory_budget_bytes
-        if budget is not None and budget < self.cost.device_bytes:
-            raise InvalidArgument("memory_budget_bytes", f"{budget} bytes cannot hold one session "
-                                                         f"({self.cost.device_bytes} bytes of device KV)")
+        host_what = "host tier + device KV (the device is the CPU)" if model.device.type == "cpu" else "host tier"
+        budgets = (_Budget("memory_budget_bytes", "device memory budget", config.memory_budget_bytes,
+                           self.cost.device_bytes, "device KV"),
+                   _Budget("host_memory_budget_bytes", "host memory budget", config.host_memory_budget_bytes,
+                           self.cost.host_memory_bytes(model.device), host_what))
+        self._budgets = tuple(b for b in budgets if b.limit is not None and b.per_session > 0)
+        for b in self._budgets:
+            if b.limit < b.per_session:
+                raise InvalidArgument(b.config_field, f"{b.limit} bytes cannot hold one session "
+                                               f"({b.per_session} bytes of {b.what})")
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()      # _sessions
         self._compute = threading.Lock()   # model forwards
@@ -96,38 +124,49 @@ class DrafterEngine:
 
     @property
     def session_capacity(self) -> int | None:
-        """Sessions the budget holds at once (every session costs the same); None = no limit."""
-        b = self.config.memory_budget_bytes
-        return None if b is None else b // self.cost.device_bytes
+        """Sessions both budgets hold at once (every session costs the same); None = no limit."""
+        return min((b.limit // b.per_session for b in self._budgets), default=None)
 
     def load(self) -> int:
         return len(self._sessions)
 
     def used_bytes(self) -> int:
+        """Device bytes the open sessions hold."""
         return len(self._sessions) * self.cost.device_bytes
+
+    def used_host_bytes(self) -> int:
+        """Host RAM the open sessions hold (what the host budget counts)."""
+        return len(self._sessions) * self.cost.host_memory_bytes(self.model.device)
 
     def evict_idle(self) -> list[str]:
         """Drop sessions idle past the TTL (never one a call is using). Returns their ids."""
         with self._lock:
-            return self._evict_idle()
+            idle = self._evict_idle()
+        if idle:
+            release_memory()
+        return idle
 
     def _evict_idle(self) -> list[str]:
         deadline = self.clock() - self.config.session_ttl_s
         idle = [sid for sid, s in self._sessions.items() if s.last_used < deadline and not s.lock.locked()]
         for sid in idle:
-            self._sessions.pop(sid).closed = True
+            _retire(self._sessions.pop(sid))
         return idle
 
+    def _over_budget(self) -> _Budget | None:
+        """The first budget one more session would exceed."""
+        n = len(self._sessions) + 1
+        return next((b for b in self._budgets if n * b.per_session > b.limit), None)
+
     def _admit(self, session_id: str) -> None:
-        budget = self.config.memory_budget_bytes
-        if budget is None:
-            return
-        need = self.cost.device_bytes
-        if self.used_bytes() + need > budget:
+        # No release_memory here: the new session's cache reuses what an eviction freed.
+        if self._over_budget() is not None:
             self._evict_idle()
-        if self.used_bytes() + need > budget:
-            raise DrafterFull(f"session {session_id} needs {need} bytes of device KV; "
-                              f"{self.used_bytes()} of the {budget}-byte memory budget are held by "
+        b = self._over_budget()
+        if b is not None:
+            held = len(self._sessions) * b.per_session
+            raise DrafterFull(f"session {session_id} needs {b.per_session} bytes of {b.what}; {held} of "
+                              f"the {b.limit}-byte {b.name} ({b.config_field}) are held by "
                               f"{len(self._sessions)} sessions")
 
     # --- the three calls -------------------------------------------------------------------
@@ -149,7 +188,7 @@ class DrafterEngine:
                 if old is not None and epoch < old.epoch:
                     raise StateMismatch(f"epoch: {epoch} is older than the session's {old.epoch}")
                 if old is not None:
-                    self._sessions.pop(session_id).closed = True
+                    _retire(self._sessions.pop(session_id))
                 self._admit(session_id)
                 self._sessions[session_id] = entry
             t0 = time.perf_counter()
@@ -224,9 +263,11 @@ class DrafterEngine:
         _check_session(session_id)
         with self._lock:
             entry = self._sessions.pop(session_id, None)
-        if entry is not None:
-            entry.closed = True
-        return entry is not None
+        if entry is None:
+            return False
+        _retire(entry)
+        release_memory()   # a call still drafting on it frees the cache when it returns instead
+        return True
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -234,7 +275,7 @@ class DrafterEngine:
         with self._lock:
             if self._sessions.get(session_id) is entry:
                 del self._sessions[session_id]
-        entry.closed = True
+        _retire(entry)
 
     def _check_tokens(self, name: str, tokens) -> None:
         bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)

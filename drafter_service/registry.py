@@ -2,6 +2,7 @@
 
 Imported lazily, so a drafter without Redis does not need kvstore.registry at all. Verifiers
 pick drafters from the registry, least loaded first; the heartbeat reports the session count.
+The capacity is the sessions both memory budgets hold (DrafterEngine.session_capacity, the min).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Callable
 
-UNLIMITED = (1 << 31) - 1   # registry capacity when the drafter has no memory budget
+UNLIMITED = (1 << 31) - 1   # registry capacity when neither budget binds (--host-memory-bytes unlimited)
 
 
 def register_worker(redis_url: str, server, model: str, worker_id: str | None = None) -> Callable[[], None]:

@@ -1,9 +1,9 @@
 """`python -m drafter_service`: a drafter as a gRPC server.
 
-Loads the drafter model, hosts many sessions under one device-memory budget (DrafterEngine),
-serves the Drafter API plus grpc.health.v1 (SERVING once the model is loaded), prints
-`listening HOST:PORT` and stops gracefully on SIGTERM / SIGINT (health NOT_SERVING, in-flight
-calls finish within the grace period, exit 0).
+Loads the drafter model, hosts many sessions under a device- and a host-memory budget
+(DrafterEngine), serves the Drafter API plus grpc.health.v1 (SERVING once the model is loaded),
+prints `listening HOST:PORT` and stops gracefully on SIGTERM / SIGINT (health NOT_SERVING,
+in-flight calls finish within the grace period, exit 0).
 """
 
 from __future__ import annotations
@@ -23,15 +23,21 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from drafter_service.engine import DrafterEngine, DrafterEngineConfig
+from drafter_service.memory import available_host_bytes
 from drafter_service.servicer import SERVICE, DrafterServicer
 from sparsespec.build import EngineConfig, parse_budget, parse_dtype
 from sparsespec.errors import InvalidArgument, SparseSpecError
-from sparsespec.rpc.sparsespec.v1 import drafter_pb2_grpc
+from sparsespec.rpc.strict import add_servicer
 
 log = logging.getLogger("drafter_service")
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 AUTO_BUDGET_FRACTION = 0.9   # of the device memory free after loading the model (CUDA only)
+# Of the host RAM available after loading the model (memory.available_host_bytes). Half, not 0.9:
+# the host is shared (a local cluster's verifier loads after the drafter) and a session's prefill
+# temporaries are not budgeted.
+AUTO_HOST_FRACTION = 0.5
+HOST_AUTO, HOST_UNLIMITED = "auto", "unlimited"   # --host-memory-bytes words
 
 # Called with "HOST:PORT" once the server listens; may return a callable run at shutdown
 # (e.g. register in a worker registry, then deregister).
@@ -49,7 +55,8 @@ class ServerConfig:
     max_context: int | None = None          # default: the model's
     host: str = "127.0.0.1"
     port: int = 0
-    memory_budget_bytes: int | None = None  # None: 90% of free CUDA memory, unlimited on CPU
+    memory_budget_bytes: int | None = None  # None: 90% of free CUDA memory; on CPU the host budget
+    host_memory_bytes: int | str = HOST_AUTO  # bytes, HOST_AUTO or HOST_UNLIMITED (host_memory_budget)
     session_ttl_s: float = 600.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = 8
@@ -62,6 +69,10 @@ class ServerConfig:
             raise InvalidArgument("port", f"must be in [0, 65535], got {self.port}")
         if self.max_context is not None and self.max_context < 1:
             raise InvalidArgument("max_context", f"must be >= 1, got {self.max_context}")
+        hm = self.host_memory_bytes
+        if hm not in (HOST_AUTO, HOST_UNLIMITED) and (isinstance(hm, bool) or not isinstance(hm, int) or hm < 1):
+            raise InvalidArgument("host_memory_bytes", f"must be a byte count >= 1, {HOST_AUTO!r} or "
+                                                       f"{HOST_UNLIMITED!r}, got {hm!r}")
         self.engine_config().sparse_config()   # validates drafter flags before anything loads
         parse_dtype(self.dtype)
 
@@ -81,7 +92,7 @@ class DrafterServer:
                    ("grpc.so_reuseport", 0)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drafter"),
                                 options=options)
-        drafter_pb2_grpc.add_DrafterServicer_to_server(DrafterServicer(engine), self.grpc)
+        add_servicer(DrafterServicer(engine), SERVICE, self.grpc)   # undecodable requests: INVALID_ARGUMENT
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         try:
@@ -154,6 +165,20 @@ def memory_budget(cfg: ServerConfig, model) -> int | None:
     return None
 
 
+def host_memory_budget(cfg: ServerConfig) -> int | None:
+    """Host bytes for all sessions; None = unlimited. Auto is measured after the model loaded, so
+    its weights are not in the budget; on CPU it bounds the device KV too (it is host RAM)."""
+    if cfg.host_memory_bytes == HOST_UNLIMITED:
+        return None
+    if cfg.host_memory_bytes != HOST_AUTO:
+        return cfg.host_memory_bytes
+    available = available_host_bytes()
+    if available is None:
+        raise InvalidArgument("host_memory_bytes", f"{HOST_AUTO!r} cannot read /proc/meminfo here: "
+                                                   f"give a byte count or {HOST_UNLIMITED!r}")
+    return max(1, int(available * AUTO_HOST_FRACTION))
+
+
 def serve(cfg: ServerConfig, model=None, on_started: OnStarted | None = None) -> tuple[DrafterServer, int]:
     """Load the model (unless given), start serving. Returns (server, port)."""
     sparse = cfg.engine_config().sparse_config()
@@ -161,7 +186,11 @@ def serve(cfg: ServerConfig, model=None, on_started: OnStarted | None = None) ->
         model = load_drafter_model(cfg)
     engine = DrafterEngine(model, DrafterEngineConfig(
         sparse=sparse, max_context=cfg.max_context or model.max_context,
-        memory_budget_bytes=memory_budget(cfg, model), session_ttl_s=cfg.session_ttl_s))
+        memory_budget_bytes=memory_budget(cfg, model), session_ttl_s=cfg.session_ttl_s,
+        host_memory_budget_bytes=host_memory_budget(cfg)))
+    log.info("budgets: device %s, host %s bytes: %s sessions of %s device / %s host bytes",
+             engine.config.memory_budget_bytes, engine.config.host_memory_budget_bytes, engine.session_capacity,
+             engine.cost.device_bytes, engine.cost.host_memory_bytes(model.device))
     server = DrafterServer(engine, cfg.host, cfg.port, cfg.max_message_bytes, cfg.workers).start()
     if on_started is not None:
         try:
@@ -186,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--memory-budget-bytes", type=int, default=None,
-                   help="device bytes for all sessions' KV (default: 90%% of free CUDA memory; no limit on CPU)")
+                   help="device bytes for all sessions' KV (default: 90%% of free CUDA memory; no limit on CPU, "
+                        "where --host-memory-bytes bounds it)")
+    p.add_argument("--host-memory-bytes", type=_host_memory_flag, default=HOST_AUTO,
+                   help=f"host RAM for all sessions: the host tier, plus the device KV on CPU. {HOST_AUTO!r} "
+                        f"(default): {AUTO_HOST_FRACTION:.0%}% of the RAM available once the model is loaded "
+                        f"(MemAvailable, capped by the cgroup limit); {HOST_UNLIMITED!r}: no limit")
     p.add_argument("--session-ttl-s", type=float, default=600.0)
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
@@ -194,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", default=None, help="redis://HOST:PORT/DB: register in the worker registry")
     p.add_argument("--worker-id", default=None)
     return p
+
+
+def _host_memory_flag(text: str) -> int | str:
+    return int(text) if text.isdigit() else text   # ServerConfig says what is wrong with it
 
 
 def main(argv=None) -> int:
@@ -210,6 +248,7 @@ def main(argv=None) -> int:
                            budget=parse_budget(args.budget), dtype=args.dtype, device=args.device,
                            max_context=args.max_context, host=args.host, port=args.port,
                            memory_budget_bytes=args.memory_budget_bytes, session_ttl_s=args.session_ttl_s,
+                           host_memory_bytes=args.host_memory_bytes,
                            max_message_bytes=args.max_message_bytes, workers=args.workers)
         server, _ = serve(cfg)
         if args.redis:
