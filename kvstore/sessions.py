@@ -7,7 +7,7 @@ none repeated (design invariant 2), and only the current owner can add to them (
 Keys of one session (the id sits in a hash tag, `{id}`, so a Redis Cluster keeps all of them on
 one slot and every Lua script below may touch them together):
 
-    {prefix}:session:{id}:meta     hash: epoch, owner, state, params (JSON), created_at, nonce
+    {prefix}:session:{id}:meta     hash: epoch, owner, state, params (JSON), created_at, nonce, turn_id
     {prefix}:session:{id}:ctx      string: the whole committed context, uint32 little endian
     {prefix}:session:{id}:turns    list: user_start, gen_start per turn (flattened pairs)
     {prefix}:session:{id}:summary  string: the latest verifier -> drafter summary (opaque bytes)
@@ -40,7 +40,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from sparsespec.errors import InvalidArgument, SparseSpecError
+from sparsespec.errors import InvalidArgument, SparseSpecError, shown
 
 STATES = ("active", "finished", "aborted")
 MAX_TOKEN = 2**32 - 1
@@ -94,6 +94,11 @@ class SessionClosed(SparseSpecError):
     """The session is finished or aborted: it takes no more tokens until `begin_turn`."""
 
 
+class SessionBusy(SparseSpecError):
+    """A turn of the session is running (or was interrupted and awaits a resume): one turn of a
+    session runs at a time, so a new one is refused until it finishes."""
+
+
 # --- connection ----------------------------------------------------------------------------
 
 def connect(target: str | redis.Redis) -> redis.Redis:
@@ -142,7 +147,7 @@ class RedisBacked:
 
 def check_id(field: str, value: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= 256 or "{" in value or "}" in value:
-        raise InvalidArgument(field, f"must be 1..256 characters without braces, got {value!r}")
+        raise InvalidArgument(field, f"must be 1..256 characters without braces, got {shown(value)}")
     return value
 
 
@@ -167,7 +172,7 @@ def unpack_tokens(data: bytes) -> list[int]:
 # --- Lua -----------------------------------------------------------------------------------
 # Replies are {code, ...}; see _raise. KEYS always start with meta.
 
-OK, NOT_FOUND, STALE, LEASE_HELD, CONFLICT, CLOSED, EXISTS, NO_TURN = range(8)
+OK, NOT_FOUND, STALE, LEASE_HELD, CONFLICT, CLOSED, EXISTS, NO_TURN, BUSY = range(9)
 
 _CHECK_EPOCH = """
 local function check_epoch(meta, epoch)
@@ -260,22 +265,24 @@ end
 return {4, len}
 """
 
-# KEYS meta ctx turns summary; ARGV epoch expected_len tokens params has_params
+# KEYS meta ctx turns summary; ARGV epoch expected_len tokens params has_params turn_id.
+# One turn at a time: refused (BUSY) while the latest turn is active, so the check and the
+# registration of the turn are one atomic step, across verifiers too.
 _BEGIN_TURN = _CHECK_EPOCH + """
 local err = check_epoch(KEYS[1], ARGV[1])
 if err then return err end
+if redis.call('HGET', KEYS[1], 'turn_id') == ARGV[6] then  -- a retry of this very turn start
+  local last = redis.call('LRANGE', KEYS[3], -1, -1)
+  return {0, tonumber(last[1]), redis.call('LLEN', KEYS[3]) / 2 - 1}
+end
+if redis.call('HGET', KEYS[1], 'state') == 'active' then return {8} end
 local len = redis.call('STRLEN', KEYS[2]) / 4
 local exp = tonumber(ARGV[2])
 local n = string.len(ARGV[3]) / 4
-local last = redis.call('LRANGE', KEYS[3], -2, -1)
-if len == exp + n and tonumber(last[1]) == exp and tonumber(last[2]) == exp + n
-   and (n == 0 or redis.call('GETRANGE', KEYS[2], 4 * exp, 4 * len - 1) == ARGV[3]) then
-  return {0, exp + n, redis.call('LLEN', KEYS[3]) / 2 - 1}  -- a retry that already landed
-end
 if len ~= exp then return {4, len} end
 if n > 0 then redis.call('APPEND', KEYS[2], ARGV[3]) end
 redis.call('RPUSH', KEYS[3], exp, exp + n)
-redis.call('HSET', KEYS[1], 'state', 'active')
+redis.call('HSET', KEYS[1], 'state', 'active', 'turn_id', ARGV[6])
 if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'params', ARGV[4]) end
 for i = 1, 4 do redis.call('PERSIST', KEYS[i]) end  -- a finished session lives again
 return {0, exp + n, redis.call('LLEN', KEYS[3]) / 2 - 1}
@@ -394,6 +401,9 @@ class SessionStore(RedisBacked):
             raise SessionExists(f"session_id: {s} already exists")
         if code == NO_TURN:
             raise InvalidArgument("turn", f"{s} has {rest[0]} turns")
+        if code == BUSY:
+            raise SessionBusy(f"session_id: {s} has a turn in progress; resume it (resume=true) "
+                              "or wait until it finishes")
         raise AssertionError(f"unknown reply {reply!r}")
 
     # --- records -------------------------------------------------------------------------
@@ -463,15 +473,17 @@ class SessionStore(RedisBacked):
         return int(self._run(self._append, session_id, ("meta", "ctx"), [epoch, expected_len, data])[1])
 
     def begin_turn(self, session_id: str, epoch: int, expected_len: int, user_tokens: list[int],
-                   params: dict | None = None) -> int:
+                   params: dict | None = None, turn_id: str | None = None) -> int:
         """Start a new turn: commit the user's tokens after everything so far and return where
-        the turn's generated tokens will start. Reopens a finished session (clears its TTL);
-        `params`, if given, replace the session's. Same refusals and retry safety as `append`."""
+        the turn's generated tokens will start. Refused with SessionBusy while the latest turn
+        is active (one turn at a time). Reopens a finished session (clears its TTL); `params`,
+        if given, replace the session's. Same fencing as `append`; a repeat with the same
+        `turn_id` (a retry after a lost reply) returns the same start and writes nothing."""
         check_count("epoch", epoch)
         check_count("expected_len", expected_len)
         data = pack_tokens("user_tokens", user_tokens)
         args = [epoch, expected_len, data, _dump_params(params) if params is not None else "",
-                "1" if params is not None else "0"]
+                "1" if params is not None else "0", turn_id or uuid.uuid4().hex]
         return int(self._run(self._begin_turn, session_id, ("meta", "ctx", "turns", "summary"), args)[1])
 
     def read(self, session_id: str, offset: int = 0, end: int | None = None, turn: int = -1) -> list[int]:

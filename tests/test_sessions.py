@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from kvstore.registry import Heartbeat, WorkerInfo, WorkerRegistry
-from kvstore.sessions import (LeaseHeld, LogConflict, RedisUnavailable, SessionClosed, SessionExists,
+from kvstore.sessions import (LeaseHeld, LogConflict, RedisUnavailable, SessionBusy, SessionClosed, SessionExists,
                               SessionNotFound, SessionStore, StaleEpoch, Turn)
 from sparsespec.errors import InvalidArgument, SparseSpecError
 
@@ -215,10 +215,13 @@ def test_multi_turn_context_reconstruction(store):
     store.create("s1", PROMPT, {"turn": 0}, owner="v1", lease_ttl_ms=5000)
     store.append("s1", 1, 4, [10, 11, 12])
     store.finish("s1", 1)
-    start = store.begin_turn("s1", 1, 7, [20, 21], params={"turn": 1})
+    start = store.begin_turn("s1", 1, 7, [20, 21], params={"turn": 1}, turn_id="t1")
     assert start == 9
-    assert store.begin_turn("s1", 1, 7, [20, 21]) == 9  # a retry: no second turn, no double tokens
+    assert store.begin_turn("s1", 1, 7, [20, 21], turn_id="t1") == 9  # a retry: no second turn, no double tokens
+    with pytest.raises(SessionBusy, match="session_id: session 's1' has a turn in progress"):
+        store.begin_turn("s1", 1, 9, [22])              # another turn while this one runs
     store.append("s1", 1, 9, [30])
+    store.finish("s1", 1)
     start = store.begin_turn("s1", 1, 10, [])          # a turn without user tokens
     assert start == 10
     store.append("s1", 1, 10, [40, 41])
@@ -234,6 +237,7 @@ def test_multi_turn_context_reconstruction(store):
     assert store.read("s1") == store.read("s1", turn=2) == [40, 41] and store.read("s1", 1, turn=-3) == [11, 12]
     with pytest.raises(InvalidArgument, match="turn: session 's1' has 3 turns"):
         store.read("s1", turn=3)
+    store.finish("s1", e2)
     with pytest.raises(LogConflict):
         store.begin_turn("s1", e2, 10, [50])           # not at the end of the context
 
@@ -387,6 +391,8 @@ def test_redis_down_is_unavailable_then_recovers(redis_srv, redis_url):
 def test_full_redis_is_unavailable_and_nothing_half_written(store, redis_url):
     r = redis.Redis.from_url(redis_url)
     store.create("s1", PROMPT, owner="v1", lease_ttl_ms=5000)
+    store.create("s3", PROMPT, owner="v1", lease_ttl_ms=5000)
+    store.finish("s3", 1)
     r.config_set("maxmemory", 1)                       # full (noeviction): writes refused
     try:
         with pytest.raises(RedisUnavailable, match="cannot serve this now .*OutOfMemoryError"):
@@ -394,9 +400,10 @@ def test_full_redis_is_unavailable_and_nothing_half_written(store, redis_url):
         with pytest.raises(RedisUnavailable):
             store.append("s1", 1, 4, [9])
         with pytest.raises(RedisUnavailable):
-            store.begin_turn("s1", 1, 4, [9, 9])
+            store.begin_turn("s3", 1, 4, [9, 9])
     finally:
         r.config_set("maxmemory", 0)
     assert session_keys(r, "s2") == []
-    rec = store.get("s1")
-    assert (rec.ctx_len, rec.turns) == (4, [Turn(0, 4)]) and store.context("s1") == PROMPT
+    for s in ("s1", "s3"):
+        rec = store.get(s)
+        assert (rec.ctx_len, rec.turns) == (4, [Turn(0, 4)]) and store.context(s) == PROMPT

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
-from kvstore.sessions import SessionNotFound, SessionStore
+from kvstore.sessions import LeaseHeld, SessionBusy, SessionExists, SessionNotFound, SessionStore
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig
 from sparsespec.spec.loop import GenerationRequest, GenerationResult
@@ -22,10 +23,6 @@ from verifier_service.scheduler import CommitLog
 
 class SessionGone(SparseSpecError):
     """The session does not exist (never created, or expired after it finished)."""
-
-
-class SessionBusy(SparseSpecError):
-    """A turn of this session is still running; wait for it or resume it."""
 
 
 @dataclass(frozen=True)
@@ -78,19 +75,41 @@ class DurableSessions(CommitLog):
         self._epochs[session] = rec.epoch
         return session, list(prompt), rec.epoch
 
-    def new_turn(self, session: str, user_tokens: list[int], spec: TurnSpec) -> tuple[list[int], int]:
+    def new_turn(self, session: str, user_tokens: list[int], spec: TurnSpec,
+                 check: Callable[[list[int]], None]) -> tuple[list[int], int]:
         """Continue a session with the user's tokens (creating it under this id if new).
-        Returns (the turn's full prompt context, epoch)."""
+        Returns (the turn's full prompt context, epoch). `check(context)` sees the turn's whole
+        prompt context before anything is written, so a turn it refuses leaves no trace."""
         try:
             rec = self.store.get(session)
         except SessionNotFound:
             if not user_tokens:
                 raise SessionGone(f"session_id: {session!r} not found and the prompt is empty") from None
-            _, context, epoch = self.new_session(user_tokens, spec, session)
+            check(list(user_tokens))
+            try:
+                _, context, epoch = self.new_session(user_tokens, spec, session)
+            except SessionExists:
+                raise SessionBusy(f"session_id: {session!r} was just created by another request") from None
             return context, epoch
-        epoch = self._own(session, rec.epoch)
-        self.store.begin_turn(session, epoch, rec.ctx_len, user_tokens, params=spec.to_dict())
-        return self.store.context(session), epoch
+        if rec.state == "active":
+            raise SessionBusy(f"session_id: {session!r} has a turn in progress; resume it "
+                              "(resume=true) or wait until it finishes")
+        stored = self.store.context(session)
+        context = stored + list(user_tokens)
+        check(context)
+        try:
+            epoch = self._own(session, rec.epoch)
+        except LeaseHeld as e:
+            raise SessionBusy(f"session_id: {session!r} is in use on another verifier ({e})") from None
+        self.store.begin_turn(session, epoch, len(stored), user_tokens, params=spec.to_dict())
+        return context, epoch
+
+    def exists(self, session: str) -> bool:
+        try:
+            self.store.get(session)
+            return True
+        except SessionNotFound:
+            return False
 
     def take_over(self, session: str) -> TakeOver:
         try:
@@ -126,6 +145,9 @@ class DurableSessions(CommitLog):
 
     def summary(self, session):
         return self.store.get_summary(session)
+
+    def ping(self):
+        self.store.ping()
 
     def finish_turn(self, session, epoch, result):
         state = "aborted" if result.metrics.stop_reason == "aborted" else "finished"

@@ -24,11 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore.summary import SummaryConfig
 from sparsespec.errors import InvalidArgument, SparseSpecError
-from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
+from sparsespec.rpc.strict import add_servicer
 
 log = logging.getLogger("verifier_service")
 
 SERVICE = "sparsespec.v1.Generation"
+EXIT_CRASHED = 3        # the round scheduler died: a supervisor restarts the process
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class VerifierServer:
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4 * cfg.max_queue), options=opts)
-        pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, SERVICE, self.server)   # undecodable requests: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
@@ -117,8 +118,11 @@ class VerifierServer:
         return self
 
     def _check_health(self) -> None:
-        """SERVING only while Redis answers: a verifier that cannot commit must not take work."""
+        """SERVING only while the data path works: the round scheduler runs and Redis answers
+        (a verifier that cannot commit must not take work)."""
         try:
+            if self.scheduler.crashed is not None:
+                raise SparseSpecError(f"round scheduler died: {self.scheduler.crashed!r}")
             self.store.ping()
             status = health_pb2.HealthCheckResponse.SERVING
         except SparseSpecError as e:
@@ -146,6 +150,19 @@ class VerifierServer:
             time.sleep(0.05)
         self.stop()
 
+    def die(self, error: BaseException) -> int:
+        """The round loop died: stop serving at once (health NOT_SERVING, every turn's stream
+        fails so the SDK resumes it on another verifier) and return the exit code."""
+        from verifier_service.scheduler import Stopped
+        log.critical("round scheduler died", exc_info=error)
+        self._stopping.set()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.scheduler.fail_all(Stopped("verifier: the round scheduler died; resume on another verifier"))
+        self.stop()
+        print(f"error: round scheduler died: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return EXIT_CRASHED
+
     def stop(self) -> None:
         self._stopping.set()
         self.heartbeat.stop()
@@ -164,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--max-context", type=int, default=None)
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=8, help="cache rows: sessions verified together")
+    p.add_argument("--max-queue", type=int, default=VerifierConfig.max_queue,
+                   help="turns queued or running; more are refused with RESOURCE_EXHAUSTED")
     p.add_argument("-k", type=int, default=4, help="default draft length")
     p.add_argument("--lease-ms", type=int, default=3000)
     p.add_argument("--drain-s", type=float, default=30.0)
@@ -203,7 +222,8 @@ def main(argv=None) -> int:
         cfg = VerifierConfig(model=args.model, redis_url=args.redis, drafters=tuple(args.drafter_address),
                              host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                              max_context=args.max_context,
-                             max_batch=args.max_batch, default_k=args.k, lease_ms=args.lease_ms,
+                             max_batch=args.max_batch, max_queue=args.max_queue, default_k=args.k,
+                             lease_ms=args.lease_ms,
                              drain_s=args.drain_s, summaries=summary_config(args), **extra)
         server = VerifierServer(cfg).start(scheduler_thread=False)
     except SparseSpecError as e:
@@ -214,7 +234,10 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: done.set())
     print(f"listening {server.address}", flush=True)
     scheduler = server.scheduler
-    scheduler.run(until=done.is_set)                     # rounds run on the main thread
+    try:
+        scheduler.run(until=done.is_set)                 # rounds run on the main thread
+    except BaseException as e:  # noqa: BLE001 - a dead round loop is a dead service: say so, exit
+        return server.die(e)
     log.info("draining")
     deadline = server.begin_drain()
     scheduler.run(until=lambda: scheduler.idle() or time.monotonic() > deadline)

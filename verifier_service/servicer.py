@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import uuid
+from contextlib import contextmanager
 
 import grpc
 
-from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError
+from kvstore.sessions import SessionBusy
+from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError, shown
 from sparsespec.rpc.sparsespec.v1 import generation_pb2 as pb
 from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig
 from sparsespec.spec.loop import MODES, GenerationRequest
-from verifier_service.durable import DurableSessions, SessionBusy, SessionGone, TurnSpec
-from verifier_service.scheduler import Job, LeaseLost, Overloaded, Scheduler
+from verifier_service.durable import DurableSessions, SessionGone, TurnSpec
+from verifier_service.scheduler import Job, LeaseLost, Overloaded, Scheduler, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +42,9 @@ def status_of(e: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(e, SessionBusy):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(e, (StaleEpoch, LeaseLost, LeaseHeld)):  # retryable: the lease moves on
+    if isinstance(e, (StaleEpoch, LeaseLost, LeaseHeld, ResumeRace)):  # retryable: the lease moves on
         return grpc.StatusCode.ABORTED
-    if isinstance(e, (RedisUnavailable, Draining)):
+    if isinstance(e, (RedisUnavailable, Draining, Stopped)):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(e, SparseSpecError):
         return grpc.StatusCode.FAILED_PRECONDITION
@@ -51,6 +55,10 @@ class Draining(SparseSpecError):
     """This verifier is shutting down and takes no new work."""
 
 
+class ResumeRace(SparseSpecError):
+    """Another request is taking this session over right now; a retry re-attaches to it."""
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, scheduler: Scheduler, sessions: DurableSessions, tokenizer, model_info: dict,
                  default_k: int = 4):
@@ -59,8 +67,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.default_k = default_k
-        self.jobs: dict[str, Job] = {}   # session -> its latest turn on this verifier
+        self.jobs: dict[str, Job] = {}   # session -> its turn on this verifier, while it runs or is followed
         self.draining = False            # set on SIGTERM: new work goes elsewhere
+        self._lock = threading.Lock()    # jobs, _claimed, Job.watchers
+        self._claimed: set[str] = set()  # sessions whose turn is being registered right now
 
     # --- RPCs -------------------------------------------------------------------------
 
@@ -72,7 +82,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         yield from self._stream(job, offset, context)
 
     def Abort(self, request, context):
-        return pb.AbortReply(aborted=self.scheduler.cancel(request.session_id))
+        job = self.jobs.get(request.session_id)
+        return pb.AbortReply(aborted=job is not None and self.scheduler.cancel(job))
 
     def GetModelInfo(self, request, context):
         return pb.ModelInfo(**self.model_info)
@@ -87,55 +98,107 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         context.abort(code, str(e))
 
     def _open(self, request) -> tuple[Job, int]:
+        """Validate, then register the turn: nothing reaches Redis for a refused request."""
         if self.draining:
             raise Draining("verifier is draining; retry on another verifier")
         if request.resume:
             return self._resume(request)
         spec = self._turn_spec(request)
         prompt = self._prompt_ids(request)
-        if request.session_id:
-            session = request.session_id
-            running = self.jobs.get(session)
-            if running is not None and not running.finished:
-                raise SessionBusy(f"session_id: {session!r} has a turn running; resume it instead")
-            context, epoch = self.sessions.new_turn(session, prompt, spec)
-        else:
-            session, context, epoch = self.sessions.new_session(prompt, spec)
-        return self._submit(Job(session, epoch, spec.request(context), log_len=len(context))), 0
+        session = request.session_id or uuid.uuid4().hex
+
+        def check(context: list[int]) -> None:         # the whole prompt, before any write
+            self.scheduler.engine.check(spec.request(context))
+
+        with self._claim(session, SessionBusy), self.scheduler.reserve() as slot:
+            context, epoch = self.sessions.new_turn(session, prompt, spec, check)
+            return self._submit(Job(session, epoch, spec.request(context), log_len=len(context)), slot), 0
 
     def _resume(self, request) -> tuple[Job, int]:
-        """Re-attach to a turn: here if it runs here, else take the session over from the log."""
-        if not request.session_id:
+        """Re-attach to a turn: here if it runs here, else take the session over from the log.
+        The log is the truth: a session Redis no longer has is not answered from memory."""
+        session = request.session_id
+        if not session:
             raise InvalidArgument("session_id", "resume needs a session_id")
         if request.resume_offset < 0:
             raise InvalidArgument("resume_offset", f"must be >= 0, got {request.resume_offset}")
-        job = self.jobs.get(request.session_id)
+        job = self.jobs.get(session)
         if job is not None and job.error is None:
+            if not self.sessions.exists(session):
+                self._forget(job)
+                raise SessionGone(f"session_id: {shown(session)} not found")
             return job, request.resume_offset
-        state = self.sessions.take_over(request.session_id)
-        # The turn's prompt is state.context; the tokens it already generated are durable and
-        # are this job's first tokens; the rest is generated from context + generated.
-        job = Job(request.session_id, state.epoch, state.spec.request(state.context),
-                  log_len=len(state.context), generated=list(state.generated))
-        remaining = state.spec.max_tokens - len(state.generated)
-        if state.finished or remaining <= 0:
-            job.result = state.result()
-            return job, request.resume_offset
-        job.req = state.spec.request(state.context + state.generated, max_tokens=remaining)
-        return self._submit(job), request.resume_offset
+        with self._claim(session, ResumeRace), self.scheduler.reserve() as slot:
+            state = self.sessions.take_over(session)
+            # The turn's prompt is state.context; the tokens it already generated are durable and
+            # are this job's first tokens; the rest is generated from context + generated.
+            job = Job(session, state.epoch, state.spec.request(state.context),
+                      log_len=len(state.context), generated=list(state.generated))
+            remaining = state.spec.max_tokens - len(state.generated)
+            if state.finished or remaining <= 0:
+                job.result = state.result()
+                return job, request.resume_offset
+            job.req = state.spec.request(state.context + state.generated, max_tokens=remaining)
+            return self._submit(job, slot), request.resume_offset
 
-    def _submit(self, job: Job) -> Job:
-        self.scheduler.submit(job)
-        self.jobs[job.session] = job
+    @contextmanager
+    def _claim(self, session: str, busy: type[SparseSpecError]):
+        """Check that no turn of `session` runs here and register one, as one step: of
+        concurrent turns of a session exactly one gets through, the others get `busy` at once."""
+        with self._lock:
+            running = self.jobs.get(session)
+            if session in self._claimed or (running is not None and not running.finished):
+                raise busy(f"session_id: {shown(session)} has a turn running; resume it or wait "
+                           "until it finishes")
+            self._claimed.add(session)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claimed.discard(session)
+
+    def _submit(self, job: Job, slot) -> Job:
+        self.scheduler.submit(job, slot)
+        with self._lock:
+            self.jobs[job.session] = job
+            self._prune()
         return job
 
+    def _prune(self) -> None:
+        """Forget finished turns nobody follows (a later resume reads them from the log)."""
+        for session, job in list(self.jobs.items()):
+            if job.finished and job.watchers == 0:
+                del self.jobs[session]
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            if self.jobs.get(job.session) is job:
+                del self.jobs[job.session]
+
+    def _follow(self, job: Job, context) -> None:
+        """Count the streams that follow a turn; when the last one goes away before the turn
+        ends, its client is gone: cancel it, so it frees its row at the next round."""
+        with self._lock:
+            job.watchers += 1
+
+        def gone():
+            with self._lock:
+                job.watchers -= 1
+                orphaned = job.watchers == 0 and not job.finished
+                self._prune()
+            if orphaned and self.scheduler.cancel(job):
+                log.info("session %s: client went away; turn cancelled", job.session)
+
+        context.add_callback(gone)
+
     def _stream(self, job: Job, offset: int, context):
+        self._follow(job, context)
         sent_text = ""
         stream_text = not job.req.stop
         while True:
             job.wait_beyond(offset, POLL_S)
             if not context.is_active():
-                return  # the client went away; the turn goes on and stays durable
+                return  # the client went away (`_follow` cancels the turn); what it committed stays durable
             tokens = job.generated[offset:]
             if tokens:
                 msg = pb.GenerateResponse(session_id=job.session, token_ids=tokens, offset=offset)
@@ -183,7 +246,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise InvalidArgument("k", f"must be in [1, {MAX_K}], got {request.k}")
         mode = request.mode or "spec"
         if mode not in MODES:
-            raise InvalidArgument("mode", f"must be one of {MODES}, got {mode!r}")
+            raise InvalidArgument("mode", f"must be one of {MODES}, got {shown(mode)}")
         from sparsespec.rpc.convert import sampling_from_proto
         sampling = sampling_from_proto(request.sampling)
         AdaptiveConfig(enabled=request.adaptive, k_max=min(MAX_K, max(2 * k, 8)))  # validates
