@@ -14,7 +14,7 @@ __all__ = ["DrafterUnavailable", "DrafterFull", "DrafterRejected", "SessionUnkno
 
 
 class DrafterFull(DrafterUnavailable):
-    """The drafter cannot fit another session under its device-memory budget
+    """The drafter cannot fit another session under its device- or host-memory budget
     (RESOURCE_EXHAUSTED). Another drafter may; this one will once a session closes."""
 
 
