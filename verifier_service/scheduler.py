@@ -81,6 +81,7 @@ class Job:
     error: BaseException | None = None
     cancelled: bool = False                 # ends at the next round with stop reason "aborted"
     backlog: list[int] = field(default_factory=list)      # committed, not yet durable (Redis down)
+    run: Run | None = None                  # the engine's run, while the turn holds a row
     watchers: int = 0                       # streams following it (the servicer counts them)
     changed: threading.Condition = field(default_factory=threading.Condition)
 
@@ -119,7 +120,7 @@ class Scheduler:
         self.renew_every_s = renew_every_s
         self.retry_log_s = retry_log_s
         self._pending: queue.Queue[Job] = queue.Queue()
-        self._active: dict[str, tuple[Job, Run]] = {}
+        self._active: dict[str, Job] = {}           # session -> its running turn (job.run set)
         self._parked: OrderedDict[str, _Parked] = OrderedDict()
         self._free_rows = list(range(engine.max_batch))
         self._admitted: set[str] = set()      # sessions queued or running (guarded by _lock)
@@ -197,8 +198,8 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """Fail every queued and running turn (the loop is gone): their streams end with the
         error and the SDK resumes them elsewhere."""
-        for job, run in list(self._active.values()):
-            self._drop(job, run, error)
+        for job in list(self._active.values()):
+            self._drop(job, error)
         while True:
             try:
                 job = self._pending.get_nowait()
@@ -255,7 +256,7 @@ class Scheduler:
             drafter_base = parked.drafter_base if parked and cached == len(parked.context) else 0
             try:
                 summary = None if parked else self._stored_summary(job.session)
-                run = self.engine.start(job.req, row, job.session, cached, drafter_base, summary)
+                job.run = self.engine.start(job.req, row, job.session, cached, drafter_base, summary)
             except Exception as e:  # noqa: BLE001 - one bad session must not stop the others
                 log.exception("session %s failed to start", job.session)
                 self._free_rows.append(row)
@@ -263,7 +264,7 @@ class Scheduler:
                 self._abandon(job)
                 job._update(error=e)
                 continue
-            self._active[job.session] = (job, run)
+            self._active[job.session] = job
 
     def _stored_summary(self, session: str) -> bytes | None:
         try:
@@ -272,13 +273,12 @@ class Scheduler:
             log.warning("session %s: no stored summary: %s", session, e)
             return None
 
-    def _keep_summary(self, job: Job, run: Run) -> None:
-        s = run.summary
-        if s is None or not s.dirty:
+    def _keep_summary(self, job: Job) -> None:
+        data = self.engine.summary_to_keep(job.run)
+        if data is None:
             return
-        s.dirty = False
         try:
-            self.log.put_summary(job.session, job.epoch, s.latest)
+            self.log.put_summary(job.session, job.epoch, data)
         except SparseSpecError as e:       # advice only: the tokens are what must be durable
             log.warning("session %s: summary not stored: %s", job.session, e)
 
@@ -287,49 +287,46 @@ class Scheduler:
         is admitted only while fewer than max_batch run, so a parked session exists here."""
         session, parked = self._parked.popitem(last=False)
         self._free_rows.append(parked.row)
-        try:
-            self.engine.drafter and self.engine.drafter.close(session)
-        except Exception:  # noqa: BLE001 - drafter state is disposable; it expires there
-            log.warning("session %s: drafter close failed", session, exc_info=True)
+        self.engine.close_drafter(session)
 
     def _renew_leases(self) -> None:
         now = time.monotonic()
         if now - self._last_renew < self.renew_every_s or not self._log_reachable():
             return
         self._last_renew = now
-        for job, run in list(self._active.values()):
+        for job in list(self._active.values()):
             try:
                 self.log.renew(job.session, job.epoch)
             except RedisUnavailable as e:
                 self._log_down(e)
                 return
             except Exception as e:  # noqa: BLE001 - the lease moved on (or worse): this job ends
-                self._drop(job, run, e)
+                self._drop(job, e)
 
     def _round(self) -> None:
-        entries = list(self._active.values())
-        for job, run in entries:
-            if job.cancelled and not run.done:
-                run.done, run.stopper.reason = True, "aborted"
+        jobs = list(self._active.values())
+        for job in jobs:
+            if job.cancelled:
+                self.engine.cancel(job.run)
         # In row order, so that adjacent rows are verified over a view of the cache, not a copy.
         # A run whose tokens are not durable yet waits: nothing runs ahead of the log.
-        runnable = sorted((run for job, run in entries if not run.done and not job.backlog),
+        runnable = sorted((job.run for job in jobs if not job.run.done and not job.backlog),
                           key=lambda r: r.row)
         try:
             committed = self.engine.step(runnable) if runnable else {}
         except Exception as e:  # noqa: BLE001 - a failed forward fails these jobs, not the server
             log.exception("round failed")
-            for job, run in entries:
-                self._drop(job, run, e)
+            for job in jobs:
+                self._drop(job, e)
             return
-        for job, run in entries:
+        for job in jobs:
             job.backlog += committed.get(job.session, [])
-            self._sync(job, run)
+            self._sync(job)
         if runnable == [] and self._log_down_since is not None:
             self._wake.wait(self.retry_log_s)   # nothing to compute until Redis is back
             self._wake.clear()
 
-    def _sync(self, job: Job, run: Run) -> None:
+    def _sync(self, job: Job) -> None:
         """Make the round's results durable, then stream them; finish a done run."""
         if not self._log_reachable():
             return
@@ -338,16 +335,16 @@ class Scheduler:
                 self.log.append(job.session, job.epoch, job.log_len + len(job.generated), job.backlog)
                 tokens, job.backlog = job.backlog, []
                 job._update(tokens)
-            self._keep_summary(job, run)
-            if run.done:
-                self._complete(job, run)
+            self._keep_summary(job)
+            if job.run.done:
+                self._complete(job)
         except RedisUnavailable as e:
             self._log_down(e)
         except SparseSpecError as e:            # the lease moved on, or the log disagrees
-            self._drop(job, run, e)
+            self._drop(job, e)
         except Exception as e:  # noqa: BLE001 - one session's failure is not the loop's
             log.exception("session %s: commit failed", job.session)
-            self._drop(job, run, e)
+            self._drop(job, e)
 
     def _log_reachable(self) -> bool:
         """False while Redis is down, probing it at most every retry_log_s."""
@@ -371,7 +368,8 @@ class Scheduler:
             log.warning("%s; sessions pause until it answers", error)
             self._log_down_since = self._last_log_try = time.monotonic()
 
-    def _complete(self, job: Job, run: Run) -> None:
+    def _complete(self, job: Job) -> None:
+        run = job.run
         result = self.engine.finish(run)
         self.log.finish_turn(job.session, job.epoch, result)   # RedisUnavailable: retried later
         del self._active[job.session]
@@ -379,12 +377,12 @@ class Scheduler:
         self._parked[job.session] = _Parked(run.row, list(run.tokens), run.drafter_base)
         job._update(result=result)
 
-    def _drop(self, job: Job, run: Run, error: BaseException) -> None:
+    def _drop(self, job: Job, error: BaseException) -> None:
         """The session leaves this verifier: free its row and drafter state, fail the job."""
         self._active.pop(job.session, None)
         self._forget(job)
-        self.engine.release(run)
-        self._free_rows.append(run.row)
+        self.engine.release(job.run)
+        self._free_rows.append(job.run.row)
         job._update(error=error)
 
     def _abandon(self, job: Job) -> None:

@@ -178,11 +178,32 @@ class SpecEngine:
 
     def release(self, run: Run) -> None:
         """Free the run's drafter state (the verifier row is the caller's to reuse)."""
-        if run.req.mode == "spec" and self.drafter is not None:
+        if run.req.mode == "spec":
+            self.close_drafter(run.session)
+
+    def close_drafter(self, session: str) -> None:
+        """Free a session's drafter state, e.g. a parked session's whose row is taken back.
+        Drafter state is disposable: a drafter that cannot be reached lets it expire."""
+        if self.drafter is not None:
             try:
-                self.drafter.close(run.session)
+                self.drafter.close(session)
             except DRAFTER_FAILURES:
                 pass
+
+    def cancel(self, run: Run) -> None:
+        """End the run before its next round (stop reason "aborted"); its committed tokens stay."""
+        if not run.done:
+            run.done, run.stopper.reason = True, "aborted"
+            run.finished_at = time.perf_counter()
+
+    def summary_to_keep(self, run: Run) -> bytes | None:
+        """The run's latest KV summary if it changed since the last call: what the caller
+        persists after a step (so a replacement drafter starts from it)."""
+        s = run.summary
+        if s is None or not s.dirty:
+            return None
+        s.dirty = False
+        return s.latest
 
     def finish(self, run: Run) -> GenerationResult:
         """Fill in the run's totals. The row keeps the committed context (all but the pending
@@ -237,9 +258,7 @@ class SpecEngine:
         reopen = r.drafter_base == 0
         if s is None or not s.due(len(r.tokens), reopen):
             return None, False
-        made = None
-        if s.want is not None:
-            made = self.verifier.tracker.summary(r.row, self.verifier.length(r.row), s.want)
+        made = self.verifier.summary(r.row, s.want) if s.want is not None else None
         if made is not None:
             return made.encode(), True
         return (s.latest, False) if reopen else (None, False)

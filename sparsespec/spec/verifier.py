@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.full import FullKVCache
-from kvstore.summary import ImportanceTracker, SummaryConfig
+from kvstore.summary import ImportanceTracker, Summary, SummaryConfig
 
 
 class Verifier:
@@ -23,6 +23,12 @@ class Verifier:
         if summary is not None and summary.enabled:
             self.tracker = ImportanceTracker(summary, model.cfg.num_layers, batch, capacity)
             self.cache.observers.append(self.tracker.observe)
+
+    def summary(self, row: int, want) -> "Summary | None":
+        """The row's KV summary for a drafter that can hold `want` (None: nothing scored yet)."""
+        if self.tracker is None:
+            return None
+        return self.tracker.summary(row, self.length(row), want)
 
     def track(self, row: int, on: bool) -> None:
         """Track the row's importance from its next forward on (its prefill, normally)."""
