@@ -2,7 +2,7 @@
 
 Imported lazily, so a drafter without Redis does not need kvstore.registry at all. Verifiers
 pick drafters from the registry, least loaded first; the heartbeat reports the session count.
-The capacity is the sessions both memory budgets hold (DrafterEngine.session_capacity, the min).
+The capacity is the sessions both memory budgets hold (DrafterHost.session_capacity, the min).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ def register_worker(redis_url: str, server, model: str, worker_id: str | None = 
     """Start heartbeating `server` (a DrafterServer); returns the call that deregisters it."""
     from kvstore.registry import Heartbeat, WorkerInfo, WorkerRegistry
 
-    engine = server.engine
-    capacity = engine.session_capacity
+    drafters = server.drafter_host
+    capacity = drafters.session_capacity
     info = WorkerInfo(worker_id=worker_id or f"drafter-{uuid.uuid4().hex[:8]}", role="drafter",
                       address=server.address, model=str(model),
-                      capacity=UNLIMITED if capacity is None else capacity, load=engine.load())
-    beat = Heartbeat(WorkerRegistry(redis_url), info, load=engine.load).start()
+                      capacity=UNLIMITED if capacity is None else capacity, load=drafters.load())
+    beat = Heartbeat(WorkerRegistry(redis_url), info, load=drafters.load).start()
     return beat.stop

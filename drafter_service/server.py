@@ -1,9 +1,10 @@
 """`python -m drafter_service`: a drafter as a gRPC server.
 
-Loads the drafter model, hosts many sessions under a device- and a host-memory budget
-(DrafterEngine), serves the Drafter API plus grpc.health.v1 (SERVING once the model is loaded),
-prints `listening HOST:PORT` and stops gracefully on SIGTERM / SIGINT (health NOT_SERVING,
-in-flight calls finish within the grace period, exit 0).
+Loads the drafter model, builds the DrafterHost (sparsespec.spec.drafter_host, the host used in
+process too: many sessions under a device- and a host-memory budget), serves the Drafter API plus
+grpc.health.v1 (SERVING once the model is loaded), prints `listening HOST:PORT` and stops
+gracefully on SIGTERM / SIGINT (health NOT_SERVING, in-flight calls finish within the grace
+period, exit 0).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from drafter_service.engine import DrafterEngine, DrafterEngineConfig
-from drafter_service.memory import available_host_bytes
 from drafter_service.servicer import SERVICE, DrafterServicer
 from sparsespec.build import EngineConfig, parse_budget, parse_dtype
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.rpc.strict import add_servicer
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig
+from sparsespec.spec.drafter_memory import available_host_bytes
 
 log = logging.getLogger("drafter_service")
 
@@ -82,17 +83,17 @@ class ServerConfig:
 
 
 class DrafterServer:
-    """A started gRPC server around one engine; `stop` is graceful."""
+    """A started gRPC server around one drafter host; `stop` is graceful."""
 
-    def __init__(self, engine: DrafterEngine, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, drafter_host: DrafterHost, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, workers: int = 8):
-        self.engine = engine
+        self.drafter_host = drafter_host
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drafter"),
                                 options=options)
-        add_servicer(DrafterServicer(engine), SERVICE, self.grpc)   # undecodable requests: INVALID_ARGUMENT
+        add_servicer(DrafterServicer(drafter_host), SERVICE, self.grpc)   # undecodable requests: INVALID_ARGUMENT
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         try:
@@ -109,15 +110,15 @@ class DrafterServer:
     def start(self) -> "DrafterServer":
         self.grpc.start()
         self._reaper.start()
-        for name in ("", SERVICE):   # the model is loaded: the engine exists
+        for name in ("", SERVICE):   # the model is loaded: the host exists
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
 
     def _reap(self) -> None:
         """Free the memory of idle sessions even when no new session asks for it."""
-        interval = min(5.0, self.engine.config.session_ttl_s / 4)
+        interval = min(5.0, self.drafter_host.config.session_ttl_s / 4)
         while not self._stopping.wait(interval):
-            evicted = self.engine.evict_idle()
+            evicted = self.drafter_host.evict_idle()
             if evicted:
                 log.info("evicted %d idle sessions", len(evicted))
 
@@ -184,14 +185,14 @@ def serve(cfg: ServerConfig, model=None, on_started: OnStarted | None = None) ->
     sparse = cfg.engine_config().sparse_config()
     if model is None:
         model = load_drafter_model(cfg)
-    engine = DrafterEngine(model, DrafterEngineConfig(
+    drafters = DrafterHost(model, DrafterHostConfig(
         sparse=sparse, max_context=cfg.max_context or model.max_context,
         memory_budget_bytes=memory_budget(cfg, model), session_ttl_s=cfg.session_ttl_s,
         host_memory_budget_bytes=host_memory_budget(cfg)))
     log.info("budgets: device %s, host %s bytes: %s sessions of %s device / %s host bytes",
-             engine.config.memory_budget_bytes, engine.config.host_memory_budget_bytes, engine.session_capacity,
-             engine.cost.device_bytes, engine.cost.host_memory_bytes(model.device))
-    server = DrafterServer(engine, cfg.host, cfg.port, cfg.max_message_bytes, cfg.workers).start()
+             drafters.config.memory_budget_bytes, drafters.config.host_memory_budget_bytes,
+             drafters.session_capacity, drafters.cost.device_bytes, drafters.cost.host_memory_bytes(model.device))
+    server = DrafterServer(drafters, cfg.host, cfg.port, cfg.max_message_bytes, cfg.workers).start()
     if on_started is not None:
         try:
             undo = on_started(server.address)

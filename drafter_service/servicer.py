@@ -1,8 +1,9 @@
-"""The Drafter gRPC service: wire messages in, DrafterEngine calls, wire messages out.
+"""The Drafter gRPC service: wire messages in, DrafterHost calls, wire messages out.
 
-Validation lives in the engine (it knows the vocabulary and the limits); here every exception
-becomes a status with a one-line message that starts with the field it concerns. Nothing escapes
-as UNKNOWN with a stack trace: what we did not raise on purpose is INTERNAL, logged here.
+Validation lives in the host (sparsespec.spec.drafter_host: it knows the vocabulary and the
+limits, and does the same in process); here every exception becomes a status with a one-line
+message that starts with the field it concerns. Nothing escapes as UNKNOWN with a stack trace:
+what we did not raise on purpose is INTERNAL, logged here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 
 import grpc
 
-from drafter_service.engine import DrafterEngine
 from sparsespec.rpc.convert import dist_to_proto, sampling_from_proto, status_for
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
+from sparsespec.spec.drafter_host import DrafterHost
 
 log = logging.getLogger("drafter_service")
 
@@ -47,21 +48,21 @@ def rpc(handler):
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
-    def __init__(self, engine: DrafterEngine):
-        self.engine = engine
+    def __init__(self, host: DrafterHost):
+        self.host = host
 
     @rpc
     def OpenSession(self, request, context):
-        info = self.engine.open(request.session_id, list(request.tokens),
-                                sampling_from_proto(request.sampling), request.epoch)
+        info = self.host.open(request.session_id, list(request.tokens),
+                              sampling_from_proto(request.sampling), request.epoch)
         return drafter_pb2.OpenSessionReply(device_bytes=info.device_bytes, host_bytes=info.host_bytes,
                                             prefill_s=info.prefill_s, **_want_fields(info.want))
 
     @rpc
     def Draft(self, request, context):
-        reply = self.engine.draft(request.session_id, request.base_len, list(request.append), request.k,
-                                  sampling_from_proto(request.sampling), request.epoch,
-                                  summary=request.summary or None)
+        reply = self.host.draft(request.session_id, request.base_len, list(request.append), request.k,
+                                sampling_from_proto(request.sampling), request.epoch,
+                                summary=request.summary or None)
         return drafter_pb2.DraftReply(tokens=reply.tokens,
                                       q=[dist_to_proto(q) for q in reply.qs] if reply.qs else [],
                                       draft_s=reply.draft_s, device_bytes=reply.device_bytes,
@@ -69,7 +70,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     @rpc
     def CloseSession(self, request, context):
-        self.engine.close(request.session_id)
+        self.host.close(request.session_id)
         return drafter_pb2.CloseSessionReply()
 
 

@@ -11,9 +11,8 @@ from kvstore.sparse import SparseConfig
 from sparsespec.errors import InvalidArgument
 from sparsespec.models import load_model, load_tokenizer, resolve_model
 from sparsespec.models.truncate import layer_truncated
-from sparsespec.spec.adaptive import MAX_K
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import SpecEngine
-from sparsespec.spec.transport import LocalDrafterClient
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -106,7 +105,7 @@ def build_engine(cfg: EngineConfig, verifier=None, tokenizer=None) -> tuple[Spec
         verifier, tokenizer = load_verifier(cfg)
     drafter_model = make_drafter_model(verifier, cfg.drafter, cfg)
     max_context = cfg.max_context or verifier.max_context
-    client = LocalDrafterClient(drafter_model, sparse, max_context + MAX_K + 1)
+    client = LocalDrafterClient(DrafterHost(drafter_model, DrafterHostConfig(sparse, max_context)))
     eos = set(verifier.cfg.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

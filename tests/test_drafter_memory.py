@@ -22,8 +22,6 @@ import torch
 
 from conftest import random_model
 from drafter_service import server as drafter_server
-from drafter_service.engine import DrafterEngine, DrafterEngineConfig
-from drafter_service.memory import session_cost
 from drafter_service.registry import UNLIMITED
 from drafter_service.server import ServerConfig
 from kvstore.sparse import SparseConfig, SparseKVCache
@@ -31,6 +29,8 @@ from sparsespec.errors import InvalidArgument
 from sparsespec.rpc.drafter_client import GrpcDrafterClient
 from sparsespec.rpc.errors import DrafterFull
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig
+from sparsespec.spec.drafter_memory import session_cost
 from sparsespec.spec.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +44,9 @@ def model():
     return random_model(seed=0, max_context=MAX_CONTEXT)
 
 
-def engine(model, policy="streaming", budget=16, **budgets) -> DrafterEngine:
-    return DrafterEngine(model, DrafterEngineConfig(SparseConfig(policy=policy, budget=budget), MAX_CONTEXT,
-                                                    **budgets))
+def engine(model, policy="streaming", budget=16, **budgets) -> DrafterHost:
+    return DrafterHost(model, DrafterHostConfig(SparseConfig(policy=policy, budget=budget), MAX_CONTEXT,
+                                                **budgets))
 
 
 # --- (a) the engine ---------------------------------------------------------------------------
@@ -65,9 +65,9 @@ def test_host_budget_refuses_then_fits_after_close_or_eviction(model):
     now = [0.0]
     cost = engine(model).cost.host_memory_bytes("cpu")
     limit = 2 * cost + cost // 2
-    e = DrafterEngine(model, DrafterEngineConfig(SparseConfig(policy="streaming", budget=16), MAX_CONTEXT,
-                                                 session_ttl_s=10.0, host_memory_budget_bytes=limit),
-                      clock=lambda: now[0])
+    e = DrafterHost(model, DrafterHostConfig(SparseConfig(policy="streaming", budget=16), MAX_CONTEXT,
+                                             session_ttl_s=10.0, host_memory_budget_bytes=limit),
+                    clock=lambda: now[0])
     assert e.session_capacity == 2
     prompt = list(range(3, 40))
     for sid in ("a", "b"):
@@ -101,7 +101,7 @@ def test_config_is_validated_naming_the_field(model):
     cfg = SparseConfig(policy="streaming", budget=16)
     for bad in (0, -1, True, 1.5):
         with pytest.raises(InvalidArgument, match="^host_memory_budget_bytes: "):
-            DrafterEngineConfig(cfg, MAX_CONTEXT, host_memory_budget_bytes=bad)
+            DrafterHostConfig(cfg, MAX_CONTEXT, host_memory_budget_bytes=bad)
     host = engine(model).cost.host_memory_bytes("cpu")
     with pytest.raises(InvalidArgument, match=rf"^host_memory_budget_bytes: {host - 1} bytes cannot hold one "
                                               rf"session \({host} bytes of host tier"):
@@ -123,7 +123,7 @@ def test_default_host_budget_is_a_fraction_of_available_ram(monkeypatch):
 
 
 def test_available_host_bytes_respects_the_cgroup_limit(tmp_path):
-    from drafter_service.memory import available_host_bytes
+    from sparsespec.spec.drafter_memory import available_host_bytes
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/meminfo").write_text("MemTotal: 64000000 kB\nMemAvailable: 50000000 kB\n")
     assert available_host_bytes(tmp_path) == 50_000_000 * 1024          # no cgroup files: MemAvailable
@@ -156,7 +156,7 @@ def big_session(big_model_dir):
     """What one session of the child's engine costs (chunk_topk, budget 16, the whole context)."""
     from sparsespec.models.loader import load_config
     cfg, sparse = load_config(big_model_dir), SparseConfig(budget=16)
-    return session_cost(cfg, torch.float32, DrafterEngineConfig(sparse, cfg.max_position_embeddings).capacity, sparse)
+    return session_cost(cfg, torch.float32, DrafterHostConfig(sparse, cfg.max_position_embeddings).capacity, sparse)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def _mb(n: int) -> str:
 def test_default_budget_makes_the_registry_capacity_finite(auto_child, big_cost, redis_srv):
     capacity = _registered(redis_srv.url, "mem-auto").capacity
     assert capacity < UNLIMITED, f"a CPU drafter with default flags advertises capacity {capacity} (unlimited)"
-    from drafter_service.memory import available_host_bytes
+    from sparsespec.spec.drafter_memory import available_host_bytes
     from drafter_service.server import AUTO_HOST_FRACTION
     available = available_host_bytes()   # the child measured it seconds ago; RAM in use moves a little
     expected = int(AUTO_HOST_FRACTION * available) // big_cost

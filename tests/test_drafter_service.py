@@ -21,8 +21,6 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import random_model
-from drafter_service.engine import DrafterEngine, DrafterEngineConfig
-from drafter_service.memory import session_cost
 from drafter_service.server import DrafterServer
 from equality import assert_greedy_equal
 from kvstore.sparse import SparseConfig, SparseKVCache
@@ -33,9 +31,11 @@ from sparsespec.rpc.errors import DrafterFull, DrafterRejected, DrafterUnavailab
 from sparsespec.rpc.sparsespec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from sparsespec.spec.adaptive import MAX_K
 from sparsespec.spec.drafter import StateMismatch
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
+from sparsespec.spec.drafter_memory import session_cost
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams, SparseDist
-from sparsespec.spec.transport import DRAFTER_FAILURES, LocalDrafterClient
+from sparsespec.spec.transport import DRAFTER_FAILURES
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CONTEXT, PROMPT_LEN, MAX_TOKENS, VOCAB = 512, 120, 24, 128
@@ -71,9 +71,9 @@ def servers(model):
     def get(policy, budget, memory_budget_bytes=None, max_message_bytes=16 << 20, clock=time.monotonic):
         key = (policy, budget, memory_budget_bytes, max_message_bytes, clock)
         if key not in started:
-            engine = DrafterEngine(model, DrafterEngineConfig(sparse(policy, budget), MAX_CONTEXT,
-                                                              memory_budget_bytes), clock=clock)
-            started[key] = DrafterServer(engine, max_message_bytes=max_message_bytes, workers=4).start()
+            host = DrafterHost(model, DrafterHostConfig(sparse(policy, budget), MAX_CONTEXT,
+                                                        memory_budget_bytes), clock=clock)
+            started[key] = DrafterServer(host, max_message_bytes=max_message_bytes, workers=4).start()
         return started[key]
 
     yield get
@@ -105,10 +105,10 @@ def test_greedy_over_grpc_equals_ar(model, prompt, ar_tokens, servers, policy, b
     assert_greedy_equal(model, prompt, ar_tokens, out.token_ids, f"grpc {policy}/{budget}/k={k}")
     m = out.metrics
     assert m.drafter_failures == 0 and m.rounds > 0 and m.drafted == m.k_sum
-    assert m.drafter_kv_device_bytes == server.engine.cost.device_bytes - _obs_bytes(model, policy, budget)
+    assert m.drafter_kv_device_bytes == server.drafter_host.cost.device_bytes - _obs_bytes(model, policy, budget)
     if budget is None:  # the drafter IS the verifier with the same cache: every draft is accepted
         assert m.alpha == 1.0
-    assert server.engine.load() == 0  # the run's release closed the session
+    assert server.drafter_host.load() == 0  # the run's release closed the session
 
 
 def _obs_bytes(model, policy, budget) -> int:
@@ -131,7 +131,7 @@ def test_concurrent_sessions_draft_as_alone(model, prompt, servers):
         client.close(session)
         return out
 
-    local = LocalDrafterClient(model, sparse("chunk_topk", 16), server.engine.config.capacity)
+    local = LocalDrafterClient(DrafterHost(model, DrafterHostConfig(sparse("chunk_topk", 16), MAX_CONTEXT)))
     expected = [rounds(local, f"s{i}", p) for i, p in enumerate(prompts)]
     got = [None] * 4
     with GrpcDrafterClient(server.address, timeout_s=30) as client:
@@ -142,7 +142,7 @@ def test_concurrent_sessions_draft_as_alone(model, prompt, servers):
         for t in threads:
             t.join(60)
     assert got == expected
-    assert server.engine.load() == 0
+    assert server.drafter_host.load() == 0
 
 
 # --- (b) sampling: q travels exactly ----------------------------------------------------------
@@ -164,7 +164,7 @@ def test_sampling_params_round_trip():
 
 def test_sampling_drafts_and_q_equal_in_process(model, prompt, servers):
     server = servers("snapkv", 16)
-    local = LocalDrafterClient(model, sparse("snapkv", 16), server.engine.config.capacity)
+    local = LocalDrafterClient(DrafterHost(model, DrafterHostConfig(sparse("snapkv", 16), MAX_CONTEXT)))
     with GrpcDrafterClient(server.address, timeout_s=30) as remote:
         for client in (local, remote):
             client.open("q", prompt, SAMPLING)
@@ -183,7 +183,7 @@ def test_sampling_drafts_and_q_equal_in_process(model, prompt, servers):
 def test_sampling_generation_equals_in_process(model, prompt, servers):
     server = servers("chunk_topk", 16)
     req = GenerationRequest(prompt, MAX_TOKENS, sampling=SAMPLING, k=4)
-    local = LocalDrafterClient(model, sparse("chunk_topk", 16), server.engine.config.capacity)
+    local = LocalDrafterClient(DrafterHost(model, DrafterHostConfig(sparse("chunk_topk", 16), MAX_CONTEXT)))
     expected = SpecEngine(model, local).generate(req)
     with GrpcDrafterClient(server.address, timeout_s=30) as client:
         got = SpecEngine(model, client).generate(req)
@@ -262,9 +262,9 @@ def test_bad_input_statuses_name_the_field(prompt, servers, stub):
         reply = s.Draft(valid, timeout=30)  # ... and the server still serves
         assert len(reply.tokens) == 2 and not reply.q
     assert s.CloseSession(drafter_pb2.CloseSessionRequest(session_id="never-opened"), timeout=30) is not None
-    assert server.engine.load() == 1
+    assert server.drafter_host.load() == 1
     s.CloseSession(drafter_pb2.CloseSessionRequest(session_id="ok"), timeout=30)
-    assert server.engine.load() == 0
+    assert server.drafter_host.load() == 0
 
 
 def test_unexpected_error_is_internal_without_traceback(prompt, servers, stub, monkeypatch):
@@ -273,7 +273,7 @@ def test_unexpected_error_is_internal_without_traceback(prompt, servers, stub, m
     def boom(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(server.engine, "draft", boom)
+    monkeypatch.setattr(server.drafter_host, "draft", boom)
     with pytest.raises(grpc.RpcError) as err:
         stub(server).Draft(drafter_pb2.DraftRequest(session_id="i", base_len=0, append=prompt, k=2), timeout=30)
     assert err.value.code() == grpc.StatusCode.INTERNAL
@@ -295,7 +295,7 @@ def test_client_maps_statuses_to_drafter_failures(model, prompt, ar_tokens, serv
     with GrpcDrafterClient(server.address, timeout_s=1e-4) as client:  # a deadline nobody meets
         with pytest.raises(DrafterUnavailable, match="DEADLINE_EXCEEDED"):
             client.draft("d", 0, prompt, 2, greedy)
-    server.engine.close("d")  # in case the call reached the server after all
+    server.drafter_host.close("d")  # in case the call reached the server after all
     dead = _dead_address()
     with GrpcDrafterClient(dead, timeout_s=5) as client:
         with pytest.raises(DrafterUnavailable, match="UNAVAILABLE"):
@@ -332,9 +332,9 @@ def test_session_cost_is_what_the_cache_allocates(model, policy, budget):
 
 
 def test_memory_budget_refuses_then_accepts_after_close(model, prompt, servers, stub):
-    cost = DrafterEngine(model, DrafterEngineConfig(sparse("chunk_topk", 16), MAX_CONTEXT)).cost.device_bytes
+    cost = DrafterHost(model, DrafterHostConfig(sparse("chunk_topk", 16), MAX_CONTEXT)).cost.device_bytes
     server = servers("chunk_topk", 16, memory_budget_bytes=2 * cost + cost // 2)
-    assert server.engine.session_capacity == 2
+    assert server.drafter_host.session_capacity == 2
     s = stub(server)
     for sid in ("a", "b"):
         reply = s.OpenSession(drafter_pb2.OpenSessionRequest(session_id=sid, tokens=prompt), timeout=30)
@@ -353,15 +353,15 @@ def test_memory_budget_refuses_then_accepts_after_close(model, prompt, servers, 
     s.OpenSession(drafter_pb2.OpenSessionRequest(session_id="c", tokens=prompt), timeout=30)
     reply = s.Draft(drafter_pb2.DraftRequest(session_id="c", base_len=len(prompt), k=3), timeout=30)
     assert len(reply.tokens) == 3
-    assert server.engine.load() == 2 and server.engine.used_bytes() == 2 * cost
+    assert server.drafter_host.load() == 2 and server.drafter_host.used_bytes() == 2 * cost
     for sid in ("b", "c"):
         s.CloseSession(drafter_pb2.CloseSessionRequest(session_id=sid), timeout=30)
-    assert server.engine.used_bytes() == 0
+    assert server.drafter_host.used_bytes() == 0
 
 
 def test_full_drafter_costs_speed_not_tokens(model, prompt, servers):
     """One session fits; the second of a batch is refused and decodes alone, token-identical."""
-    cost = DrafterEngine(model, DrafterEngineConfig(sparse("streaming", 16), MAX_CONTEXT)).cost.device_bytes
+    cost = DrafterHost(model, DrafterHostConfig(sparse("streaming", 16), MAX_CONTEXT)).cost.device_bytes
     server = servers("streaming", 16, memory_budget_bytes=cost)
     prompts = [prompt, prompt[30:]]
     alone = [SpecEngine(model, None).generate(GenerationRequest(p, MAX_TOKENS, mode="ar")).token_ids
@@ -372,15 +372,15 @@ def test_full_drafter_costs_speed_not_tokens(model, prompt, servers):
         assert_greedy_equal(model, p, a, o.token_ids, "budget of one session")
     assert outs[0].metrics.drafter_failures == 0 and outs[0].metrics.rounds > 0
     assert outs[1].metrics.drafter_failures > 0
-    assert server.engine.load() == 0
+    assert server.drafter_host.load() == 0
 
 
 def test_idle_sessions_are_evicted_after_the_ttl(model, prompt):
     now = [0.0]
     cfg = sparse("streaming", 16)
     cost = session_cost(model.cfg, model.dtype, MAX_CONTEXT + MAX_K + 1, cfg).device_bytes
-    engine = DrafterEngine(model, DrafterEngineConfig(cfg, MAX_CONTEXT, memory_budget_bytes=cost,
-                                                      session_ttl_s=10.0), clock=lambda: now[0])
+    engine = DrafterHost(model, DrafterHostConfig(cfg, MAX_CONTEXT, memory_budget_bytes=cost,
+                                                  session_ttl_s=10.0), clock=lambda: now[0])
     greedy = SamplingParams()
     engine.open("old", prompt, greedy)
     now[0] = 5.0
@@ -401,11 +401,11 @@ def test_idle_sessions_are_evicted_after_the_ttl(model, prompt):
 def test_engine_config_is_validated(model):
     cfg = sparse("streaming", 16)
     with pytest.raises(InvalidArgument, match="^memory_budget_bytes: "):
-        DrafterEngine(model, DrafterEngineConfig(cfg, MAX_CONTEXT, memory_budget_bytes=1000))
+        DrafterHost(model, DrafterHostConfig(cfg, MAX_CONTEXT, memory_budget_bytes=1000))
     with pytest.raises(InvalidArgument, match="^max_context: "):
-        DrafterEngine(model, DrafterEngineConfig(cfg, MAX_CONTEXT * 2))
+        DrafterHost(model, DrafterHostConfig(cfg, MAX_CONTEXT * 2))
     with pytest.raises(InvalidArgument, match="^session_ttl_s: "):
-        DrafterEngineConfig(cfg, MAX_CONTEXT, session_ttl_s=0)
+        DrafterHostConfig(cfg, MAX_CONTEXT, session_ttl_s=0)
 
 
 # --- (e) the service as a real process ---------------------------------------------------------

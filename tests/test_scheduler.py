@@ -199,3 +199,20 @@ def test_routing_rebinds_to_a_live_drafter(model, truth):
     finally:
         sched.stop()
     assert "s4" not in a.held or a.mode == "dead"
+
+
+def test_routing_reopens_at_most_every_rebind_interval(truth):
+    from sparsespec.spec.sampling import SamplingParams
+    fake = FakeDrafter(truth)
+    routing = RoutingDrafterClient(StaticDirectory(["a:1"]), lambda a: fake, cooldown_s=0.0, rebind_every_s=30)
+    greedy, prompt = SamplingParams(), PROMPTS["s0"]
+    routing.draft("s0", 0, prompt, 4, greedy)            # binds and opens
+    fake.mode = "dead"
+    with pytest.raises(DrafterUnavailable):
+        routing.draft("s0", len(prompt), [], 4, greedy)
+    with pytest.raises(DrafterUnavailable):
+        routing.draft("s0", 0, prompt, 4, greedy)        # the first re-open is tried (and fails)
+    fake.mode, before = "ok", dict(fake.calls)
+    with pytest.raises(DrafterUnavailable, match="retrying"):
+        routing.draft("s0", 0, prompt, 4, greedy)        # within rebind_every_s: not even tried
+    assert fake.calls == before

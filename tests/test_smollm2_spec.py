@@ -13,8 +13,8 @@ from equality import assert_greedy_equal
 from kvstore.sparse import SparseConfig
 from sparsespec.data import kjv
 from sparsespec.models.truncate import layer_truncated
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
-from sparsespec.spec.transport import LocalDrafterClient
 
 pytestmark = pytest.mark.smollm2
 
@@ -23,7 +23,8 @@ POLICY_BUDGETS = [(p, b) for p in ("streaming", "chunk_topk", "snapkv", "verifie
 
 
 def spec_engine(model, drafter_model, policy, budget, max_batch=1):
-    client = LocalDrafterClient(drafter_model, SparseConfig(policy=policy, budget=budget), model.max_context + 80)
+    client = LocalDrafterClient(DrafterHost(drafter_model, DrafterHostConfig(SparseConfig(policy=policy, budget=budget),
+                                                                           model.max_context)))
     return SpecEngine(model, client, max_batch=max_batch)
 
 

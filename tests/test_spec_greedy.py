@@ -10,15 +10,16 @@ from equality import assert_greedy_equal
 from kvstore.sparse import SparseConfig
 from sparsespec.models.truncate import layer_truncated
 from sparsespec.spec.adaptive import AdaptiveConfig
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
-from sparsespec.spec.transport import LocalDrafterClient
 
 POLICY_BUDGETS = [(p, b) for p in ("streaming", "chunk_topk", "snapkv", "verifier_guided") for b in (16, 256)] + [("full", None)]
 MAX_TOKENS = 40
 
 
 def engine(verifier, drafter_model, policy, budget, max_batch=2):
-    client = LocalDrafterClient(drafter_model, SparseConfig(policy=policy, budget=budget), 1024 + 80)
+    client = LocalDrafterClient(DrafterHost(drafter_model, DrafterHostConfig(SparseConfig(policy=policy, budget=budget),
+                                                                           drafter_model.max_context)))
     return SpecEngine(verifier, client, max_batch=max_batch)
 
 
@@ -82,7 +83,8 @@ def test_stops_cut_exactly_where_ar_stops(tiny_model, prompt, ar_tokens):
     eos = ar_tokens[17]
     first = ar_tokens.index(eos)
     ar = SpecEngine(tiny_model, None, eos_ids=[eos]).generate(GenerationRequest(prompt, MAX_TOKENS, mode="ar"))
-    spec = SpecEngine(tiny_model, LocalDrafterClient(tiny_model, SparseConfig(policy="full", budget=None), 1200),
+    full = DrafterHostConfig(SparseConfig(policy="full", budget=None), tiny_model.max_context)
+    spec = SpecEngine(tiny_model, LocalDrafterClient(DrafterHost(tiny_model, full)),
                       eos_ids=[eos]).generate(GenerationRequest(prompt, MAX_TOKENS, k=8))
     assert ar.token_ids == spec.token_ids == ar_tokens[:first + 1]
     assert ar.metrics.stop_reason == spec.metrics.stop_reason == "eos"
@@ -93,8 +95,8 @@ def test_context_limit_stops_both_modes(tiny_model):
     ar = SpecEngine(tiny_model, None, max_context=110).generate(GenerationRequest(prompt, 50, mode="ar"))
     spec = engine(tiny_model, tiny_model, "full", None).generate(GenerationRequest(prompt, 50, k=8))
     assert len(ar.token_ids) == 10 and ar.metrics.stop_reason == "context_limit"
-    spec_limited = SpecEngine(tiny_model, LocalDrafterClient(tiny_model, SparseConfig(policy="full", budget=None),
-                                                             200), max_context=110)
+    full = DrafterHostConfig(SparseConfig(policy="full", budget=None), 110)
+    spec_limited = SpecEngine(tiny_model, LocalDrafterClient(DrafterHost(tiny_model, full)), max_context=110)
     out = spec_limited.generate(GenerationRequest(prompt, 50, k=8))
     assert out.token_ids == ar.token_ids and out.metrics.stop_reason == "context_limit"
     assert spec.token_ids[:10] == ar.token_ids

@@ -17,9 +17,9 @@ from kvstore.full import FullKVCache
 from kvstore.sparse import SparseConfig
 from kvstore.summary import SummaryConfig
 from sparsespec.spec import acceptance
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams, target_probs
-from sparsespec.spec.transport import LocalDrafterClient
 
 VOCAB, PROMPT, DRAWS, BATCH = 8, [3, 1, 4, 1, 5, 2, 6], 20_000, 50
 PARAMS = SamplingParams(temperature=0.9, top_p=0.95, top_k=6, seed=1234)
@@ -85,7 +85,8 @@ def exact(models):
 
 def make_engine(models, policy="streaming"):
     verifier, drafter = models
-    return SpecEngine(verifier, LocalDrafterClient(drafter, SparseConfig(policy=policy, budget=4), 64),
+    host = DrafterHost(drafter, DrafterHostConfig(SparseConfig(policy=policy, budget=4), 16))
+    return SpecEngine(verifier, LocalDrafterClient(host),
                       max_batch=BATCH, summary=SummaryConfig(every_rounds=1, min_gap_rounds=1))
 
 

@@ -17,9 +17,10 @@ from kvstore.sparse import SparseConfig, SparseKVCache
 from kvstore.summary import ImportanceTracker, Summary, SummaryConfig, SummaryWant
 from sparsespec.errors import InvalidArgument
 from sparsespec.spec.drafter import Drafter
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.summaries import SummarySchedule
-from sparsespec.spec.transport import DrafterUnavailable, LocalDrafterClient
+from sparsespec.spec.transport import DrafterUnavailable
 
 # --- wire format ------------------------------------------------------------------------------
 
@@ -204,7 +205,7 @@ class BoundCheckingClient(LocalDrafterClient):
     def draft(self, session, base_len, append, k, params, summary=None):
         self.summaries_seen.append(summary)
         reply = super().draft(session, base_len, append, k, params, summary)
-        self.max_entries = max(self.max_entries, self.drafter(session).cache.device_entries())
+        self.max_entries = max(self.max_entries, self.host.drafter(session).cache.device_entries())
         return reply
 
 
@@ -212,7 +213,7 @@ class BoundCheckingClient(LocalDrafterClient):
 def test_guided_equals_ar_and_keeps_the_bound(tiny_model, prompt, budget, k, monkeypatch):
     ar = SpecEngine(tiny_model, None).generate(GenerationRequest(prompt, 48, mode="ar")).token_ids
     sparse = SparseConfig(policy="verifier_guided", budget=budget, reselect_interval=8)
-    client = BoundCheckingClient(tiny_model, sparse, 600)
+    client = BoundCheckingClient(DrafterHost(tiny_model, DrafterHostConfig(sparse, 512)))
     take = Drafter.take_summary
 
     def checked_take(self, summary):       # right after a summary the view is a fresh selection
@@ -231,12 +232,13 @@ def test_guided_equals_ar_and_keeps_the_bound(tiny_model, prompt, budget, k, mon
 
 
 def test_summaries_off_or_unread_cost_nothing(tiny_model, prompt):
-    chunk = LocalDrafterClient(tiny_model, SparseConfig(policy="chunk_topk", budget=16), 600)
+    chunk = LocalDrafterClient(DrafterHost(tiny_model, DrafterHostConfig(SparseConfig(policy="chunk_topk", budget=16),
+                                                                         512)))
     engine = SpecEngine(tiny_model, chunk)
     out = engine.generate(GenerationRequest(prompt, 16, k=4))
     assert out.metrics.summaries_sent == 0 and engine.verifier.tracked == [False] * engine.max_batch
-    off = SpecEngine(tiny_model, LocalDrafterClient(tiny_model, SparseConfig("verifier_guided", 16), 600),
-                     summary=None)
+    off = SpecEngine(tiny_model, LocalDrafterClient(DrafterHost(tiny_model, DrafterHostConfig(
+        SparseConfig("verifier_guided", 16), 512))), summary=None)
     assert off.verifier.tracker is None
     assert off.generate(GenerationRequest(prompt, 16, k=4)).metrics.summaries_sent == 0
 
@@ -266,7 +268,8 @@ class Flaky(LocalDrafterClient):
 
 def test_a_reopened_drafter_gets_a_summary_at_once(tiny_model, prompt):
     ar = SpecEngine(tiny_model, None).generate(GenerationRequest(prompt, 40, mode="ar")).token_ids
-    client = Flaky(tiny_model, SparseConfig(policy="verifier_guided", budget=16), 600, fail={4})
+    client = Flaky(DrafterHost(tiny_model, DrafterHostConfig(SparseConfig(policy="verifier_guided", budget=16), 512)),
+                   fail={4})
     cfg = SummaryConfig(every_rounds=50, alpha_threshold=0.0, growth=10_000)   # only the first one
     out = SpecEngine(tiny_model, client, summary=cfg).generate(GenerationRequest(prompt, 40, k=4))
     assert_greedy_equal(tiny_model, prompt, ar, out.token_ids, "re-open")
@@ -281,7 +284,8 @@ def test_a_stored_summary_reaches_a_drafter_the_verifier_knows_nothing_about(tin
     """After a take-over the new verifier passes the session's stored summary; if its drafter
     could not even be opened, the re-open still starts from it."""
     stored = Summary(length=300, chunk=8, chunks=(3, 9), scores=(1.0, 0.5)).encode()
-    client = Flaky(tiny_model, SparseConfig(policy="verifier_guided", budget=16), 600, fail={1})
+    client = Flaky(DrafterHost(tiny_model, DrafterHostConfig(SparseConfig(policy="verifier_guided", budget=16), 512)),
+                   fail={1})
     engine = SpecEngine(tiny_model, client)
     run = engine.start(GenerationRequest(prompt, 8, k=4), 0, summary=stored)
     assert run.drafter_base == 0 and run.summary.want is None

@@ -3,8 +3,9 @@
 `RoutingDrafterClient` is a DrafterClient over many remote drafters. A session is bound to one
 drafter at a time. When that drafter fails (dead, slow, full, lost the session) the call raises
 DrafterUnavailable, the round loop decodes the session alone, and the next draft call arrives
-with base_len 0 and the whole committed prefix: the session is then re-opened on a live drafter
-(at most every `rebind_every_s`), which may be a replacement that registered since.
+with base_len 0 and the whole committed prefix: that draft is sent to a live drafter (at most
+every `rebind_every_s`), which may be a replacement that registered since, and the drafter
+re-opens the session itself (sparsespec.spec.drafter_host); here a session is only bound.
 """
 
 from __future__ import annotations
@@ -63,27 +64,13 @@ class RoutingDrafterClient(DrafterClient):
         return self._bound.get(session)
 
     def open(self, session, tokens, params):
-        now = time.monotonic()
-        if now < self._next_try.get(session, 0.0):
-            raise DrafterUnavailable(f"session {session}: no drafter yet (retrying)")
-        self._next_try[session] = now + self.rebind_every_s
-        candidates = [a for a in self.directory.addresses() if self._bad_until.get(a, 0.0) <= now]
-        for address in candidates:
-            try:
-                want = self._client(address).open(session, tokens, params)
-            except DrafterUnavailable as e:
-                self._mark_bad(address, e)
-                continue
-            self._bound[session] = address
-            self._next_try.pop(session, None)
-            return want
-        raise DrafterUnavailable(f"session {session}: no live drafter among {len(candidates)} candidates")
+        return self._bind(session, lambda client: client.open(session, tokens, params))
 
     def draft(self, session, base_len, append, k, params, summary=None) -> DraftReply:
         if base_len == 0 or session not in self._bound:
-            self.close(session)
-            self.open(session, append, params)
-            base_len, append = len(append), []
+            # A re-open: bind a live drafter and send it the base_len-0 draft (it re-opens itself).
+            self._unbind(session)              # the re-open throttle (_next_try) stays
+            return self._bind(session, lambda client: client.draft(session, 0, append, k, params, summary))
         address = self._bound[session]
         try:
             return self._client(address).draft(session, base_len, append, k, params, summary)
@@ -96,13 +83,36 @@ class RoutingDrafterClient(DrafterClient):
             raise
 
     def close(self, session):
-        address = self._bound.pop(session, None)
+        self._unbind(session)
         self._next_try.pop(session, None)
+
+    def _unbind(self, session: str) -> None:
+        """Forget the session's drafter, freeing its state there if it can be reached."""
+        address = self._bound.pop(session, None)
         if address is not None:
             try:
                 self._client(address).close(session)
             except DrafterUnavailable:
                 pass
+
+    def _bind(self, session: str, call):
+        """Run `call(client)` (an open, or a base_len-0 draft) on the first live drafter that takes
+        it, and bind the session there; a drafter that is unavailable is skipped for cooldown_s."""
+        now = time.monotonic()
+        if now < self._next_try.get(session, 0.0):
+            raise DrafterUnavailable(f"session {session}: no drafter yet (retrying)")
+        self._next_try[session] = now + self.rebind_every_s
+        candidates = [a for a in self.directory.addresses() if self._bad_until.get(a, 0.0) <= now]
+        for address in candidates:
+            try:
+                result = call(self._client(address))
+            except DrafterUnavailable as e:
+                self._mark_bad(address, e)
+                continue
+            self._bound[session] = address
+            self._next_try.pop(session, None)
+            return result
+        raise DrafterUnavailable(f"session {session}: no live drafter among {len(candidates)} candidates")
 
     def _client(self, address: str) -> DrafterClient:
         client = self._clients.get(address)

@@ -36,10 +36,9 @@ from sparsespec.bench.report import first_divergence
 from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
 from sparsespec.errors import InvalidArgument
 from sparsespec.spec.adaptive import MAX_K
-from sparsespec.spec.drafter import Drafter
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import LocalDrafterClient
 
 POLICIES = ("streaming", "chunk_topk", "snapkv", "verifier_guided", "full")
 OWN_TAIL = 64          # prompt tokens the drafter computes itself after adopting the prefix
@@ -99,17 +98,9 @@ class PromptState:
     prefixes: dict = field(default_factory=dict)   # drafter name -> (keys, values) of the prefix
 
 
-class AdoptingDrafterClient(LocalDrafterClient):
-    """LocalDrafterClient whose sessions start from a known exact prefix (see module doc)."""
-
-    def __init__(self, model, sparse, capacity, prefix):
-        super().__init__(model, sparse, capacity)
-        self.prefix = prefix
-
-    def _start(self, tokens):
-        drafter = Drafter(self.model, self.sparse, self.capacity)
-        drafter.start_from(*self.prefix, tokens)
-        return drafter
+def adopting(prefix):
+    """A DrafterHost start strategy: sessions start from a known exact prefix (see module doc)."""
+    return lambda drafter, tokens: drafter.start_from(*prefix, tokens)
 
 
 class Study:
@@ -123,7 +114,7 @@ class Study:
                                               f"model's context of {self.verifier.max_context}")
         self.engine = SpecEngine(self.verifier, None, self.tokenizer, max_context, 1, summary=SummaryConfig())
         self.tracker = self.engine.verifier.tracker
-        self.capacity = max_context + MAX_K + 1
+        self.max_context = max_context
         self.drafter_models = {d: make_drafter_model(self.verifier, d, self.engine_cfg) for d in cfg.drafters}
 
     # --- per prompt -----------------------------------------------------------------------
@@ -158,8 +149,9 @@ class Study:
     def run_config(self, state: PromptState, drafter: str, policy: str, budget: int | None, k: int,
                    temperature: float) -> dict:
         sparse = SparseConfig(policy=policy, budget=budget)
-        self.engine.drafter = AdoptingDrafterClient(self.drafter_models[drafter], sparse, self.capacity,
-                                                    state.prefixes[drafter])
+        host = DrafterHost(self.drafter_models[drafter], DrafterHostConfig(sparse, self.max_context),
+                           start_session=adopting(state.prefixes[drafter]))
+        self.engine.drafter = LocalDrafterClient(host)
         sampling = SamplingParams(temperature=temperature, seed=self.cfg.seed)
         tracker_s = self.tracker.seconds
         run = self._run(state, GenerationRequest(state.ids, self.cfg.max_tokens, sampling, k=k))

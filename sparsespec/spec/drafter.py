@@ -126,13 +126,9 @@ class Drafter:
         self._drafts = tokens
         return DraftResult(tokens, None if params.greedy else qs)
 
-    def apply_summary(self, data: bytes | None) -> None:
-        """Take a KV summary from the verifier (wire bytes; None = none this round). Decoded even
-        when the policy ignores it, so a malformed one is refused the same way everywhere."""
-        if data:
-            self.take_summary(Summary.decode(data))
-
     def take_summary(self, summary: Summary) -> None:
+        """Take a decoded KV summary from the verifier (the host decodes it before any state
+        changes, even when the policy ignores it, so a malformed one is refused everywhere)."""
         self.cache.set_summary(summary)
         self.summaries += 1
 

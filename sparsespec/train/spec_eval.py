@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass
 
 from kvstore.sparse import SparseConfig
-from sparsespec.spec.adaptive import MAX_K
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
-from sparsespec.spec.transport import LocalDrafterClient
 from sparsespec.train.heldout import EVAL_BUDGETS, budget_name
 
 
@@ -45,7 +44,6 @@ def spec_eval(verifier, tokenizer, drafters: dict[str, object], prompts: list[tu
     context = max(len(ids) for _, ids in prompts)
     max_context = context + cfg.max_tokens + 1
     engine = SpecEngine(verifier, None, tokenizer, max_context, max_batch=1, eos_ids=())
-    capacity = max_context + MAX_K + 1
     per_prompt = []
     cells = {v: {budget_name(b): {"drafted": 0, "accepted": 0, "forwards": 0, "equal": 0, "runs": 0,
                                   "alpha_per_prompt": [], "draft_s": 0.0} for b in cfg.budgets}
@@ -64,7 +62,7 @@ def spec_eval(verifier, tokenizer, drafters: dict[str, object], prompts: list[tu
             for b in cfg.budgets:
                 sparse = SparseConfig(policy="full", budget=None) if b is None else \
                     SparseConfig(policy=cfg.policy, budget=b)
-                engine.drafter = LocalDrafterClient(model, sparse, capacity)
+                engine.drafter = LocalDrafterClient(DrafterHost(model, DrafterHostConfig(sparse, max_context)))
                 req = GenerationRequest(tuple(ids), cfg.max_tokens, k=cfg.k, mode="spec")
                 res = _decode(engine, req, cached=len(ids) - 1)
                 m, c = res.metrics, cells[variant][budget_name(b)]

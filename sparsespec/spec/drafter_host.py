@@ -1,4 +1,11 @@
-"""Many sessions' drafters over one shared model, under a device-memory and a host-memory budget.
+"""The drafter host: many sessions' Drafters over one shared model, in process and behind gRPC.
+
+`DrafterHost` is the one place that holds drafter sessions. In process the round loop reaches it
+through `LocalDrafterClient` (a DrafterClient of a few lines, below); the drafter service puts the
+same host behind its gRPC servicer, which only converts messages. So validation (with the wire's
+field names), the re-open on base_len 0, the sampling salt and the moment a KV summary is decoded
+(up front, so a malformed one is refused with `summary: ...` before any state changes) and applied
+(after the sync, before drafting) are one piece of code for both.
 
 A session is admitted only if the bytes its SparseKVCache will allocate fit what both budgets
 have left (`DrafterFull` otherwise), and gives them back on close or when it has been idle longer
@@ -8,7 +15,11 @@ device KV when the device is the CPU (it is host RAM then too). Drafter state is
 (docs/design.md, invariant 2), so eviction and refusal cost the verifier speed, never tokens: it
 decodes alone and re-opens later.
 
-Every field is validated here, with the wire's field names, so the gRPC servicer only converts.
+Per-session state lives in one table (`_sessions`), and a Draft runs three steps on it, each its
+own method (`_sync`, `_take_summary`, `_draft`), so a host that batches its sessions can run each
+step over all of them. How a session starts is the `start_session` strategy (a prefill by
+default; the acceptance bench adopts a known exact prefix instead).
+
 Concurrency: a table lock for the session map and the byte count, a lock per session to order
 its calls, and one compute lock around model forwards: the shared model builds its rotary table
 and packed weights lazily (not thread-safe) and one device runs one forward at a time anyway.
@@ -23,24 +34,27 @@ from typing import Callable
 
 import torch
 
-from drafter_service.memory import SessionCost, session_cost
 from kvstore.sparse import SparseConfig
 from kvstore.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.rpc.errors import DrafterFull, SessionUnknown, StateMismatch
 from sparsespec.runtime import release_memory
 from sparsespec.spec.adaptive import MAX_K
-from sparsespec.spec.drafter import Drafter
+from sparsespec.spec.drafter import Drafter, DraftResult
+from sparsespec.spec.drafter_memory import SessionCost, session_cost
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import DraftReply
+from sparsespec.spec.transport import DraftReply, DrafterClient
 
-DRAFT_SALT = 0x5EED          # as LocalDrafterClient: a remote drafter draws the same drafts
+DRAFT_SALT = 0x5EED          # salts every session's drafting stream (params.generator(salt=...))
 MAX_SESSION_ID = 256         # characters
+
+# How a session starts: bring a fresh Drafter to the committed tokens. Runs under the compute lock.
+StartFn = Callable[[Drafter, list[int]], None]
 
 
 @dataclass(frozen=True)
-class DrafterEngineConfig:
-    """How a drafter engine holds sessions. Validated at construction; errors name the field."""
+class DrafterHostConfig:
+    """How a drafter host holds sessions. Validated at construction; errors name the field."""
 
     sparse: SparseConfig
     max_context: int                          # longest committed prefix a session may hold
@@ -76,7 +90,7 @@ class OpenInfo:
 
 @dataclass(frozen=True)
 class _Budget:
-    config_field: str   # the DrafterEngineConfig field it comes from
+    config_field: str   # the DrafterHostConfig field it comes from
     name: str           # "device memory budget" | "host memory budget"
     limit: int          # bytes
     per_session: int    # bytes every session takes from it
@@ -88,7 +102,7 @@ class _Session:
     epoch: int
     last_used: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-    drafter: Drafter | None = None        # None while the prefill runs
+    drafter: Drafter | None = None        # None while the session starts
     gen: torch.Generator | None = None
     closed: bool = False
 
@@ -99,11 +113,13 @@ def _retire(entry: _Session) -> None:
     entry.drafter = entry.gen = None
 
 
-class DrafterEngine:
-    def __init__(self, model, config: DrafterEngineConfig, clock: Callable[[], float] = time.monotonic):
+class DrafterHost:
+    def __init__(self, model, config: DrafterHostConfig, clock: Callable[[], float] = time.monotonic,
+                 start_session: StartFn = Drafter.start):
+        """`start_session`: how a session starts (default: a prefill of its committed tokens)."""
         if config.max_context > model.max_context:
             raise InvalidArgument("max_context", f"{config.max_context} exceeds the model's {model.max_context}")
-        self.model, self.config, self.clock = model, config, clock
+        self.model, self.config, self.clock, self.start_session = model, config, clock, start_session
         self.vocab_size = model.cfg.vocab_size
         self.cost: SessionCost = session_cost(model.cfg, model.dtype, config.capacity, config.sparse)
         host_what = "host tier + device KV (the device is the CPU)" if model.device.type == "cpu" else "host tier"
@@ -195,7 +211,7 @@ class DrafterEngine:
             try:
                 with self._compute:
                     drafter = Drafter(self.model, self.config.sparse, self.config.capacity)
-                    drafter.start(list(tokens))
+                    self.start_session(drafter, list(tokens))
             except BaseException:
                 self._forget(session_id, entry)
                 raise
@@ -230,25 +246,21 @@ class DrafterEngine:
                                                 "the whole committed prefix")
             self.open(session_id, append, params, epoch)
             base_len, append = len(append), []
-        entry = self._sessions.get(session_id)
-        if entry is None:
-            raise SessionUnknown(f"session_id: {session_id!r} is not open on this drafter "
-                                 "(closed, evicted, or never opened): re-open it with base_len 0")
+        entry = self._entry(session_id)
         with entry.lock:
             if entry.closed or entry.drafter is None:
                 raise SessionUnknown(f"session_id: {session_id!r} was closed or evicted: "
                                      "re-open it with base_len 0")
             if epoch != entry.epoch:
                 raise StateMismatch(f"epoch: {epoch} does not match the session's {entry.epoch}: re-open it")
-            drafter = entry.drafter
             if entry.gen is None and not params.greedy:
                 entry.gen = params.generator(salt=DRAFT_SALT)
+            drafter, gen = entry.drafter, entry.gen   # a close meanwhile frees them when we return
             try:
                 with self._compute:
-                    drafter.sync(base_len, append)     # StateMismatch leaves the state untouched
-                    if decoded is not None:
-                        drafter.take_summary(decoded)
-                    result = drafter.draft(k, params, entry.gen)
+                    self._sync(drafter, base_len, append)     # StateMismatch leaves the state untouched
+                    self._take_summary(drafter, decoded)
+                    result = self._draft(drafter, gen, k, params)
             except StateMismatch:
                 raise
             except BaseException:
@@ -269,7 +281,39 @@ class DrafterEngine:
         release_memory()   # a call still drafting on it frees the cache when it returns instead
         return True
 
+    def drafter(self, session_id: str) -> Drafter:
+        """The session's Drafter, to inspect (tests, benchmarks); SessionUnknown if none."""
+        drafter = self._entry(session_id).drafter
+        if drafter is None:
+            raise SessionUnknown(f"session_id: {session_id!r} is starting, closed or evicted")
+        return drafter
+
+    # --- the steps of a Draft (one session each; a batching host runs each over many) ---------
+
+    @staticmethod
+    def _sync(drafter: Drafter, base_len: int, append: list[int]) -> None:
+        """Follow the committed prefix: keep accepted cached drafts, roll back the rest, append."""
+        drafter.sync(base_len, append)
+
+    @staticmethod
+    def _take_summary(drafter: Drafter, summary: Summary | None) -> None:
+        """Apply the verifier's (already decoded) KV summary, if one came: re-selects at once."""
+        if summary is not None:
+            drafter.take_summary(summary)
+
+    @staticmethod
+    def _draft(drafter: Drafter, gen: torch.Generator | None, k: int, params: SamplingParams) -> DraftResult:
+        """Chain-draft k tokens from the committed prefix (one forward per draft position)."""
+        return drafter.draft(k, params, gen)
+
     # --- helpers ---------------------------------------------------------------------------
+
+    def _entry(self, session_id: str) -> _Session:
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            raise SessionUnknown(f"session_id: {session_id!r} is not open on this drafter "
+                                 "(closed, evicted, or never opened): re-open it with base_len 0")
+        return entry
 
     def _forget(self, session_id: str, entry: _Session) -> None:
         with self._lock:
@@ -281,6 +325,22 @@ class DrafterEngine:
         bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidArgument(name, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+
+class LocalDrafterClient(DrafterClient):
+    """The round loop's DrafterClient over a DrafterHost in this process."""
+
+    def __init__(self, host: DrafterHost):
+        self.host = host
+
+    def open(self, session, tokens, params):
+        return self.host.open(session, tokens, params).want
+
+    def draft(self, session, base_len, append, k, params, summary=None):
+        return self.host.draft(session, base_len, append, k, params, summary=summary)
+
+    def close(self, session):
+        self.host.close(session)
 
 
 def _check_session(session_id: str) -> None:

@@ -1,9 +1,10 @@
-"""What one session costs a drafter, computed before anything is allocated.
+"""What one session costs a drafter host, computed before anything is allocated.
 
-The drafter admits a session only if its cost fits both memory budgets, so the numbers here must
-be exactly what SparseKVCache allocates (a test checks them against a built cache). Every session
-of one engine costs the same: the cache is preallocated for the engine's capacity, whatever the
-prompt length. `available_host_bytes` is what the host budget's default is a fraction of.
+The host (sparsespec.spec.drafter_host) admits a session only if its cost fits both memory
+budgets, so the numbers here must be exactly what SparseKVCache allocates (a test checks them
+against a built cache). Every session of one host costs the same: the cache is preallocated for
+the host's capacity, whatever the prompt length. `available_host_bytes` is what the drafter
+service's default host budget is a fraction of.
 """
 
 from __future__ import annotations
