@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.base import KVCache
-from sparsespec.kernels.attention import attend, causal_block_mask
+from sparsespec.kernels.attention import attend, attend_block, block_supported, causal_block_mask
 
 
 class FullKVCache(KVCache):
@@ -16,6 +16,8 @@ class FullKVCache(KVCache):
     drafts, then `truncate` each row to what it committed. `truncate` is the rollback of rejected
     drafts: it only moves a length, the tensors stay allocated.
     """
+
+    block_verify = True   # verifies through attend_block; False: the masked reference (the bench compares)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
                  batch: int = 1, dtype=torch.float32, device="cpu"):
@@ -30,6 +32,7 @@ class FullKVCache(KVCache):
         self._t = 0
         self._mask: torch.Tensor | None = None
         self._causal = False
+        self._block = False
 
     @classmethod
     def for_model(cls, model, capacity: int, batch: int = 1) -> "FullKVCache":
@@ -59,8 +62,12 @@ class FullKVCache(KVCache):
         device = self.k[0].device
         uniform = bool((lengths == lengths[0]).all())
         self._causal = uniform and num_new > 1 and int(lengths[0]) == 0   # prefill of empty rows
-        self._mask = None if uniform and (num_new == 1 or self._causal) else causal_block_mask(
-            lengths.to(device), num_new, int(lengths.max()) + num_new)
+        # A verify (a few new tokens after a past) reads each row's past once (attend_block);
+        # the [B, 1, T, S] mask is then only built for observers that read it.
+        self._block = self.block_verify and not self._causal and block_supported(device, num_new)
+        needs_mask = not (uniform and (num_new == 1 or self._causal)) and (not self._block or self.observers)
+        self._mask = causal_block_mask(lengths.to(device), num_new, int(lengths.max()) + num_new) \
+            if needs_mask else None
         return lengths.to(device).view(-1, 1) + torch.arange(num_new, device=device).view(1, -1)
 
     def attend(self, layer, q, k, v):
@@ -86,6 +93,8 @@ class FullKVCache(KVCache):
             keys, values = kc[index, :, :end], vc[index, :, :end]               # gathered rows (a copy)
         for obs in self.observers:
             obs(layer, q, keys, self._mask, lengths)
+        if self._block:
+            return attend_block(q, keys, values, lengths)
         return attend(q, keys, values, self._mask, self._causal)
 
     def end_forward(self) -> None:

@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: speed (docs/benchmarks.md) or the acceptance study "
                                           "(docs/acceptance.md)")
-    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance"],
+    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance", "verify"],
                        help="speed: AR vs speculative vs transformers; acceptance: tau per policy, "
-                            "budget and context, with KV summaries")
+                            "budget and context, with KV summaries; verify: a (k+1)-token verify "
+                            "forward against an AR step (c_verify of the cost model)")
     bench.add_argument("--quick", action="store_true", help="a small grid, for smoke runs")
     bench.add_argument("--out", default="docs", help="directory for the markdown, JSON and plots")
     bench.add_argument("--model", default="smollm2-135m")
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     bench.add_argument("--services", action="store_true",
                        help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
-    bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services")
+    bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services and verify")
+    bench.add_argument("--reps", type=int, default=5, help="verify: timed forwards per cell")
     for module in EXTENSIONS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
@@ -243,6 +245,12 @@ def cmd_bench(args) -> int:
     import os
 
     args.threads = args.threads or os.cpu_count() or 1
+    if args.suite == "verify":
+        from sparsespec.bench.verify_cost import run_verify_cost
+        args.contexts, args.k = args.contexts or "4096,8000", args.k or 4
+        if args.quick:
+            args.contexts, args.sessions, args.reps = "512", "1,2", 2
+        return run_verify_cost(args)
     if args.suite == "acceptance":
         from sparsespec.bench.acceptance import run_acceptance
         args.contexts = args.contexts or "2048,4096,8000"

@@ -1,4 +1,5 @@
-"""Attention over gathered cache entries: the torch reference every cache uses."""
+"""Attention over gathered cache entries: the torch reference every cache uses, and the
+verify path that reads each row's past K/V once."""
 
 from __future__ import annotations
 
@@ -28,3 +29,63 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+# Widest new block `attend_block` takes: a round's k + 1 (MAX_K = 64). Wider forwards (a
+# multi-turn extend) keep the masked path.
+MAX_BLOCK = 65
+
+
+def block_supported(device: torch.device, num_new: int) -> bool:
+    """`attend_block` runs on CPU tensors (it needs the fused kernel's log-sum-exp)."""
+    return device.type == "cpu" and 1 < num_new <= MAX_BLOCK
+
+
+def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 past: torch.Tensor) -> torch.Tensor:
+    """Attention of T new queries per row whose own keys follow that row's past: a verify.
+
+    q: [B, H, T, D]; keys, values: [B, Hkv, S, D] with row b's past at [:past[b]] and its T new
+    entries at [past[b], past[b] + T); past: [B] (host). Returns [B, H, T, D], equal to `attend`
+    with `causal_block_mask` to fp32 rounding, but without a [B, 1, T, S] mask or repeated KV
+    heads: the query heads of each KV head are stacked into one [G*T]-query attention over the
+    past (every past key is visible to every new query; rows of different lengths get a
+    [B, 1, 1, S] key-padding mask), the T x T causal block is computed apart, and the two are
+    merged by their log-sum-exp. So a k-token verify reads each row's past K/V once, as an AR
+    step does.
+    """
+    B, H, T, D = q.shape
+    Hkv = keys.shape[1]
+    G = H // Hkv
+    starts = past.tolist()
+    longest = max(starts)
+    qg = q.reshape(B, Hkv, G * T, D)                                       # heads of a KV head stacked
+    mask = None
+    if min(starts) != longest:
+        visible = torch.arange(longest, device=q.device).view(1, 1, 1, -1) < past.to(q.device).view(B, 1, 1, 1)
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    if longest > 0:
+        out_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, keys[:, :, :longest], values[:, :, :longest], attn_mask=mask)   # [B, Hkv, G*T, D], [B, Hkv, G*T]
+        out_p, lse_p = out_p.reshape(B, H, T, D), lse_p.reshape(B, H, T)
+        if min(starts) == 0:                 # a row without a past: the kernel's lse is not -inf there
+            lse_p = lse_p.masked_fill(past.to(q.device).view(B, 1, 1) == 0, float("-inf"))
+    if len(set(starts)) == 1:
+        k_new, v_new = keys[:, :, longest:longest + T], values[:, :, longest:longest + T]   # [B, Hkv, T, D]
+    else:
+        k_new = torch.stack([keys[b, :, p:p + T] for b, p in enumerate(starts)])
+        v_new = torch.stack([values[b, :, p:p + T] for b, p in enumerate(starts)])
+    # The block and the merge in fp32 (tiny), like the fused kernel's accumulators.
+    qb = q.reshape(B, Hkv, G, T, D).float()
+    scores = qb @ k_new.unsqueeze(2).float().transpose(-1, -2) * D ** -0.5   # [B, Hkv, G, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    lse_b = torch.logsumexp(scores, dim=-1).reshape(B, H, T)
+    out_b = (torch.softmax(scores, dim=-1) @ v_new.unsqueeze(2).float()).reshape(B, H, T, D)
+    if longest == 0:
+        return out_b.to(q.dtype)
+    top = torch.maximum(lse_p.float(), lse_b)
+    w_p, w_b = torch.exp(lse_p - top), torch.exp(lse_b - top)
+    out_p = torch.where(w_p.unsqueeze(-1) > 0, out_p.float(), 0.0)   # a fully masked past may hold NaN
+    out = (out_p * w_p.unsqueeze(-1) + out_b * w_b.unsqueeze(-1)) / (w_p + w_b).unsqueeze(-1)
+    return out.to(q.dtype)
