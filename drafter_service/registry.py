@@ -1,6 +1,6 @@
 """Optional: keep this drafter in the Redis worker registry (only with --redis).
 
-Imported lazily, so a drafter without Redis does not need kvstore.registry at all. Verifiers
+Imported lazily, so a drafter without Redis does not need kvstore.coord.registry at all. Verifiers
 pick drafters from the registry, least loaded first; the heartbeat reports the session count.
 The capacity is the sessions both memory budgets hold (DrafterHost.session_capacity, the min).
 """
@@ -15,7 +15,7 @@ UNLIMITED = (1 << 31) - 1   # registry capacity when neither budget binds (--hos
 
 def register_worker(redis_url: str, server, model: str, worker_id: str | None = None) -> Callable[[], None]:
     """Start heartbeating `server` (a DrafterServer); returns the call that deregisters it."""
-    from kvstore.registry import Heartbeat, WorkerInfo, WorkerRegistry
+    from kvstore.coord.registry import Heartbeat, WorkerInfo, WorkerRegistry
 
     drafters = server.drafter_host
     capacity = drafters.session_capacity

@@ -1,7 +1,4 @@
-"""Everything about KV state: the caches the model attends over, the drafter's policies, summaries, sessions."""
-
-from kvstore.base import KVCache
-from kvstore.full import FullKVCache
-from kvstore.sparse import SparseKVCache, SparseConfig
-
-__all__ = ["KVCache", "FullKVCache", "SparseKVCache", "SparseConfig"]
+"""The project's state outside the model: `kvstore.cache` holds KV tensors (the verifier's full
+cache, the drafter's sparse cache, its policies, KV summaries); `kvstore.coord` holds what lives
+in Redis (sessions, the committed-token log, leases, the worker registry). The two never import
+each other."""

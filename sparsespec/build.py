@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.sparse import SparseConfig
+from kvstore.cache.sparse import SparseConfig
 from sparsespec.errors import InvalidArgument
 from sparsespec.models import load_model, load_tokenizer, resolve_model
 from sparsespec.models.truncate import layer_truncated

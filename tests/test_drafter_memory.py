@@ -24,7 +24,7 @@ from conftest import random_model
 from drafter_service import server as drafter_server
 from drafter_service.registry import UNLIMITED
 from drafter_service.server import ServerConfig
-from kvstore.sparse import SparseConfig, SparseKVCache
+from kvstore.cache.sparse import SparseConfig, SparseKVCache
 from sparsespec.errors import InvalidArgument
 from sparsespec.rpc.drafter_client import GrpcDrafterClient
 from sparsespec.rpc.errors import DrafterFull
@@ -213,7 +213,7 @@ def auto_child(big_model_dir, redis_srv):
 
 def _registered(redis_url: str, worker_id: str, timeout_s: float = 30.0):
     """The worker's registry record (its heartbeat thread registers it just after `listening`)."""
-    from kvstore.registry import WorkerRegistry
+    from kvstore.coord.registry import WorkerRegistry
     registry, deadline = WorkerRegistry(redis_url), time.monotonic() + timeout_s
     while True:
         found = [w for w in registry.live("drafter") if w.worker_id == worker_id]

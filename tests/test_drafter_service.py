@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import random_model
 from drafter_service.server import DrafterServer
 from equality import assert_greedy_equal
-from kvstore.sparse import SparseConfig, SparseKVCache
+from kvstore.cache.sparse import SparseConfig, SparseKVCache
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.rpc import convert
 from sparsespec.rpc.drafter_client import GrpcDrafterClient

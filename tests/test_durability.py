@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kvstore.sessions import LeaseHeld, SessionNotFound, SessionStore, StaleEpoch
+from kvstore.coord.sessions import LeaseHeld, SessionNotFound, SessionStore, StaleEpoch
 from sparsespec.redis_server import RedisServer, find_redis_server
 
 PROMPT = [5, 6, 7, 8]

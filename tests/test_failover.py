@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from equality import assert_greedy_equal
-from kvstore.sessions import SessionStore, StaleEpoch
+from kvstore.coord.sessions import SessionStore, StaleEpoch
 from sparsespec.client import GenerationError, SparseSpecClient
 from sparsespec.cluster import ClusterConfig, LocalCluster
 from sparsespec.models import load_model, load_tokenizer

@@ -265,7 +265,7 @@ def test_rendered_args_start_the_services_and_their_probes_pass(tmp_path, redis_
                 while not probe_passes(address, service):
                     assert time.monotonic() < deadline, f"{pool} {probe} never SERVING"
                     time.sleep(0.2)
-        from kvstore.registry import WorkerRegistry
+        from kvstore.coord.registry import WorkerRegistry
         drafters = WorkerRegistry(redis_url).live("drafter")
         assert [(w.worker_id, w.address) for w in drafters] == [(f"pod-{procs['drafter'][1].split(':')[1]}",
                                                                  procs["drafter"][1])]

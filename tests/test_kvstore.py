@@ -13,8 +13,8 @@ import random
 import pytest
 import torch
 
-from kvstore import FullKVCache, SparseConfig, SparseKVCache
-from kvstore.policies import POLICIES, SelectionContext, get_policy
+from kvstore.cache import FullKVCache, SparseConfig, SparseKVCache
+from kvstore.cache.policies import POLICIES, SelectionContext, get_policy
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.models.config import ModelConfig
 from sparsespec.models.llama import LlamaModel

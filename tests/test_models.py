@@ -16,7 +16,7 @@ import zipfile
 import pytest
 import torch
 
-from kvstore.full import FullKVCache
+from kvstore.cache.full import FullKVCache
 from sparsespec.errors import InvalidArgument, ModelLoadError
 from sparsespec.models import load_config, load_model, load_tokenizer, registry, save_model
 from sparsespec.models.loader import CONVERT_MARKER, convert_gguf_to_dir

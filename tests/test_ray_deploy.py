@@ -318,7 +318,7 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
     try:
         from sparsespec.deploy import connect
         dep = connect(NAME, address)
-        from kvstore.registry import WorkerRegistry
+        from kvstore.coord.registry import WorkerRegistry
         registry = WorkerRegistry(redis_srv.url)
         assert sorted(w.worker_id for w in registry.live("drafter")) == [f"{NAME}-drafter-0", f"{NAME}-drafter-1"]
 

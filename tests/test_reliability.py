@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from equality import assert_greedy_equal
-from kvstore.sessions import RedisUnavailable, SessionBusy, SessionStore
+from kvstore.coord.sessions import RedisUnavailable, SessionBusy, SessionStore
 from sparsespec.client import GenerationError, SparseSpecClient
 from sparsespec.cluster import ClusterConfig, LocalCluster, spawn_service
 from sparsespec.models import load_model

@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from kvstore.registry import Heartbeat, WorkerInfo, WorkerRegistry
-from kvstore.sessions import (LeaseHeld, LogConflict, RedisUnavailable, SessionBusy, SessionClosed, SessionExists,
+from kvstore.coord.registry import Heartbeat, WorkerInfo, WorkerRegistry
+from kvstore.coord.sessions import (LeaseHeld, LogConflict, RedisUnavailable, SessionBusy, SessionClosed, SessionExists,
                               SessionNotFound, SessionStore, StaleEpoch, Turn)
 from sparsespec.errors import InvalidArgument, SparseSpecError
 
@@ -320,8 +320,6 @@ def test_registry_live_sorted_by_load(redis_url):
         reg.live("router")
     with pytest.raises(InvalidArgument, match="address:"):
         WorkerInfo(worker_id="x", role="drafter", address="nohost", model="m", capacity=1)
-    from kvstore import sessions                       # callers import it from there too
-    assert (sessions.WorkerRegistry, sessions.WorkerInfo) == (WorkerRegistry, WorkerInfo)
 
 
 def test_heartbeat_expiry_drops_worker(redis_url):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from equality import assert_greedy_equal
-from kvstore.sparse import SparseConfig
+from kvstore.cache.sparse import SparseConfig
 from sparsespec.data import kjv
 from sparsespec.models.truncate import layer_truncated
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient

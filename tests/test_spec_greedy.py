@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_model
 from equality import assert_greedy_equal
-from kvstore.sparse import SparseConfig
+from kvstore.cache.sparse import SparseConfig
 from sparsespec.models.truncate import layer_truncated
 from sparsespec.spec.adaptive import AdaptiveConfig
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import random_model
-from kvstore.full import FullKVCache
-from kvstore.sparse import SparseConfig
-from kvstore.summary import SummaryConfig
+from kvstore.cache.full import FullKVCache
+from kvstore.cache.sparse import SparseConfig
 from sparsespec.spec import acceptance
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams, target_probs
+from sparsespec.spec.summaries import ScheduleConfig
 
 VOCAB, PROMPT, DRAWS, BATCH = 8, [3, 1, 4, 1, 5, 2, 6], 20_000, 50
 PARAMS = SamplingParams(temperature=0.9, top_p=0.95, top_k=6, seed=1234)
@@ -87,7 +87,7 @@ def make_engine(models, policy="streaming"):
     verifier, drafter = models
     host = DrafterHost(drafter, DrafterHostConfig(SparseConfig(policy=policy, budget=4), 16))
     return SpecEngine(verifier, LocalDrafterClient(host),
-                      max_batch=BATCH, summary=SummaryConfig(every_rounds=1, min_gap_rounds=1))
+                      max_batch=BATCH, schedule=ScheduleConfig(every_rounds=1, min_gap_rounds=1))
 
 
 def test_ar_sampler_matches_exact(models, exact):

@@ -1,4 +1,4 @@
-"""KV summaries (kvstore/summary.py, verifier_guided, the send schedule): the wire format, the
+"""KV summaries (kvstore/cache/summary.py, verifier_guided, the send schedule): the wire format, the
 importance the verifier measures, the policy that reads it, and that none of it changes a token
 or breaks the drafter's memory bound."""
 
@@ -11,15 +11,15 @@ import torch
 
 from conftest import random_model
 from equality import assert_greedy_equal
-from kvstore.full import FullKVCache
-from kvstore.policies import SelectionContext, get_policy
-from kvstore.sparse import SparseConfig, SparseKVCache
-from kvstore.summary import ImportanceTracker, Summary, SummaryConfig, SummaryWant
+from kvstore.cache.full import FullKVCache
+from kvstore.cache.policies import SelectionContext, get_policy
+from kvstore.cache.sparse import SparseConfig
+from kvstore.cache.summary import ImportanceTracker, Summary, SummaryConfig, SummaryWant
 from sparsespec.errors import InvalidArgument
 from sparsespec.spec.drafter import Drafter
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
-from sparsespec.spec.summaries import SummarySchedule
+from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
 from sparsespec.spec.transport import DrafterUnavailable
 
 # --- wire format ------------------------------------------------------------------------------
@@ -51,10 +51,12 @@ def test_malformed_summaries_are_refused_naming_the_field(data, problem):
 
 
 def test_summary_config_is_validated():
-    for bad in (dict(decay=1.0), dict(every_rounds=0), dict(layers=()), dict(layers=(-1,)),
-                dict(alpha_threshold=1.5), dict(pool="sum"), dict(chunk=True)):
+    for config, bad in ((SummaryConfig, dict(decay=1.0)), (ScheduleConfig, dict(every_rounds=0)),
+                        (SummaryConfig, dict(layers=())), (SummaryConfig, dict(layers=(-1,))),
+                        (ScheduleConfig, dict(alpha_threshold=1.5)), (SummaryConfig, dict(pool="sum")),
+                        (SummaryConfig, dict(chunk=True)), (ScheduleConfig, dict(growth=True))):
         with pytest.raises(InvalidArgument) as e:
-            SummaryConfig(**bad)
+            config(**bad)
         assert e.value.field.startswith("summary.")
     assert SummaryConfig().layers_for(30) == (8, 15, 22)
     assert SummaryConfig(layers=(5, 1, 5)).layers_for(6) == (1, 5)
@@ -160,7 +162,7 @@ def test_verifier_guided_keeps_the_summary_and_fills_with_its_own_policy():
 
 def test_schedule_sends_first_then_every_r_rounds_on_low_alpha_and_on_growth():
     want = SummaryWant(32, 4, 16)
-    s = SummarySchedule(SummaryConfig(every_rounds=5, alpha_threshold=0.5, alpha_window=2, growth=100,
+    s = SummarySchedule(ScheduleConfig(every_rounds=5, alpha_threshold=0.5, alpha_window=2, growth=100,
                                       min_gap_rounds=2), want=want)
     assert s.due(1000, reopen=False)
     s.delivered(b"x", 1000, fresh=True)
@@ -180,7 +182,7 @@ def test_schedule_sends_first_then_every_r_rounds_on_low_alpha_and_on_growth():
     s.observe(4, 4)
     assert s.due(1122, False) and not s.due(1100, False)   # growth G = 100
     assert s.due(0, reopen=True)
-    assert not SummarySchedule(SummaryConfig()).due(10, False)   # the drafter reads none
+    assert not SummarySchedule(ScheduleConfig()).due(10, False)   # the drafter reads none
 
 
 # --- end to end, in process --------------------------------------------------------------------
@@ -190,7 +192,7 @@ def prompt():
     return torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
-EVERY_ROUND = SummaryConfig(every_rounds=1, min_gap_rounds=1, growth=1)
+EVERY_ROUND = ScheduleConfig(every_rounds=1, min_gap_rounds=1, growth=1)
 
 
 class BoundCheckingClient(LocalDrafterClient):
@@ -220,7 +222,7 @@ def test_guided_equals_ar_and_keeps_the_bound(tiny_model, prompt, budget, k, mon
         take(self, summary)
         client.after_summary.append(self.cache.device_entries())
     monkeypatch.setattr(Drafter, "take_summary", checked_take)
-    out = SpecEngine(tiny_model, client, summary=EVERY_ROUND).generate(GenerationRequest(prompt, 48, k=k))
+    out = SpecEngine(tiny_model, client, schedule=EVERY_ROUND).generate(GenerationRequest(prompt, 48, k=k))
     assert_greedy_equal(tiny_model, prompt, ar, out.token_ids, f"guided B={budget} k={k}")
     m = out.metrics
     assert m.summaries_sent >= m.rounds - 1 >= 5 and m.summary_bytes > 0
@@ -270,8 +272,8 @@ def test_a_reopened_drafter_gets_a_summary_at_once(tiny_model, prompt):
     ar = SpecEngine(tiny_model, None).generate(GenerationRequest(prompt, 40, mode="ar")).token_ids
     client = Flaky(DrafterHost(tiny_model, DrafterHostConfig(SparseConfig(policy="verifier_guided", budget=16), 512)),
                    fail={4})
-    cfg = SummaryConfig(every_rounds=50, alpha_threshold=0.0, growth=10_000)   # only the first one
-    out = SpecEngine(tiny_model, client, summary=cfg).generate(GenerationRequest(prompt, 40, k=4))
+    cfg = ScheduleConfig(every_rounds=50, alpha_threshold=0.0, growth=10_000)   # only the first one
+    out = SpecEngine(tiny_model, client, schedule=cfg).generate(GenerationRequest(prompt, 40, k=4))
     assert_greedy_equal(tiny_model, prompt, ar, out.token_ids, "re-open")
     assert out.metrics.drafter_failures == 1
     first = client.calls[0][1]

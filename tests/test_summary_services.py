@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.sessions import SessionStore
-from kvstore.summary import Summary
+from kvstore.coord.sessions import SessionStore
+from kvstore.cache.summary import Summary
 from sparsespec.client import SparseSpecClient
 from sparsespec.cluster import ClusterConfig, LocalCluster
 from test_services import PROMPT, model_dir, reference  # noqa: F401 - shared fixtures

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from kvstore.sessions import SessionStore
+from kvstore.coord.sessions import SessionStore
 from sparsespec.client import SparseSpecClient
 from sparsespec.models.testing import save_random_model, tiny_config
 from sparsespec.redis_server import find_redis_server

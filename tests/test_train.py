@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from kvstore.sparse import SparseKVCache
+from kvstore.cache.sparse import SparseKVCache
 from sparsespec.models import load_model
 from sparsespec.models.testing import save_random_model, tiny_config
 from sparsespec.train.cache import ContinuationCache

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from kvstore.sessions import LeaseHeld, SessionBusy, SessionExists, SessionNotFound, SessionStore
+from kvstore.coord.sessions import LeaseHeld, SessionBusy, SessionExists, SessionNotFound, SessionStore
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig
 from sparsespec.spec.loop import GenerationRequest, GenerationResult

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from kvstore.sessions import RedisUnavailable, SessionBusy
+from kvstore.coord.sessions import RedisUnavailable, SessionBusy
 from sparsespec import failpoints
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.loop import GenerationRequest, GenerationResult, Run, SpecEngine

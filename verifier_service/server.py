@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvstore.summary import SummaryConfig
+from kvstore.cache.summary import SummaryConfig
+from sparsespec.spec.summaries import ScheduleConfig
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.rpc.strict import add_servicer
 
@@ -51,6 +52,7 @@ class VerifierConfig:
     drain_s: float = 30.0
     worker_id: str = field(default_factory=lambda: f"verifier-{uuid.uuid4().hex[:8]}")
     summaries: SummaryConfig = field(default_factory=SummaryConfig)   # KV summaries to drafters
+    summary_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)   # and when they go
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "default_k", "lease_ms", "max_message_bytes"):
@@ -62,7 +64,8 @@ class VerifierConfig:
 
 class VerifierServer:
     def __init__(self, cfg: VerifierConfig):
-        from kvstore.sessions import SessionStore, WorkerRegistry
+        from kvstore.coord.registry import WorkerRegistry
+        from kvstore.coord.sessions import SessionStore
         from sparsespec.build import EngineConfig, load_verifier
         from sparsespec.rpc.drafter_client import GrpcDrafterClient
         from sparsespec.spec.loop import SpecEngine
@@ -86,7 +89,7 @@ class VerifierServer:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         engine = SpecEngine(model, drafters, tokenizer, cfg.max_context, cfg.max_batch, sorted(eos),
-                            summary=cfg.summaries)
+                            summary=cfg.summaries, schedule=cfg.summary_schedule)
         self.sessions = DurableSessions(self.store, cfg.worker_id, cfg.lease_ms)
         self.scheduler = Scheduler(engine, self.sessions, cfg.max_queue)
         info = dict(model=str(cfg.model), vocab_size=model.cfg.vocab_size, max_context=engine.max_context,
@@ -107,7 +110,7 @@ class VerifierServer:
 
     def start(self, scheduler_thread: bool = True) -> "VerifierServer":
         """Serve. With scheduler_thread=False the caller runs `scheduler.run` itself (main)."""
-        from kvstore.sessions import Heartbeat, WorkerInfo
+        from kvstore.coord.registry import Heartbeat, WorkerInfo
         if scheduler_thread:
             self.scheduler.start()
         self._check_health()        # a probe right after `listening` gets an answer, not NOT_FOUND
@@ -192,16 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score attention and send KV summaries to drafters whose policy reads them")
     p.add_argument("--summary-layers", default=None, help="verifier layers scored, comma-separated "
                                                           "(default: 3 evenly spaced)")
-    p.add_argument("--summary-every", type=int, default=SummaryConfig.every_rounds,
+    p.add_argument("--summary-every", type=int, default=ScheduleConfig.every_rounds,
                    help="send at least every R rounds")
-    p.add_argument("--summary-alpha", type=float, default=SummaryConfig.alpha_threshold,
+    p.add_argument("--summary-alpha", type=float, default=ScheduleConfig.alpha_threshold,
                    help="send early when the windowed alpha drops below this")
-    p.add_argument("--summary-growth", type=int, default=SummaryConfig.growth,
+    p.add_argument("--summary-growth", type=int, default=ScheduleConfig.growth,
                    help="send when the context grew by this many tokens")
     return p
 
 
-def summary_config(args) -> SummaryConfig:
+def summary_config(args) -> tuple[SummaryConfig, ScheduleConfig]:
+    """What the verifier scores and sends (--summaries, --summary-layers) and when (the rest)."""
     layers = None
     if args.summary_layers:
         try:
@@ -209,8 +213,9 @@ def summary_config(args) -> SummaryConfig:
         except ValueError:
             raise InvalidArgument("summary.layers", f"expected comma-separated integers, got "
                                                     f"{args.summary_layers!r}") from None
-    return SummaryConfig(enabled=args.summaries == "on", layers=layers, every_rounds=args.summary_every,
-                         alpha_threshold=args.summary_alpha, growth=args.summary_growth)
+    return (SummaryConfig(enabled=args.summaries == "on", layers=layers),
+            ScheduleConfig(every_rounds=args.summary_every, alpha_threshold=args.summary_alpha,
+                           growth=args.summary_growth))
 
 
 def main(argv=None) -> int:
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
                              max_context=args.max_context,
                              max_batch=args.max_batch, max_queue=args.max_queue, default_k=args.k,
                              lease_ms=args.lease_ms,
-                             drain_s=args.drain_s, summaries=summary_config(args), **extra)
+                             drain_s=args.drain_s, **dict(zip(("summaries", "summary_schedule"),
+                                                              summary_config(args))), **extra)
         server = VerifierServer(cfg).start(scheduler_thread=False)
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)

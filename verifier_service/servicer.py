@@ -16,12 +16,12 @@ from contextlib import contextmanager
 
 import grpc
 
-from kvstore.sessions import SessionBusy
+from kvstore.coord.sessions import SessionBusy
 from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError, shown
 from sparsespec.rpc.sparsespec.v1 import generation_pb2 as pb
 from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig
-from sparsespec.spec.loop import MODES, GenerationRequest
+from sparsespec.spec.loop import MODES
 from verifier_service.durable import DurableSessions, SessionGone, TurnSpec
 from verifier_service.scheduler import Job, LeaseLost, Overloaded, Scheduler, Stopped
 
@@ -31,7 +31,7 @@ POLL_S = 0.5
 
 
 def status_of(e: BaseException) -> grpc.StatusCode:
-    from kvstore.sessions import LeaseHeld, RedisUnavailable, SessionNotFound, StaleEpoch
+    from kvstore.coord.sessions import LeaseHeld, RedisUnavailable, SessionNotFound, StaleEpoch
     if isinstance(e, ContextOverflow):
         return grpc.StatusCode.OUT_OF_RANGE
     if isinstance(e, InvalidArgument):

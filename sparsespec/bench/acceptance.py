@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from kvstore.full import FullKVCache
-from kvstore.sparse import SparseConfig
-from kvstore.summary import SummaryConfig
+from kvstore.cache.full import FullKVCache
+from kvstore.cache.sparse import SparseConfig
+from kvstore.cache.summary import SummaryConfig
 from sparsespec.bench.prompts import SOURCES, documents, make_prompt
 from sparsespec.bench.report import first_divergence
 from sparsespec.build import EngineConfig, load_verifier, make_drafter_model

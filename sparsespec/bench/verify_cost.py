@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kvstore.full import FullKVCache
+from kvstore.cache.full import FullKVCache
 from sparsespec.models import load_model, resolve_model
 
 

@@ -68,7 +68,7 @@ class PoolController:
     def __init__(self, config: dict):
         import ray
 
-        from kvstore.registry import WorkerRegistry
+        from kvstore.coord.registry import WorkerRegistry
 
         self.cfg = DeployConfig.from_dict(config)
         self.namespace = ray.get_runtime_context().namespace

@@ -1,6 +1,6 @@
 """A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2).
 
-Attention goes through the KV cache (kvstore.base.KVCache), so the same model serves as the
+Attention goes through the KV cache (kvstore.cache.base.KVCache), so the same model serves as the
 verifier over a FullKVCache and as the drafter over a SparseKVCache.
 """
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvstore.base import KVCache
+from kvstore.cache.base import KVCache
 from sparsespec.models.config import ModelConfig
 from sparsespec.models.packed import PackedLinear
 from sparsespec.models.rope import RotaryTable, apply_rotary

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from kvstore.summary import SummaryWant
+from kvstore.cache.summary import SummaryWant
 from sparsespec.errors import InvalidArgument
 from sparsespec.rpc.convert import dist_from_proto, drafter_error, sampling_to_proto
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.sparse import SparseConfig, SparseKVCache
-from kvstore.summary import Summary, SummaryWant
+from kvstore.cache.sparse import SparseConfig, SparseKVCache
+from kvstore.cache.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, SparseSpecError
 from sparsespec.spec.sampling import SamplingParams, SparseDist, draft_distribution, sample
 

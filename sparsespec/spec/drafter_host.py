@@ -34,8 +34,8 @@ from typing import Callable
 
 import torch
 
-from kvstore.sparse import SparseConfig
-from kvstore.summary import Summary, SummaryWant
+from kvstore.cache.sparse import SparseConfig
+from kvstore.cache.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.rpc.errors import DrafterFull, SessionUnknown, StateMismatch
 from sparsespec.runtime import release_memory

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from kvstore.policies import get_policy
-from kvstore.sparse import SparseConfig
+from kvstore.cache.policies import get_policy
+from kvstore.cache.sparse import SparseConfig
 from sparsespec.models.config import ModelConfig
 
 
@@ -30,7 +30,7 @@ class SessionCost:
 
 
 def session_cost(cfg: ModelConfig, dtype: torch.dtype, capacity: int, sparse: SparseConfig) -> SessionCost:
-    """Bytes a SparseKVCache for `cfg` with `capacity` tokens allocates (see kvstore/sparse.py)."""
+    """Bytes a SparseKVCache for `cfg` with `capacity` tokens allocates (see kvstore/cache/sparse.py)."""
     item = torch.empty((), dtype=dtype).element_size()
     L, H, Hkv, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if sparse.keeps_all:                                      # FullKVCache, batch 1, no host tier

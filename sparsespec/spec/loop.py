@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.summary import SummaryConfig
+from kvstore.cache.summary import SummaryConfig
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.spec.acceptance import choose
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig, KController
 from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
-from sparsespec.spec.summaries import SummarySchedule
+from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
 from sparsespec.spec.transport import DRAFTER_FAILURES, DrafterClient
 from sparsespec.spec.verifier import Verifier
 
@@ -96,7 +96,7 @@ class SpecEngine:
 
     def __init__(self, verifier_model, drafter: DrafterClient | None = None, tokenizer=None,
                  max_context: int | None = None, max_batch: int = 8, eos_ids=None,
-                 summary: SummaryConfig | None = SummaryConfig()):
+                 summary: SummaryConfig | None = SummaryConfig(), schedule: ScheduleConfig = ScheduleConfig()):
         self.model = verifier_model
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -109,6 +109,7 @@ class SpecEngine:
         # Room past the context limit for the drafts of a last round and batch padding.
         self.verifier = Verifier(verifier_model, self.max_context + MAX_K + 1, max_batch, summary)
         self.summary = summary if summary is not None and summary.enabled else None
+        self.schedule = schedule            # when each session's drafter gets a summary
 
     def generate(self, req: GenerationRequest) -> GenerationResult:
         return self.generate_many([req])[0]
@@ -165,7 +166,7 @@ class SpecEngine:
         stopper = StopChecker(self.eos_ids, list(req.stop), req.max_tokens,
                               self.max_context - len(prompt), self.tokenizer)
         gen = None if req.sampling.greedy else req.sampling.generator()
-        schedule = SummarySchedule(self.summary, want=want, latest=summary) if spec_summaries else None
+        schedule = SummarySchedule(self.schedule, want=want, latest=summary) if spec_summaries else None
         return Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
                    gen, drafter_base=drafter_base, summary=schedule, started_at=time.perf_counter())
 

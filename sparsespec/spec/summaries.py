@@ -1,4 +1,4 @@
-"""When the verifier sends a session's drafter a KV summary (kvstore/summary.py has what it is).
+"""When the verifier sends a session's drafter a KV summary (kvstore/cache/summary.py has what it is).
 
 Per session: at the first round the drafter says it reads summaries, then at least every R
 rounds, early when the acceptance of the last few rounds drops below a threshold, and when the
@@ -11,12 +11,32 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvstore.summary import SummaryConfig, SummaryWant
+from kvstore.cache.summary import SummaryWant
+from sparsespec.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When a session's drafter gets a summary. Validated here; errors name the field."""
+
+    every_rounds: int = 8         # R: send at least every R rounds
+    alpha_threshold: float = 0.5  # send early when the windowed alpha drops below this
+    alpha_window: int = 4         # rounds in that window
+    growth: int = 256             # G: send when the context grew this much since the last one
+    min_gap_rounds: int = 2       # never two summaries closer than this (a low alpha must not spam)
+
+    def __post_init__(self):
+        for name in ("every_rounds", "alpha_window", "growth", "min_gap_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"summary.{name}", f"must be an integer >= 1, got {value!r}")
+        if not 0.0 <= self.alpha_threshold <= 1.0:
+            raise InvalidArgument("summary.alpha_threshold", f"must be in [0, 1], got {self.alpha_threshold}")
 
 
 @dataclass
 class SummarySchedule:
-    config: SummaryConfig
+    config: ScheduleConfig
     want: SummaryWant | None = None     # from the drafter's last reply; None = it reads none
     latest: bytes | None = None         # the last summary made (or restored from Redis)
     sent: int = 0                       # summaries delivered

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from kvstore.summary import SummaryWant
+from kvstore.cache.summary import SummaryWant
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.drafter import StateMismatch
 from sparsespec.spec.sampling import SamplingParams, SparseDist
@@ -46,7 +46,7 @@ class DrafterClient(ABC):
     def draft(self, session: str, base_len: int, append: list[int], k: int,
               params: SamplingParams, summary: bytes | None = None) -> DraftReply:
         """Sync to base_len + append (the committed prefix), take the KV summary if one is
-        given (kvstore.summary wire bytes), then propose k drafts.
+        given (kvstore.cache.summary wire bytes), then propose k drafts.
 
         base_len 0 means `append` is the whole committed prefix: (re)build the session first.
         """

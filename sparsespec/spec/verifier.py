@@ -2,15 +2,15 @@
 
 A row's cache holds every committed token except the newest ("pending"), so a round is one
 forward over [pending, d1..dk] and plain autoregressive decoding is the same round with k = 0.
-With summaries on, an ImportanceTracker watches the attention of tracked rows (kvstore/summary.py).
+With summaries on, an ImportanceTracker watches the attention of tracked rows (kvstore/cache/summary.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvstore.full import FullKVCache
-from kvstore.summary import ImportanceTracker, Summary, SummaryConfig
+from kvstore.cache.full import FullKVCache
+from kvstore.cache.summary import ImportanceTracker, Summary, SummaryConfig
 
 
 class Verifier:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.base import KVCache
+from kvstore.cache.base import KVCache
 from sparsespec.kernels.attention import attend, causal_block_mask
 
 

@@ -5,7 +5,6 @@ Heavy imports live inside the handlers, so `sparsespec --help` stays fast.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

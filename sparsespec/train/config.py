@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from kvstore.policies import get_policy
+from kvstore.cache.policies import get_policy
 from sparsespec.errors import InvalidArgument
 
 OBJECTIVES = ("hard", "tv", "kl", "lm")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from kvstore.full import FullKVCache
+from kvstore.cache.full import FullKVCache
 from sparsespec.errors import InvalidArgument
 from sparsespec.models import load_model, load_tokenizer, resolve_model
 from sparsespec.models.loader import load_config

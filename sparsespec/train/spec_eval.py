@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvstore.sparse import SparseConfig
+from kvstore.cache.sparse import SparseConfig
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.train.heldout import EVAL_BUDGETS, budget_name

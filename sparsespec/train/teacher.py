@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvstore.full import FullKVCache
+from kvstore.cache.full import FullKVCache
 
 
 @dataclass

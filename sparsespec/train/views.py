@@ -2,7 +2,7 @@
 
 The full view is every prefix entry. A sparse view is exactly what the drafter would keep at
 inference after prefilling the same prefix: the prefix is fed through a real SparseKVCache (the
-same policy code, sinks/window arithmetic and query recording as kvstore/sparse.py), whose
+same policy code, sinks/window arithmetic and query recording as kvstore/cache/sparse.py), whose
 first selection is then read back per layer. One student forward serves every view: a tee cache
 hands each layer's q/k/v to every cache; only the full cache's attention output is used (a
 sparse cache attends exactly over its host tier before its first selection, so all agree).
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.base import KVCache
-from kvstore.full import FullKVCache
-from kvstore.sparse import SparseConfig, SparseKVCache
+from kvstore.cache.base import KVCache
+from kvstore.cache.full import FullKVCache
+from kvstore.cache.sparse import SparseConfig, SparseKVCache
 from sparsespec.train.cache import PrefixKV
 
 

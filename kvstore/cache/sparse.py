@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.base import KVCache
-from kvstore.full import FullKVCache
-from kvstore.policies import Policy, SelectionContext, get_policy
+from kvstore.cache.base import KVCache
+from kvstore.cache.full import FullKVCache
+from kvstore.cache.policies import Policy, SelectionContext, get_policy
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.kernels.attention import attend, causal_block_mask
 
@@ -350,7 +350,7 @@ class SparseKVCache(KVCache):
             self._length = n
 
     def set_summary(self, summary) -> bool:
-        """Take the verifier's latest summary (kvstore.summary.Summary). A policy that reads it
+        """Take the verifier's latest summary (kvstore.cache.summary.Summary). A policy that reads it
         re-selects at once, so the advice applies to the very next draft; the device view stays
         within the budget (a re-selection empties the tail). Returns whether it re-selected."""
         self.summary = summary

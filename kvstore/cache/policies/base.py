@@ -30,7 +30,7 @@ class SelectionContext:
     lo: int                              # middle range start (= sink)
     hi: int                              # middle range end (= n - window), exclusive
     m: int                               # positions to choose per KV head, 0 < m <= hi - lo
-    summary: Any = None                  # kvstore.summary.Summary: the verifier's latest, if any
+    summary: Any = None                  # kvstore.cache.summary.Summary: the verifier's latest, if any
 
     @property
     def num_kv_heads(self) -> int:

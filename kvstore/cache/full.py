@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.base import KVCache
+from kvstore.cache.base import KVCache
 from sparsespec.kernels.attention import attend, attend_block, block_supported, causal_block_mask
 
 

@@ -1,7 +1,7 @@
 """verifier_guided: keep what the verifier's full attention says matters (its KV summary).
 
 The verifier scores every context position by the attention mass its queries put there and sends
-the top chunks (kvstore/summary.py). This policy gives those chunks, best first, a share of the
+the top chunks (kvstore/cache/summary.py). This policy gives those chunks, best first, a share of the
 middle slots (`SparseConfig.guided_share`, the same positions in every layer and KV head: the
 summary is pooled); its own policy (`SparseConfig.fallback`, chunk_topk by default) fills the
 rest per layer and head, from what the drafter's own queries read. The summary adds what the
@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from kvstore.policies.base import Policy, SelectionContext
+from kvstore.cache.policies.base import Policy, SelectionContext
+from kvstore.cache.policies.registry import get_policy
 
 
 class VerifierGuidedPolicy(Policy):
@@ -24,7 +25,6 @@ class VerifierGuidedPolicy(Policy):
 
     def __init__(self, config=None):
         super().__init__(config)
-        from kvstore.policies import get_policy   # the registry imports this module
         self.share = getattr(config, "guided_share", 1.0)
         self.fallback: Policy = get_policy(getattr(config, "fallback", "chunk_topk"))(config)
         self.needs_queries = self.fallback.needs_queries

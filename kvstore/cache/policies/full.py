@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.policies.base import Policy, SelectionContext
+from kvstore.cache.policies.base import Policy, SelectionContext
 
 
 class FullPolicy(Policy):

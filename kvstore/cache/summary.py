@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class SummaryConfig:
-    """Importance tracking on the verifier and the send schedule. Errors name the field."""
+    """Importance tracking on the verifier and what a summary holds. Errors name the field. When
+    summaries are sent is the engine's (sparsespec.spec.summaries.ScheduleConfig)."""
 
     enabled: bool = True
     layers: tuple[int, ...] | None = None  # verifier layers scored; None = `auto_layers` evenly spaced
@@ -39,16 +40,10 @@ class SummaryConfig:
     decay: float = 0.8            # EMA per forward: score = decay * score + (1 - decay) * mass
     query_window: int = 16        # a forward's last queries that are scored (a prefill's last 16)
     chunk: int = 8                # granularity of the summary (positions per chunk)
-    every_rounds: int = 8         # R: send at least every R rounds
-    alpha_threshold: float = 0.5  # send early when the windowed alpha drops below this
-    alpha_window: int = 4         # rounds in that window
-    growth: int = 256             # G: send when the context grew this much since the last one
-    min_gap_rounds: int = 2       # never two summaries closer than this (a low alpha must not spam)
     pool: str = "max"             # over heads and queries: "max" (what any head reads) or "mean"
 
     def __post_init__(self):
-        for name in ("auto_layers", "query_window", "chunk", "every_rounds", "alpha_window", "growth",
-                     "min_gap_rounds"):
+        for name in ("auto_layers", "query_window", "chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"summary.{name}", f"must be an integer >= 1, got {value!r}")
@@ -56,8 +51,6 @@ class SummaryConfig:
             raise InvalidArgument("summary.pool", f"must be 'max' or 'mean', got {self.pool!r}")
         if not 0.0 <= self.decay < 1.0:
             raise InvalidArgument("summary.decay", f"must be in [0, 1), got {self.decay}")
-        if not 0.0 <= self.alpha_threshold <= 1.0:
-            raise InvalidArgument("summary.alpha_threshold", f"must be in [0, 1], got {self.alpha_threshold}")
         if self.layers is not None:
             layers = tuple(self.layers)
             if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):

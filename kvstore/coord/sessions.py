@@ -32,31 +32,22 @@ import json
 import struct
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from sparsespec.errors import InvalidArgument, SparseSpecError, shown
+from kvstore.coord.connection import RedisBacked, RedisUnavailable, check_id
+from sparsespec.errors import InvalidArgument, SparseSpecError
+
+__all__ = ["SessionStore", "SessionRecord", "Turn", "RedisUnavailable", "SessionNotFound", "SessionExists",
+           "StaleEpoch", "LeaseHeld", "LogConflict", "SessionClosed", "SessionBusy"]
 
 STATES = ("active", "finished", "aborted")
 MAX_TOKEN = 2**32 - 1
-# Replies of a Redis that is up but cannot take the command now (full, a replica, failing over):
-# as good as unreachable for the caller. Nothing is half-written then either: Redis refuses a
-# script only at its first write, never in the middle.
-_CANNOT_SERVE = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
-                 redis.exceptions.MasterDownError, redis.exceptions.ClusterDownError,
-                 redis.exceptions.TryAgainError)
 
 
 # --- errors ------------------------------------------------------------------------------
-
-class RedisUnavailable(SparseSpecError):
-    """Redis cannot be reached (gRPC: UNAVAILABLE). The message names the address."""
-
 
 class SessionNotFound(SparseSpecError):
     """No such session (never created, or cleaned up after finishing)."""
@@ -97,58 +88,6 @@ class SessionClosed(SparseSpecError):
 class SessionBusy(SparseSpecError):
     """A turn of the session is running (or was interrupted and awaits a resume): one turn of a
     session runs at a time, so a new one is refused until it finishes."""
-
-
-# --- connection ----------------------------------------------------------------------------
-
-def connect(target: str | redis.Redis) -> redis.Redis:
-    """A client for a URL, or the given client. Short timeouts and two quick retries: a blink
-    (a restart, a dropped pooled connection) is absorbed, a dead Redis is reported within ~0.1 s
-    (refused) or ~3 s (black hole) instead of hanging a request. Retrying is safe because every
-    write here is idempotent (a repeated `acquire_lease` just skips an epoch)."""
-    if isinstance(target, str):
-        return redis.Redis.from_url(target, socket_connect_timeout=1.0, socket_timeout=2.0,
-                                    retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
-    if target.connection_pool.connection_kwargs.get("decode_responses"):
-        raise InvalidArgument("redis", "the client must use decode_responses=False (token logs are binary)")
-    return target
-
-
-def address_of(client: redis.Redis) -> str:
-    kw = client.connection_pool.connection_kwargs
-    return kw["path"] if "path" in kw else f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
-
-
-class RedisBacked:
-    """A Redis client plus the one translation every caller needs: unreachable -> RedisUnavailable."""
-
-    def __init__(self, target: str | redis.Redis, prefix: str):
-        if not prefix or "{" in prefix or "}" in prefix:
-            raise InvalidArgument("prefix", f"must be non-empty without braces, got {prefix!r}")
-        self.redis = connect(target)
-        self.prefix = prefix
-        self.address = address_of(self.redis)
-
-    @contextmanager
-    def reachable(self) -> Iterator[None]:
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            raise RedisUnavailable(f"redis: {self.address} is unreachable ({e})") from e
-        except _CANNOT_SERVE as e:
-            raise RedisUnavailable(f"redis: {self.address} cannot serve this now "
-                                   f"({type(e).__name__}: {e})") from e
-
-    def ping(self) -> None:
-        """Raises RedisUnavailable unless Redis answers."""
-        with self.reachable():
-            self.redis.ping()
-
-
-def check_id(field: str, value: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 256 or "{" in value or "}" in value:
-        raise InvalidArgument(field, f"must be 1..256 characters without braces, got {shown(value)}")
-    return value
 
 
 def check_count(field: str, value: int) -> int:
@@ -544,12 +483,3 @@ def _dump_params(params: dict) -> str:
         return json.dumps(params, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise InvalidArgument("params", f"must be JSON-serialisable: {e}") from None
-
-
-def __getattr__(name: str):
-    """The worker registry lives in kvstore/registry.py; `from kvstore.sessions import
-    WorkerRegistry` (WorkerInfo, Heartbeat) works too, for callers written against one module."""
-    if name in ("WorkerRegistry", "WorkerInfo", "Heartbeat"):
-        from kvstore import registry
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

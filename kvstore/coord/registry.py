@@ -23,7 +23,7 @@ from typing import Callable
 
 import redis
 
-from kvstore.sessions import RedisBacked, RedisUnavailable, check_id
+from kvstore.coord.connection import RedisBacked, RedisUnavailable, check_id
 from sparsespec.errors import InvalidArgument
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kvstore.policies.base import Policy, SelectionContext
+from kvstore.cache.policies.base import Policy, SelectionContext
 
 KERNEL = 7
 
