@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.full import FullKVCache
+from kvstore.cache.full import FullKVCache
 
 NEAR_TIE = 1e-4  # fp32 logits
 
