@@ -70,12 +70,12 @@ class Request:
     mode: str = "spec"
     adaptive: bool = False
 
-    def to_proto(self, session_id: str, resume: bool = False, offset: int = 0) -> pb.GenerateRequest:
+    def to_proto(self, session_id: str, turn_id: str, resume: bool = False, offset: int = 0) -> pb.GenerateRequest:
         sampling = common_pb2.SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         if self.seed is not None:
             sampling.seed = self.seed
         msg = pb.GenerateRequest(sampling=sampling, max_tokens=self.max_tokens, stop=list(self.stop),
-                                 session_id=session_id, resume=resume, resume_offset=offset, k=self.k,
+                                 session_id=session_id, turn_id=turn_id, resume=resume, resume_offset=offset, k=self.k,
                                  mode=self.mode, adaptive=self.adaptive)
         if isinstance(self.prompt, str):
             msg.text = self.prompt
@@ -110,13 +110,14 @@ class _Resumable:
 
     def _after_error(self, code, details: str, resume: bool, offset: int,
                      deadline: float | None) -> tuple[bool, float]:
-        """A broken stream: raise if retrying cannot help, else return (resume, deadline)."""
-        if code == grpc.StatusCode.NOT_FOUND and resume and offset == 0:
-            resume = False  # the session was never created: send the request again
-        elif code not in RETRYABLE:
+        """A broken stream: raise if retrying cannot help, else return (resume, deadline).
+
+        Every retry is a resume carrying the turn's id: the verifier starts the turn if no
+        verifier registered it, re-attaches to it if one did, and refuses it if another turn of
+        the session got there first."""
+        if code not in RETRYABLE:
             raise GenerationError(code, details)
-        else:
-            resume = True
+        resume = True
         deadline = deadline or time.monotonic() + self.reconnect_timeout_s
         if time.monotonic() > deadline:
             raise GenerationError(code, f"{details} (gave up after {self.reconnect_timeout_s}s of reconnecting)")
@@ -151,13 +152,13 @@ class SparseSpecClient(_Resumable):
         """Yield the continuation as it is committed. A given session_id continues that session
         (multi-turn); none starts a new one (its id is in every Chunk's source, `last_session`)."""
         req = Request(prompt, **kwargs)
-        session = session_id or uuid.uuid4().hex
+        session, turn = session_id or uuid.uuid4().hex, uuid.uuid4().hex
         self.last_session = session
         offset, resume, deadline = 0, False, None
         address = self.addresses[self._current]
         while True:
             try:
-                for msg in self._stub(address).Generate(req.to_proto(session, resume, offset)):
+                for msg in self._stub(address).Generate(req.to_proto(session, turn, resume, offset)):
                     chunk = self._fresh(_chunk(msg), offset)
                     if chunk is None:
                         continue
@@ -219,13 +220,13 @@ class AsyncSparseSpecClient(_Resumable):
 
     async def stream(self, prompt, session_id: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
         req = Request(prompt, **kwargs)
-        session = session_id or uuid.uuid4().hex
+        session, turn = session_id or uuid.uuid4().hex, uuid.uuid4().hex
         self.last_session = session
         offset, resume, deadline = 0, False, None
         address = self.addresses[self._current]
         while True:
             try:
-                async for msg in self._stub(address).Generate(req.to_proto(session, resume, offset)):
+                async for msg in self._stub(address).Generate(req.to_proto(session, turn, resume, offset)):
                     chunk = self._fresh(_chunk(msg), offset)
                     if chunk is None:
                         continue

@@ -133,34 +133,72 @@ def test_concurrent_turns_of_one_session_run_one_and_refuse_the_rest(cluster, st
     assert all(v.alive() for v in cluster.verifiers)
 
 
-def test_concurrent_turns_across_two_verifiers(cluster, model_dir, store, ar):
+@pytest.fixture(scope="module")
+def second_verifier(cluster, model_dir):
     other = start_verifier(model_dir, cluster.redis_url)
-    try:
-        with SparseSpecClient(cluster.address) as c:
+    yield other
+    other.stop()
+
+
+def test_concurrent_turns_across_two_verifiers(cluster, second_verifier, store, ar):
+    """Storms of next turns spread over both verifiers: the losers are refused, never handed
+    the winner's tokens (a StaleEpoch retried as a resume used to re-attach to the winner)."""
+    addresses = [cluster.address, second_verifier.address]
+    for storm in range(4):
+        with SparseSpecClient(addresses[storm % 2]) as c:
             sid = c.generate(PROMPT, max_tokens=4, mode="ar").session_id
-        outcomes = {}
+        time.sleep(1.6)   # past lease_ms: a lease still held after the turn cannot shield the race
+        outcomes, barrier = [None] * 4, threading.Barrier(4)
 
-        def turn(address: str) -> None:
-            try:
-                with SparseSpecClient(address, reconnect_timeout_s=5) as c:
-                    outcomes[address] = c.generate([60], session_id=sid, max_tokens=300, mode="ar")
-            except GenerationError as e:
-                outcomes[address] = e
+        def turn(i: int) -> None:
+            with SparseSpecClient([addresses[i % 2], addresses[1 - i % 2]], reconnect_timeout_s=10) as c:
+                c.model_info()
+                barrier.wait()
+                try:
+                    outcomes[i] = c.generate([60 + i], session_id=sid, max_tokens=200, mode="ar")
+                except GenerationError as e:
+                    outcomes[i] = e
 
-        threads = [threading.Thread(target=turn, args=(a,)) for a in (cluster.address, other.address)]
+        threads = [threading.Thread(target=turn, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-        ok = [o for o in outcomes.values() if not isinstance(o, GenerationError)]
-        bad = [o for o in outcomes.values() if isinstance(o, GenerationError)]
-        assert len(store.get(sid).turns) == 1 + len(ok)
+        ok = {i: o for i, o in enumerate(outcomes) if not isinstance(o, GenerationError)}
+        bad = [o for o in outcomes if isinstance(o, GenerationError)]
+        rec, ctx = store.get(sid), store.context(sid)
+        assert ok and len(rec.turns) == 1 + len(ok), (outcomes, rec.turns)
         assert all(e.code == grpc.StatusCode.FAILED_PRECONDITION for e in bad), bad
-        ctx = store.context(sid)
-        for o in ok:
-            ar(ctx[:len(PROMPT) + 4 + 1], o.token_ids, "across verifiers")
-    finally:
-        other.stop()
+        for t in rec.turns[1:]:                          # each recorded turn is one client's, whole
+            o = ok[ctx[t.user_start] - 60]
+            assert ctx[t.gen_start:t.gen_start + len(o.token_ids)] == o.token_ids
+            ar(ctx[:t.gen_start], o.token_ids, f"storm {storm}")
+
+
+def test_next_turn_on_the_other_verifier_right_after_a_turn(cluster, second_verifier, store, ar):
+    """A finished turn releases its lease: the next turn may start anywhere at once."""
+    with SparseSpecClient(cluster.address) as c:
+        first = c.generate(PROMPT, max_tokens=8, mode="ar")
+    with SparseSpecClient(second_verifier.address, reconnect_timeout_s=1) as c:
+        nxt = c.generate([61], session_id=first.session_id, max_tokens=8, mode="ar")
+    ar(PROMPT + first.token_ids + [61], nxt.token_ids, "next turn elsewhere")
+    assert len(store.get(first.session_id).turns) == 2
+
+
+def test_sdk_with_a_dead_verifier_first_starts_new_sessions_and_next_turns(cluster, store, ar):
+    """A turn whose first try failed before any verifier registered it is started by the retry
+    (it was never created: NOT_FOUND looped; a next turn got the previous turn's output)."""
+    from sparsespec.redis_server import free_port
+    dead = f"127.0.0.1:{free_port()}"
+    with SparseSpecClient([dead, cluster.address], reconnect_timeout_s=10) as c:
+        first = c.generate(PROMPT, max_tokens=8, mode="ar", session_id="dead-first")
+        assert first.reconnects >= 1
+        c._current = 0                                   # the next turn tries the dead one first too
+        nxt = c.generate([50, 51], max_tokens=12, mode="ar", session_id="dead-first")
+    ar(PROMPT, first.token_ids, "new session")
+    ar(PROMPT + first.token_ids + [50, 51], nxt.token_ids, "next turn")
+    rec = store.get("dead-first")
+    assert len(rec.turns) == 2 and store.read("dead-first") == nxt.token_ids
 
 
 # --- 2. refused requests write nothing -------------------------------------------------------

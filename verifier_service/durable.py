@@ -12,7 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from kvstore.coord.sessions import LeaseHeld, SessionBusy, SessionExists, SessionNotFound, SessionStore
+from kvstore.coord.sessions import SessionBusy, SessionExists, SessionNotFound, SessionStore
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig
 from sparsespec.spec.loop import GenerationRequest, GenerationResult
@@ -68,15 +68,16 @@ class DurableSessions(CommitLog):
         self.store, self.owner, self.lease_ms = store, owner, lease_ms
         self._epochs: dict[str, int] = {}     # sessions this verifier owns -> epoch
 
-    def new_session(self, prompt: list[int], spec: TurnSpec,
-                    session: str | None = None) -> tuple[str, list[int], int]:
+    def new_session(self, prompt: list[int], spec: TurnSpec, session: str | None = None,
+                    turn_id: str | None = None) -> tuple[str, list[int], int]:
         session = session or uuid.uuid4().hex
-        rec = self.store.create(session, prompt, spec.to_dict(), owner=self.owner, lease_ttl_ms=self.lease_ms)
+        rec = self.store.create(session, prompt, spec.to_dict(), owner=self.owner, lease_ttl_ms=self.lease_ms,
+                                turn_id=turn_id)
         self._epochs[session] = rec.epoch
         return session, list(prompt), rec.epoch
 
     def new_turn(self, session: str, user_tokens: list[int], spec: TurnSpec,
-                 check: Callable[[list[int]], None]) -> tuple[list[int], int]:
+                 check: Callable[[list[int]], None], turn_id: str) -> tuple[list[int], int]:
         """Continue a session with the user's tokens (creating it under this id if new).
         Returns (the turn's full prompt context, epoch). `check(context)` sees the turn's whole
         prompt context before anything is written, so a turn it refuses leaves no trace."""
@@ -87,7 +88,7 @@ class DurableSessions(CommitLog):
                 raise SessionGone(f"session_id: {session!r} not found and the prompt is empty") from None
             check(list(user_tokens))
             try:
-                _, context, epoch = self.new_session(user_tokens, spec, session)
+                _, context, epoch = self.new_session(user_tokens, spec, session, turn_id)
             except SessionExists:
                 raise SessionBusy(f"session_id: {session!r} was just created by another request") from None
             return context, epoch
@@ -97,19 +98,16 @@ class DurableSessions(CommitLog):
         stored = self.store.context(session)
         context = stored + list(user_tokens)
         check(context)
-        try:
-            epoch = self._own(session, rec.epoch)
-        except LeaseHeld as e:
-            raise SessionBusy(f"session_id: {session!r} is in use on another verifier ({e})") from None
-        self.store.begin_turn(session, epoch, len(stored), user_tokens, params=spec.to_dict())
+        epoch = self._own(session, rec.epoch)   # LeaseHeld (retryable): another verifier is on it right now
+        self.store.begin_turn(session, epoch, len(stored), user_tokens, params=spec.to_dict(), turn_id=turn_id)
         return context, epoch
 
-    def exists(self, session: str) -> bool:
+    def latest_turn(self, session: str) -> str | None:
+        """The id of the session's latest turn; None if Redis has no such session."""
         try:
-            self.store.get(session)
-            return True
+            return self.store.get(session).turn_id
         except SessionNotFound:
-            return False
+            return None
 
     def take_over(self, session: str) -> TakeOver:
         try:

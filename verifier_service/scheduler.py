@@ -76,6 +76,7 @@ class Job:
     epoch: int
     req: GenerationRequest
     log_len: int                            # committed context length in the log at the start
+    turn_id: str = ""                       # the turn's id in the log (the client's, if it sent one)
     generated: list[int] = field(default_factory=list)   # durable tokens of this turn (mirror)
     result: GenerationResult | None = None
     error: BaseException | None = None

@@ -103,37 +103,53 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise Draining("verifier is draining; retry on another verifier")
         if request.resume:
             return self._resume(request)
+        return self._new_turn(request), 0
+
+    def _new_turn(self, request) -> Job:
         spec = self._turn_spec(request)
         prompt = self._prompt_ids(request)
         session = request.session_id or uuid.uuid4().hex
+        turn_id = request.turn_id or uuid.uuid4().hex
 
         def check(context: list[int]) -> None:         # the whole prompt, before any write
             self.scheduler.engine.check(spec.request(context))
 
         with self._claim(session, SessionBusy), self.scheduler.reserve() as slot:
-            context, epoch = self.sessions.new_turn(session, prompt, spec, check)
-            return self._submit(Job(session, epoch, spec.request(context), log_len=len(context)), slot), 0
+            context, epoch = self.sessions.new_turn(session, prompt, spec, check, turn_id)
+            job = Job(session, epoch, spec.request(context), log_len=len(context), turn_id=turn_id)
+            return self._submit(job, slot)
 
     def _resume(self, request) -> tuple[Job, int]:
         """Re-attach to a turn: here if it runs here, else take the session over from the log.
-        The log is the truth: a session Redis no longer has is not answered from memory."""
+
+        The log is the truth: a session Redis no longer has is not answered from memory. With
+        the client's turn_id, a retry of a turn that never started (its first try failed before
+        any verifier registered it) starts it now, and one whose session has since started
+        another turn is told so, never handed that other turn's tokens."""
         session = request.session_id
         if not session:
             raise InvalidArgument("session_id", "resume needs a session_id")
         if request.resume_offset < 0:
             raise InvalidArgument("resume_offset", f"must be >= 0, got {request.resume_offset}")
+        latest = self.sessions.latest_turn(session)
+        if request.turn_id and latest != request.turn_id:
+            if request.resume_offset == 0:
+                return self._new_turn(request), 0
+            raise SessionGone(f"turn_id: {shown(request.turn_id)} is no longer the latest turn of session "
+                              f"{shown(session)}")
         job = self.jobs.get(session)
-        if job is not None and job.error is None:
-            if not self.sessions.exists(session):
+        if latest is None:
+            if job is not None:
                 self._forget(job)
-                raise SessionGone(f"session_id: {shown(session)} not found")
+            raise SessionGone(f"session_id: {shown(session)} not found")
+        if job is not None and job.error is None and job.turn_id == latest:
             return job, request.resume_offset
         with self._claim(session, ResumeRace), self.scheduler.reserve() as slot:
             state = self.sessions.take_over(session)
             # The turn's prompt is state.context; the tokens it already generated are durable and
             # are this job's first tokens; the rest is generated from context + generated.
             job = Job(session, state.epoch, state.spec.request(state.context),
-                      log_len=len(state.context), generated=list(state.generated))
+                      log_len=len(state.context), generated=list(state.generated), turn_id=latest)
             remaining = state.spec.max_tokens - len(state.generated)
             if state.finished or remaining <= 0:
                 job.result = state.result()

@@ -125,7 +125,8 @@ end
 # KEYS meta ctx turns summary lease; ARGV prompt params created_at nonce owner ttl_ms
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'nonce') == ARGV[4] then  -- a retry of this very create
+  if redis.call('HGET', KEYS[1], 'nonce') == ARGV[4] and redis.call('HGET', KEYS[1], 'owner') == ARGV[5] then
+    -- a retry of this very create, by the same owner
     return {0, tonumber(redis.call('HGET', KEYS[1], 'epoch'))}
   end
   return {6}
@@ -142,7 +143,7 @@ if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[5], 'PX', ARGV[6])
 end
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'owner', ARGV[5], 'state', 'active',
-           'params', ARGV[2], 'created_at', ARGV[3], 'nonce', ARGV[4])
+           'params', ARGV[2], 'created_at', ARGV[3], 'nonce', ARGV[4], 'turn_id', ARGV[4])
 return {0, epoch}
 """
 
@@ -227,12 +228,14 @@ for i = 1, 4 do redis.call('PERSIST', KEYS[i]) end  -- a finished session lives 
 return {0, exp + n, redis.call('LLEN', KEYS[3]) / 2 - 1}
 """
 
-# KEYS meta ctx turns summary; ARGV epoch state ttl_ms. The lease key keeps its own (shorter) TTL.
+# KEYS meta ctx turns summary lease; ARGV epoch state ttl_ms. The owner's lease is released: the
+# session's next turn may start on any verifier at once (the epoch still fences this owner).
 _FINISH = _CHECK_EPOCH + """
 local err = check_epoch(KEYS[1], ARGV[1])
 if err then return err end
 redis.call('HSET', KEYS[1], 'state', ARGV[2])
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+if redis.call('GET', KEYS[5]) == redis.call('HGET', KEYS[1], 'owner') then redis.call('DEL', KEYS[5]) end
 return {0}
 """
 
@@ -285,6 +288,7 @@ class SessionRecord:
     turns: list[Turn]
     created_at: float
     lease_ms_left: int    # 0 when no live lease
+    turn_id: str = ""     # the latest turn's id (its client's, when it sent one)
 
     @property
     def generated_len(self) -> int:
@@ -348,21 +352,24 @@ class SessionStore(RedisBacked):
     # --- records -------------------------------------------------------------------------
 
     def create(self, session_id: str, prompt_ids: list[int], params: dict | None = None,
-               owner: str = "", lease_ttl_ms: int = 0) -> SessionRecord:
-        """A new session whose context is the prompt (turn 0). With `owner`, it is created
-        already leased to it (epoch 1), in the same atomic step. Refuses an existing id."""
+               owner: str = "", lease_ttl_ms: int = 0, turn_id: str | None = None) -> SessionRecord:
+        """A new session whose context is the prompt (turn 0, id `turn_id`). With `owner`, it is
+        created already leased to it (epoch 1), in the same atomic step. Refuses an existing id,
+        except a repeat of this very create (same turn_id: a retry after a lost reply)."""
         prompt = pack_tokens("prompt_ids", prompt_ids)
         params_json = _dump_params(params or {})
         if owner:
             check_id("owner", owner)
             _check_ttl(lease_ttl_ms)
         created_at = time.time()
+        turn_id = turn_id or uuid.uuid4().hex
         reply = self._run(self._create, session_id, ("meta", "ctx", "turns", "summary", "lease"),
-                          [prompt, params_json, repr(created_at), uuid.uuid4().hex, owner, lease_ttl_ms])
+                          [prompt, params_json, repr(created_at), turn_id, owner, lease_ttl_ms])
         n = len(prompt_ids)
         return SessionRecord(session_id=session_id, prompt_ids=list(prompt_ids), params=json.loads(params_json),
                              epoch=int(reply[1]), owner=owner, state="active", ctx_len=n, turns=[Turn(0, n)],
-                             created_at=created_at, lease_ms_left=lease_ttl_ms if owner else 0)
+                             created_at=created_at, lease_ms_left=lease_ttl_ms if owner else 0,
+                             turn_id=turn_id)
 
     def get(self, session_id: str) -> SessionRecord:
         _, meta, turns, ctx_len, prompt, pttl = self._run(self._get, session_id,
@@ -373,7 +380,8 @@ class SessionStore(RedisBacked):
                              params=json.loads(m["params"]), epoch=int(m["epoch"]), owner=m["owner"].decode(),
                              state=m["state"].decode(), ctx_len=int(ctx_len),
                              turns=[Turn(t[i], t[i + 1]) for i in range(0, len(t), 2)],
-                             created_at=float(m["created_at"]), lease_ms_left=max(0, int(pttl)))
+                             created_at=float(m["created_at"]), lease_ms_left=max(0, int(pttl)),
+                             turn_id=m.get("turn_id", b"").decode())
 
     # --- lease ---------------------------------------------------------------------------
 
@@ -447,11 +455,12 @@ class SessionStore(RedisBacked):
         return unpack_tokens(data or b"")
 
     def finish(self, session_id: str, epoch: int, state: str = "finished") -> None:
-        """Mark the session finished (or aborted) and let Redis delete it after finished_ttl_s;
-        until then it can be read, resumed, or reopened by `begin_turn`."""
+        """Mark the session finished (or aborted), release the owner's lease, and let Redis
+        delete it after finished_ttl_s; until then it can be read, resumed, or reopened by
+        `begin_turn` (on any verifier)."""
         if state not in STATES[1:]:
             raise InvalidArgument("state", f"must be one of {STATES[1:]}, got {state!r}")
-        self._run(self._finish, session_id, ("meta", "ctx", "turns", "summary"),
+        self._run(self._finish, session_id, ("meta", "ctx", "turns", "summary", "lease"),
                   [epoch, state, self.finished_ttl_ms])
 
     # --- summary slot --------------------------------------------------------------------

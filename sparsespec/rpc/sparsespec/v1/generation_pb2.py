@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sparsespec.rpc.sparsespec.v1 import common_pb2 as sparsespec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esparsespec/v1/generation.proto\x12\rsparsespec.v1\x1a\x1asparsespec/v1/common.proto\"\x92\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.sparsespec.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.sparsespec.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x15\n\rresume_offset\x18\x07 \x01(\x03\x12\x0e\n\x06resume\x18\x08 \x01(\x08\x12\t\n\x01k\x18\t \x01(\x05\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x10\n\x08\x61\x64\x61ptive\x18\x0b \x01(\x08\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"T\n\x0cRoundMetrics\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x0f\n\x07\x64raft_s\x18\x03 \x01(\x01\x12\x10\n\x08verify_s\x18\x04 \x01(\x01\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12*\n\x05round\x18\x05 \x01(\x0b\x32\x1b.sparsespec.v1.RoundMetrics\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"f\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t2\xe7\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.sparsespec.v1.GenerateRequest\x1a\x1f.sparsespec.v1.GenerateResponse0\x01\x12?\n\x05\x41\x62ort\x12\x1b.sparsespec.v1.AbortRequest\x1a\x19.sparsespec.v1.AbortReply\x12I\n\x0cGetModelInfo\x12\x1f.sparsespec.v1.ModelInfoRequest\x1a\x18.sparsespec.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esparsespec/v1/generation.proto\x12\rsparsespec.v1\x1a\x1asparsespec/v1/common.proto\"\xa3\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.sparsespec.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.sparsespec.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x15\n\rresume_offset\x18\x07 \x01(\x03\x12\x0e\n\x06resume\x18\x08 \x01(\x08\x12\t\n\x01k\x18\t \x01(\x05\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x10\n\x08\x61\x64\x61ptive\x18\x0b \x01(\x08\x12\x0f\n\x07turn_id\x18\x0c \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"T\n\x0cRoundMetrics\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x0f\n\x07\x64raft_s\x18\x03 \x01(\x01\x12\x10\n\x08verify_s\x18\x04 \x01(\x01\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12*\n\x05round\x18\x05 \x01(\x0b\x32\x1b.sparsespec.v1.RoundMetrics\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"f\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t2\xe7\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.sparsespec.v1.GenerateRequest\x1a\x1f.sparsespec.v1.GenerateResponse0\x01\x12?\n\x05\x41\x62ort\x12\x1b.sparsespec.v1.AbortRequest\x1a\x19.sparsespec.v1.AbortReply\x12I\n\x0cGetModelInfo\x12\x1f.sparsespec.v1.ModelInfoRequest\x1a\x18.sparsespec.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sparsespec.v1.generation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=78
-  _globals['_GENERATEREQUEST']._serialized_end=352
-  _globals['_TOKENIDS']._serialized_start=354
-  _globals['_TOKENIDS']._serialized_end=377
-  _globals['_ROUNDMETRICS']._serialized_start=379
-  _globals['_ROUNDMETRICS']._serialized_end=463
-  _globals['_GENERATERESPONSE']._serialized_start=466
-  _globals['_GENERATERESPONSE']._serialized_end=664
-  _globals['_ABORTREQUEST']._serialized_start=666
-  _globals['_ABORTREQUEST']._serialized_end=700
-  _globals['_ABORTREPLY']._serialized_start=702
-  _globals['_ABORTREPLY']._serialized_end=731
-  _globals['_MODELINFOREQUEST']._serialized_start=733
-  _globals['_MODELINFOREQUEST']._serialized_end=751
-  _globals['_MODELINFO']._serialized_start=753
-  _globals['_MODELINFO']._serialized_end=855
-  _globals['_GENERATION']._serialized_start=858
-  _globals['_GENERATION']._serialized_end=1089
+  _globals['_GENERATEREQUEST']._serialized_end=369
+  _globals['_TOKENIDS']._serialized_start=371
+  _globals['_TOKENIDS']._serialized_end=394
+  _globals['_ROUNDMETRICS']._serialized_start=396
+  _globals['_ROUNDMETRICS']._serialized_end=480
+  _globals['_GENERATERESPONSE']._serialized_start=483
+  _globals['_GENERATERESPONSE']._serialized_end=681
+  _globals['_ABORTREQUEST']._serialized_start=683
+  _globals['_ABORTREQUEST']._serialized_end=717
+  _globals['_ABORTREPLY']._serialized_start=719
+  _globals['_ABORTREPLY']._serialized_end=748
+  _globals['_MODELINFOREQUEST']._serialized_start=750
+  _globals['_MODELINFOREQUEST']._serialized_end=768
+  _globals['_MODELINFO']._serialized_start=770
+  _globals['_MODELINFO']._serialized_end=872
+  _globals['_GENERATION']._serialized_start=875
+  _globals['_GENERATION']._serialized_end=1106
 # @@protoc_insertion_point(module_scope)
