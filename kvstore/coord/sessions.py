@@ -445,14 +445,7 @@ class SessionStore(RedisBacked):
     def context(self, session_id: str) -> list[int]:
         """The whole committed context (prompt, generated, later user turns): what a replacement
         verifier prefills."""
-        with self.reachable():
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.exists(self._key(session_id, "meta"))
-            pipe.get(self._key(session_id, "ctx"))
-            exists, data = pipe.execute()
-        if not exists:
-            self._raise(session_id, [NOT_FOUND])
-        return unpack_tokens(data or b"")
+        return unpack_tokens(self._part(session_id, "ctx") or b"")
 
     def finish(self, session_id: str, epoch: int, state: str = "finished") -> None:
         """Mark the session finished (or aborted), release the owner's lease, and let Redis
@@ -472,10 +465,15 @@ class SessionStore(RedisBacked):
         self._run(self._put_summary, session_id, ("meta", "summary"), [epoch, bytes(data)])
 
     def get_summary(self, session_id: str) -> bytes | None:
+        return self._part(session_id, "summary")
+
+    def _part(self, session_id: str, part: str) -> bytes | None:
+        """One key of an existing session (SessionNotFound otherwise), read in one transaction
+        with the check, so an expiry in between cannot pass for an empty value."""
         with self.reachable():
             pipe = self.redis.pipeline(transaction=True)
             pipe.exists(self._key(session_id, "meta"))
-            pipe.get(self._key(session_id, "summary"))
+            pipe.get(self._key(session_id, part))
             exists, data = pipe.execute()
         if not exists:
             self._raise(session_id, [NOT_FOUND])
