@@ -29,7 +29,7 @@ turns) on fresh session ids, without faults and on the surviving verifier. After
     (the warm-up) and after round 2 grows by less than RSS_GROWTH_MB.
 
 Every wait polls with a deadline; every loop is bounded in count and time. The figures line is
-printed at the end (pytest -s, or -rA / on failure from the captured stdout).
+printed at the end, past pytest's capture, so CI's log has it.
 """
 
 from __future__ import annotations
@@ -566,7 +566,7 @@ def tail(proc, n=25) -> str:
     return f"--- {proc.name} (exit {proc.popen.poll()}):\n" + "\n".join(proc.output[-n:])
 
 
-def test_chaos_and_soak(chaos_cluster, reference):
+def test_chaos_and_soak(chaos_cluster, reference, capsys):
     cluster, srv = chaos_cluster
     t_start = time.monotonic()
     figures: dict = {"sessions": 0, "turns_completed": 0, "refused": 0, "disconnected": 0, "faults": [],
@@ -621,4 +621,5 @@ def test_chaos_and_soak(chaos_cluster, reference):
         assert all(p.alive() for p in (cluster.verifiers[1], cluster.drafters[-1])), logs()
     finally:
         figures["wall_s"] = round(time.monotonic() - t_start, 1)
-        print("chaos figures: " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+        with capsys.disabled():          # in CI's log too, pass or fail
+            print("\nchaos figures: " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
