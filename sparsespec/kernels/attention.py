@@ -3,6 +3,8 @@ verify path that reads each row's past K/V once."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # Widest new block `attend_block` takes: a round's k + 1 (MAX_K = 64). Wider forwards (a
 # multi-turn extend) keep the masked path.
 MAX_BLOCK = 65
+
+
+@functools.lru_cache(maxsize=None)
+def _future(t: int, device: torch.device) -> torch.Tensor:
+    """[T, T] True above the diagonal: the new keys a new query must not see (built once per T)."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
 
 
 def block_supported(device: torch.device, num_new: int) -> bool:
@@ -78,8 +86,7 @@ def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     # The block and the merge in fp32 (tiny), like the fused kernel's accumulators.
     qb = q.reshape(B, Hkv, G, T, D).float()
     scores = qb @ k_new.unsqueeze(2).float().transpose(-1, -2) * D ** -0.5   # [B, Hkv, G, T, T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    scores = scores.masked_fill(_future(T, q.device), float("-inf"))
     lse_b = torch.logsumexp(scores, dim=-1).reshape(B, H, T)
     out_b = (torch.softmax(scores, dim=-1) @ v_new.unsqueeze(2).float()).reshape(B, H, T, D)
     if longest == 0:
