@@ -216,7 +216,8 @@ class Scheduler:
 
         The verifier process calls this on its main thread: torch ops issued from a worker
         thread ran measurably slower here (see sparsespec/runtime.py). An exception that
-        escapes is a bug: it is kept in `crashed` and re-raised for the process to exit on."""
+        escapes is a bug: it is kept in `crashed`, every turn fails with Stopped (their clients
+        resume elsewhere), and it is re-raised for the process to exit on."""
         try:
             while not self._stop.is_set() and not until():
                 self._admit()
@@ -229,6 +230,7 @@ class Scheduler:
                 self._round()
         except BaseException as e:
             self.crashed = e
+            self.fail_all(Stopped("verifier: the round scheduler died; resume on another verifier"))
             raise
 
     def _loop(self) -> None:
@@ -236,7 +238,6 @@ class Scheduler:
             self.run(lambda: False)
         except BaseException:  # noqa: BLE001 - kept in self.crashed; health reports it
             log.exception("round scheduler died")
-            self.fail_all(Stopped("verifier: the round scheduler died; resume on another verifier"))
 
     def _admit(self) -> None:
         while len(self._active) < self.engine.max_batch:
@@ -323,7 +324,7 @@ class Scheduler:
         for job in jobs:
             job.backlog += committed.get(job.session, [])
             self._sync(job)
-        if runnable == [] and self._log_down_since is not None:
+        if not runnable and self._log_down_since is not None:
             self._wake.wait(self.retry_log_s)   # nothing to compute until Redis is back
             self._wake.clear()
 

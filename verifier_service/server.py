@@ -132,8 +132,11 @@ class VerifierServer:
             log.warning("%s", e)
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         if not self.servicer.draining:
-            for name in ("", SERVICE):
-                self.health.set(name, status)
+            self._set_health(status)
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE):
+            self.health.set(name, status)
 
     def _watch_health(self) -> None:
         while not self._stopping.wait(0.5):
@@ -142,8 +145,7 @@ class VerifierServer:
     def begin_drain(self) -> float:
         """Refuse new work from now on; returns the deadline for running turns."""
         self.servicer.draining = True
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         return time.monotonic() + self.cfg.drain_s
 
     def drain_and_stop(self) -> None:
@@ -155,13 +157,11 @@ class VerifierServer:
 
     def die(self, error: BaseException) -> int:
         """The round loop died: stop serving at once (health NOT_SERVING, every turn's stream
-        fails so the SDK resumes it on another verifier) and return the exit code."""
-        from verifier_service.scheduler import Stopped
+        fails so the SDK resumes it on another verifier) and return the exit code. The scheduler
+        failed its turns already (Scheduler.run)."""
         log.critical("round scheduler died", exc_info=error)
         self._stopping.set()
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.scheduler.fail_all(Stopped("verifier: the round scheduler died; resume on another verifier"))
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.stop()
         print(f"error: round scheduler died: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return EXIT_CRASHED
@@ -224,13 +224,13 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         extra = {"worker_id": args.worker_id} if args.worker_id else {}
+        summaries, schedule = summary_config(args)
         cfg = VerifierConfig(model=args.model, redis_url=args.redis, drafters=tuple(args.drafter_address),
                              host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                              max_context=args.max_context,
                              max_batch=args.max_batch, max_queue=args.max_queue, default_k=args.k,
                              lease_ms=args.lease_ms,
-                             drain_s=args.drain_s, **dict(zip(("summaries", "summary_schedule"),
-                                                              summary_config(args))), **extra)
+                             drain_s=args.drain_s, summaries=summaries, summary_schedule=schedule, **extra)
         server = VerifierServer(cfg).start(scheduler_thread=False)
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,9 +15,9 @@ device KV when the device is the CPU (it is host RAM then too). Drafter state is
 (docs/design.md, invariant 2), so eviction and refusal cost the verifier speed, never tokens: it
 decodes alone and re-opens later.
 
-Per-session state lives in one table (`_sessions`), and a Draft runs three steps on it, each its
-own method (`_sync`, `_take_summary`, `_draft`), so a host that batches its sessions can run each
-step over all of them. How a session starts is the `start_session` strategy (a prefill by
+Per-session state lives in one table (`_sessions`), and a Draft runs three steps on a session's
+Drafter (sync, take the summary, draft), which a host that batches its sessions will run over
+all of them. How a session starts is the `start_session` strategy (a prefill by
 default; the acceptance bench adopts a known exact prefix instead).
 
 Concurrency: a table lock for the session map and the byte count, a lock per session to order
@@ -40,7 +40,7 @@ from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.rpc.errors import DrafterFull, SessionUnknown, StateMismatch
 from sparsespec.runtime import release_memory
 from sparsespec.spec.adaptive import MAX_K
-from sparsespec.spec.drafter import Drafter, DraftResult
+from sparsespec.spec.drafter import Drafter
 from sparsespec.spec.drafter_memory import SessionCost, session_cost
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.transport import DraftReply, DrafterClient
@@ -258,9 +258,10 @@ class DrafterHost:
             drafter, gen = entry.drafter, entry.gen   # a close meanwhile frees them when we return
             try:
                 with self._compute:
-                    self._sync(drafter, base_len, append)     # StateMismatch leaves the state untouched
-                    self._take_summary(drafter, decoded)
-                    result = self._draft(drafter, gen, k, params)
+                    drafter.sync(base_len, append)          # StateMismatch leaves the state untouched
+                    if decoded is not None:
+                        drafter.take_summary(decoded)         # re-selects at once
+                    result = drafter.draft(k, params, gen)
             except StateMismatch:
                 raise
             except BaseException:
@@ -287,24 +288,6 @@ class DrafterHost:
         if drafter is None:
             raise SessionUnknown(f"session_id: {session_id!r} is starting, closed or evicted")
         return drafter
-
-    # --- the steps of a Draft (one session each; a batching host runs each over many) ---------
-
-    @staticmethod
-    def _sync(drafter: Drafter, base_len: int, append: list[int]) -> None:
-        """Follow the committed prefix: keep accepted cached drafts, roll back the rest, append."""
-        drafter.sync(base_len, append)
-
-    @staticmethod
-    def _take_summary(drafter: Drafter, summary: Summary | None) -> None:
-        """Apply the verifier's (already decoded) KV summary, if one came: re-selects at once."""
-        if summary is not None:
-            drafter.take_summary(summary)
-
-    @staticmethod
-    def _draft(drafter: Drafter, gen: torch.Generator | None, k: int, params: SamplingParams) -> DraftResult:
-        """Chain-draft k tokens from the committed prefix (one forward per draft position)."""
-        return drafter.draft(k, params, gen)
 
     # --- helpers ---------------------------------------------------------------------------
 
