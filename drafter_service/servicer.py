@@ -16,6 +16,7 @@ import grpc
 from sparsespec.rpc.convert import dist_to_proto, sampling_from_proto, status_for
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
 from sparsespec.spec.drafter_host import DrafterHost
+from sparsespec.spec.transport import DraftCall
 
 log = logging.getLogger("drafter_service")
 
@@ -36,15 +37,19 @@ def rpc(handler):
         try:
             return handler(self, request, context)
         except Exception as e:  # noqa: BLE001 - the whole point: one status per failure
-            code = status_for(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", handler.__name__)
-                details = f"internal error: {type(e).__name__}: {e}"
-            else:
-                details = str(e)
-        context.abort(code, _one_line(details))
+            code, details = _status(e, handler.__name__)
+        context.abort(code, details)
 
     return wrapper
+
+
+def _status(e: BaseException, where: str = "DraftBatch") -> tuple[grpc.StatusCode, str]:
+    """An exception as (status, one-line message); what we did not raise on purpose is logged."""
+    code = status_for(e)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", where, exc_info=e)
+        return code, _one_line(f"internal error: {type(e).__name__}: {e}")
+    return code, _one_line(str(e))
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
@@ -63,15 +68,41 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         reply = self.host.draft(request.session_id, request.base_len, list(request.append), request.k,
                                 sampling_from_proto(request.sampling), request.epoch,
                                 summary=request.summary or None)
-        return drafter_pb2.DraftReply(tokens=reply.tokens,
-                                      q=[dist_to_proto(q) for q in reply.qs] if reply.qs else [],
-                                      draft_s=reply.draft_s, device_bytes=reply.device_bytes,
-                                      host_bytes=reply.host_bytes, **_want_fields(reply.want))
+        return _draft_reply(reply)
+
+    @rpc
+    def DraftBatch(self, request, context):
+        calls, epochs, outcomes = [], [], [None] * len(request.drafts)
+        for i, r in enumerate(request.drafts):
+            try:
+                params = sampling_from_proto(r.sampling)
+            except Exception as e:  # noqa: BLE001 - this session's outcome
+                outcomes[i] = _failed(e)
+                continue
+            calls.append((i, DraftCall(r.session_id, r.base_len, list(r.append), r.k, params, r.summary or None)))
+            epochs.append(r.epoch)
+        results = self.host.draft_many([c for _, c in calls], epochs)
+        for (i, _), result in zip(calls, results):
+            outcomes[i] = (_failed(result) if isinstance(result, BaseException)
+                           else drafter_pb2.DraftOutcome(reply=_draft_reply(result)))
+        return drafter_pb2.DraftBatchReply(outcomes=outcomes)
 
     @rpc
     def CloseSession(self, request, context):
         self.host.close(request.session_id)
         return drafter_pb2.CloseSessionReply()
+
+
+def _draft_reply(reply) -> drafter_pb2.DraftReply:
+    return drafter_pb2.DraftReply(tokens=reply.tokens, q=[dist_to_proto(q) for q in reply.qs] if reply.qs else [],
+                                  draft_s=reply.draft_s, device_bytes=reply.device_bytes,
+                                  host_bytes=reply.host_bytes, **_want_fields(reply.want))
+
+
+def _failed(e: BaseException) -> drafter_pb2.DraftOutcome:
+    """One session's failure inside a DraftBatch, as its status code and one-line message."""
+    code, details = _status(e)
+    return drafter_pb2.DraftOutcome(code=code.value[0], error=details)
 
 
 def _want_fields(want) -> dict:

@@ -119,6 +119,9 @@ CASES = {
                        "sampling.temperature"),
     "draft-top-p-nan": ("Drafter", "Draft", draft(sampling=sampling(temperature=0.7, top_p=NAN)).SerializeToString(),
                         "sampling.top_p"),
+    "batch-not-protobuf": ("Drafter", "DraftBatch", NOT_PROTOBUF, "request"),
+    "batch-session": ("Drafter", "DraftBatch", bad_utf8(drafter_pb2.DraftBatchRequest(drafts=[draft(session_id="SESSPLACE")]),
+                                                        "SESSPLACE"), "drafts[0].session_id"),
     "close-session": ("Drafter", "CloseSession",
                       bad_utf8(drafter_pb2.CloseSessionRequest(session_id="SESSPLACE"), "SESSPLACE"), "session_id"),
 }

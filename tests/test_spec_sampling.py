@@ -15,6 +15,7 @@ import torch
 from conftest import random_model
 from kvstore.cache.full import FullKVCache
 from kvstore.cache.sparse import SparseConfig
+from kvstore.cache.stacked import StackedKVCache
 from sparsespec.spec import acceptance
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
@@ -57,16 +58,18 @@ def chi_square_pvalue(counts: torch.Tensor, expected_p: torch.Tensor) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def sample_counts(engine, mode: str) -> torch.Tensor:
+def sample_counts(engine, mode: str, max_tokens: int = 2) -> torch.Tensor:
+    """Counts of the first two tokens. max_tokens 3 lets the first round draft k = 2, so the
+    second draft comes from a batched drafter forward."""
     counts = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
     for i in range(DRAWS // BATCH):
         params = SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.top_k, seed=PARAMS.seed + i,
                                 q_support=4)
-        reqs = [GenerationRequest(PROMPT, 2, SamplingParams(params.temperature, params.top_p, params.top_k,
+        reqs = [GenerationRequest(PROMPT, max_tokens, SamplingParams(params.temperature, params.top_p, params.top_k,
                                                             seed=params.seed * 1000 + j, q_support=4),
                                   k=2, mode=mode) for j in range(BATCH)]
         for out in engine.generate_many(reqs):
-            a, b = out.token_ids
+            a, b = out.token_ids[:2]
             counts[a * VOCAB + b] += 1
     return counts
 
@@ -95,8 +98,13 @@ def test_ar_sampler_matches_exact(models, exact):
     assert chi_square_pvalue(counts, exact) > 1e-3
 
 
-def test_spec_sampler_matches_exact(models, exact):
-    counts = sample_counts(make_engine(models), "spec")
+def test_spec_sampler_matches_exact(models, exact, monkeypatch):
+    # Every round drafts the batch's sessions together: one forward per draft position.
+    stacked = []
+    init = StackedKVCache.__init__
+    monkeypatch.setattr(StackedKVCache, "__init__", lambda self, caches: stacked.append(len(caches)) or init(self, caches))
+    counts = sample_counts(make_engine(models), "spec", max_tokens=3)
+    assert max(stacked) == BATCH
     assert chi_square_pvalue(counts, exact) > 1e-3
 
 

@@ -204,11 +204,12 @@ class BoundCheckingClient(LocalDrafterClient):
         self.after_summary = []
         self.summaries_seen = []
 
-    def draft(self, session, base_len, append, k, params, summary=None):
-        self.summaries_seen.append(summary)
-        reply = super().draft(session, base_len, append, k, params, summary)
-        self.max_entries = max(self.max_entries, self.host.drafter(session).cache.device_entries())
-        return reply
+    def draft_many(self, calls):
+        self.summaries_seen += [c.summary for c in calls]
+        replies = super().draft_many(calls)
+        for c in calls:
+            self.max_entries = max(self.max_entries, self.host.drafter(c.session).cache.device_entries())
+        return replies
 
 
 @pytest.mark.parametrize("budget,k", [(16, 4), (48, 8), (32, 1)])
@@ -262,10 +263,17 @@ class Flaky(LocalDrafterClient):
         self._maybe_fail()
         return super().open(session, tokens, params)
 
-    def draft(self, session, base_len, append, k, params, summary=None):
-        self.calls.append((base_len, summary))
-        self._maybe_fail()
-        return super().draft(session, base_len, append, k, params, summary)
+    def draft_many(self, calls):
+        replies = []
+        for c in calls:
+            self.calls.append((c.base_len, c.summary))
+            try:
+                self._maybe_fail()
+            except DrafterUnavailable as e:
+                replies.append(e)
+                continue
+            replies += super().draft_many([c])
+        return replies
 
 
 def test_a_reopened_drafter_gets_a_summary_at_once(tiny_model, prompt):

@@ -6,6 +6,9 @@ DrafterUnavailable, the round loop decodes the session alone, and the next draft
 with base_len 0 and the whole committed prefix: that draft is sent to a live drafter (at most
 every `rebind_every_s`), which may be a replacement that registered since, and the drafter
 re-opens the session itself (sparsespec.spec.drafter_host); here a session is only bound.
+
+A round's drafts go out as one `draft_many` per drafter (a DraftBatch each, sent to different
+drafters at once); re-opens go one by one, since each binds its session somewhere first.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 
 from sparsespec.spec.drafter import StateMismatch
-from sparsespec.spec.transport import DraftReply, DrafterClient, DrafterUnavailable
+from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DraftReply, DrafterClient, DrafterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class RoutingDrafterClient(DrafterClient):
         self._bound: dict[str, str] = {}          # session -> address
         self._bad_until: dict[str, float] = {}    # address -> monotonic time it may be tried again
         self._next_try: dict[str, float] = {}     # session -> monotonic time of the next re-open
+        self._fanout: ThreadPoolExecutor | None = None   # a round's DraftBatches to several drafters
 
     def bound(self, session: str) -> str | None:
         return self._bound.get(session)
@@ -81,6 +86,38 @@ class RoutingDrafterClient(DrafterClient):
         except StateMismatch:
             self._bound.pop(session, None)
             raise
+
+    def draft_many(self, calls: list[DraftCall]) -> list:
+        results: list = [None] * len(calls)
+        groups: dict[str, list[int]] = {}          # address -> indices of its bound sessions
+        for i, c in enumerate(calls):
+            if c.base_len == 0 or c.session not in self._bound:
+                try:
+                    results[i] = self.draft(c.session, c.base_len, c.append, c.k, c.params, c.summary)
+                except DRAFTER_FAILURES as e:
+                    results[i] = e
+            else:
+                groups.setdefault(self._bound[c.session], []).append(i)
+
+        def send(address: str, idx: list[int]) -> list:
+            return self._client(address).draft_many([calls[i] for i in idx])
+
+        if len(groups) > 1:
+            if self._fanout is None:
+                self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="draft-fanout")
+            sent = {a: self._fanout.submit(send, a, idx) for a, idx in groups.items()}
+            replies = {a: f.result() for a, f in sent.items()}
+        else:
+            replies = {a: send(a, idx) for a, idx in groups.items()}
+        for address, idx in groups.items():
+            for i, r in zip(idx, replies[address]):
+                if isinstance(r, DrafterUnavailable):
+                    self._bound.pop(calls[i].session, None)
+                    self._mark_bad(address, r)
+                elif isinstance(r, StateMismatch):
+                    self._bound.pop(calls[i].session, None)
+                results[i] = r
+        return results
 
     def close(self, session):
         self._unbind(session)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import grpc
 
 from kvstore.cache.summary import SummaryWant
-from sparsespec.errors import InvalidArgument
+from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.rpc.convert import dist_from_proto, drafter_error, sampling_to_proto
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import DraftReply, DrafterClient
+from sparsespec.spec.transport import DraftCall, DraftReply, DrafterClient
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
@@ -61,6 +61,36 @@ class GrpcDrafterClient(DrafterClient):
                                            sampling=sampling_to_proto(params), epoch=self.epoch,
                                            summary=summary or b"")
         reply = self._call(self.stub.Draft, request, self.open_timeout_s if base_len == 0 else self.timeout_s)
+        return self._reply(reply, k, params)
+
+    def draft_many(self, calls: list[DraftCall]) -> list[DraftReply | SparseSpecError]:
+        """One DraftBatch for the round. A call that fails as a whole fails every session in it."""
+        if not calls:
+            return []
+        request = drafter_pb2.DraftBatchRequest(drafts=[
+            drafter_pb2.DraftRequest(session_id=c.session, base_len=c.base_len, append=c.append, k=c.k,
+                                     sampling=sampling_to_proto(c.params), epoch=self.epoch,
+                                     summary=c.summary or b"") for c in calls])
+        timeout = self.open_timeout_s if any(c.base_len == 0 for c in calls) else self.timeout_s
+        try:
+            batch = self._call(self.stub.DraftBatch, request, timeout)
+        except SparseSpecError as e:
+            return [e] * len(calls)
+        if len(batch.outcomes) != len(calls):
+            return [self._bad_reply(f"{len(batch.outcomes)} outcomes for {len(calls)} drafts")] * len(calls)
+        results: list[DraftReply | SparseSpecError] = []
+        for c, outcome in zip(calls, batch.outcomes):
+            try:
+                if outcome.code != grpc.StatusCode.OK.value[0]:
+                    code = next((s for s in grpc.StatusCode if s.value[0] == outcome.code), grpc.StatusCode.UNKNOWN)
+                    raise drafter_error(code, f"drafter {self.address}: {outcome.error}")
+                results.append(self._reply(outcome.reply, c.k, c.params))
+            except SparseSpecError as e:
+                results.append(e)
+        return results
+
+    def _reply(self, reply: drafter_pb2.DraftReply, k: int, params: SamplingParams) -> DraftReply:
+        """A DraftReply message, checked against what was asked (k drafts, k distributions)."""
         if len(reply.tokens) != k:
             raise self._bad_reply(f"{len(reply.tokens)} drafts for k = {k}")
         qs = None

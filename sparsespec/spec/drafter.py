@@ -1,8 +1,15 @@
-"""The drafter engine: a model over a SparseKVCache, one per session.
+"""The drafter engine: a model over a SparseKVCache, one per session; rounds over many at once.
 
-It follows the committed prefix the verifier sends (base_len + append), rolls back its own
-rejected drafts, keeps the cache within budget (policy upkeep), and chain-drafts k tokens.
+A Drafter follows the committed prefix the verifier sends (base_len + append), rolls back its
+own rejected drafts, keeps the cache within budget (policy upkeep), and chain-drafts k tokens.
 Its state is disposable: `start` rebuilds it from the committed tokens alone.
+
+`draft_round` runs one round for many sessions that share a model: their committed tokens and
+then each draft position go through ONE forward over all of them (kvstore.cache.stacked), so the
+weights are read once per position, not once per session (the MagicDec batching; a fixed budget
+keeps every session's view the same size). Failures stay per session: what can be checked
+before a forward (base_len, room, a summary) is checked per session, and a session that fails
+is dropped from the round while the others go on.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.cache.sparse import SparseConfig, SparseKVCache
+from kvstore.cache.stacked import StackedKVCache
 from kvstore.cache.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, SparseSpecError
 from sparsespec.spec.sampling import SamplingParams, SparseDist, draft_distribution, sample
@@ -25,6 +33,19 @@ class StateMismatch(SparseSpecError):
 class DraftResult:
     tokens: list[int]                 # [k]
     qs: list[SparseDist] | None       # [k] draft distributions (sampling only)
+
+
+@dataclass(eq=False)
+class DraftJob:
+    """One session's part of a draft round; `draft_round` sets `result` or `error`."""
+    drafter: "Drafter"
+    k: int
+    params: SamplingParams
+    gen: torch.Generator | None = None
+    sync: tuple[int, list[int]] | None = None   # (base_len, append) to sync to first; None = as is
+    summary: Summary | None = None              # taken after the sync, before drafting
+    result: DraftResult | None = None
+    error: BaseException | None = None
 
 
 class Drafter:
@@ -80,19 +101,16 @@ class Drafter:
         self.committed_len += len(tokens)
         self.cache.upkeep()
 
-    @torch.inference_mode()
-    def sync(self, base_len: int, append: list[int]) -> None:
-        """Bring the cache to the committed prefix base_len + append.
-
-        Cached drafts that the verifier accepted are kept (not recomputed); the rest is rolled back.
-        """
+    def _rollback(self, base_len: int, append: list[int]) -> list[int]:
+        """The cache part of `sync`: keep the cached drafts the verifier accepted, roll back the
+        rest, and return the committed tokens still to forward. StateMismatch changes nothing."""
         if base_len != self.committed_len:
             raise StateMismatch(f"base_len {base_len} does not match the drafter's committed length "
                                 f"{self.committed_len}")
         if not append:   # nothing new: drop last round's cached drafts (logits stay valid)
             self.cache.truncate(base_len)
             self._drafts, self._draft_logits = [], []
-            return
+            return []
         reuse = 0
         cached = len(self._draft_logits)
         while reuse < min(cached, len(append) - 1) and append[reuse] == self._drafts[reuse]:
@@ -100,31 +118,32 @@ class Drafter:
         self.cache.truncate(base_len + reuse)
         self.committed_len += reuse
         self._drafts, self._draft_logits = [], []
-        self._append(append[reuse:])
+        return append[reuse:]
 
     @torch.inference_mode()
+    def sync(self, base_len: int, append: list[int]) -> None:
+        """Bring the cache to the committed prefix base_len + append.
+
+        Cached drafts that the verifier accepted are kept (not recomputed); the rest is rolled back.
+        """
+        pending = self._rollback(base_len, append)
+        if pending:
+            self._append(pending)
+
     def draft(self, k: int, params: SamplingParams, gen: torch.Generator | None = None) -> DraftResult:
         """Chain-draft k tokens from the committed prefix. Drafts 1..k-1 stay cached for reuse."""
+        job = DraftJob(self, k, params, gen)
+        draft_round([job])
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _make_room(self, k: int) -> None:
         if self.cache.room() < k:
             self.cache.upkeep(force=True)
             if self.cache.room() < k - 1:   # the last draft is never forwarded
                 raise ContextOverflow("k", f"no room in the drafter KV for {k} drafts "
                                            f"(capacity {self.cache.capacity})")
-        logits = self._last_logits
-        tokens, qs = [], []
-        for i in range(k):
-            if params.greedy:
-                token = int(logits.argmax())
-            else:
-                q = draft_distribution(logits, params)
-                token = int(q.ids[sample(q.probs, gen)])
-                qs.append(q)
-            tokens.append(token)
-            if i < k - 1:
-                logits = self._forward([token])
-                self._draft_logits.append(logits)
-        self._drafts = tokens
-        return DraftResult(tokens, None if params.greedy else qs)
 
     def take_summary(self, summary: Summary) -> None:
         """Take a decoded KV summary from the verifier (the host decodes it before any state
@@ -142,3 +161,91 @@ class Drafter:
 
     def device_bytes(self) -> int:
         return self.cache.device_bytes()
+
+
+def _each(jobs: list[DraftJob], fn) -> list[DraftJob]:
+    """Run fn(job) for every job; a job that raises gets its error and leaves the round."""
+    ok = []
+    for job in jobs:
+        try:
+            fn(job)
+        except Exception as e:  # noqa: BLE001 - one session's failure is that session's alone
+            job.error = e
+        else:
+            ok.append(job)
+    return ok
+
+
+def _forward(jobs: list[DraftJob], tokens: list[list[int]]) -> list[torch.Tensor] | None:
+    """One forward of tokens[i] (all of one length) for jobs[i]: each one's logits after its
+    last token, [V]. A forward that fails fails every job in it (None)."""
+    model = jobs[0].drafter.model
+    try:
+        ids = torch.tensor(tokens, device=model.device)                              # [S, T]
+        logits = model(ids, StackedKVCache([j.drafter.cache for j in jobs]), last_only=True)[:, -1]  # [S, V]
+    except Exception as e:  # noqa: BLE001
+        for j in jobs:
+            j.error = e
+        return None
+    return list(logits)
+
+
+@torch.inference_mode()
+def draft_round(jobs: list[DraftJob]) -> None:
+    """One round for sessions whose drafters share one model: sync, take summaries, chain-draft.
+
+    Forwards: one for the committed tokens of all sessions whose sync appends the same number
+    (normally 1, the recovered or bonus token), then one per draft position for every session
+    still drafting; a sync longer than its tail has room for (a long turn) is forwarded alone.
+    """
+    pending: dict[DraftJob, list[int]] = {}
+    groups: dict[int, list[DraftJob]] = {}        # committed tokens to forward -> jobs
+
+    def rollback(j: DraftJob) -> None:
+        tokens = j.drafter._rollback(*j.sync) if j.sync is not None else []
+        if not tokens:
+            return
+        j.drafter.cache.upkeep()
+        if j.drafter.cache.room() >= len(tokens):
+            pending[j] = tokens
+            groups.setdefault(len(tokens), []).append(j)
+        else:
+            j.drafter._append(tokens, upkeep_first=False)
+
+    live = _each(jobs, rollback)
+    for n, group in groups.items():
+        rows = _forward(group, [pending[j] for j in group])
+        for j, row in zip(group, rows or []):
+            j.drafter._last_logits = row
+            j.drafter.committed_len += n
+        _each([j for j in group if j.error is None], lambda j: j.drafter.cache.upkeep())
+    live = [j for j in live if j.error is None]
+    live = _each(live, lambda j: j.drafter.take_summary(j.summary) if j.summary is not None else None)
+    live = _each(live, lambda j: j.drafter._make_room(j.k))
+
+    logits = {j: j.drafter._last_logits for j in live}                     # [V] each
+    drafts: dict[DraftJob, list[int]] = {j: [] for j in live}
+    qs: dict[DraftJob, list[SparseDist]] = {j: [] for j in live}
+    for i in range(max((j.k for j in live), default=0)):
+        stepping = []
+        for j in live:
+            if i >= j.k:
+                continue
+            if j.params.greedy:
+                token = int(logits[j].argmax())
+            else:
+                q = draft_distribution(logits[j], j.params)
+                token = int(q.ids[sample(q.probs, j.gen)])
+                qs[j].append(q)
+            drafts[j].append(token)
+            if i < j.k - 1:
+                stepping.append(j)
+        if stepping:
+            rows = _forward(stepping, [[drafts[j][-1]] for j in stepping])
+            for j, row in zip(stepping, rows or []):
+                logits[j] = row
+                j.drafter._draft_logits.append(row)
+            live = [j for j in live if j.error is None]
+    for j in live:
+        j.drafter._drafts = drafts[j]
+        j.result = DraftResult(drafts[j], None if j.params.greedy else qs[j])

@@ -15,9 +15,10 @@ device KV when the device is the CPU (it is host RAM then too). Drafter state is
 (docs/design.md, invariant 2), so eviction and refusal cost the verifier speed, never tokens: it
 decodes alone and re-opens later.
 
-Per-session state lives in one table (`_sessions`), and a Draft runs three steps on a session's
-Drafter (sync, take the summary, draft), which a host that batches its sessions will run over
-all of them. How a session starts is the `start_session` strategy (a prefill by
+Per-session state lives in one table (`_sessions`). A round's Draft for all the sessions a
+verifier holds here is one `draft_many`: every session is validated alone, then all are synced
+and drafted together, one model forward per draft position (spec.drafter.draft_round), and each
+gets its own reply or error. How a session starts is the `start_session` strategy (a prefill by
 default; the acceptance bench adopts a known exact prefix instead).
 
 Concurrency: a table lock for the session map and the byte count, a lock per session to order
@@ -27,6 +28,7 @@ and packed weights lazily (not thread-safe) and one device runs one forward at a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,14 +38,14 @@ import torch
 
 from kvstore.cache.sparse import SparseConfig
 from kvstore.cache.summary import Summary, SummaryWant
-from sparsespec.errors import ContextOverflow, InvalidArgument
-from sparsespec.rpc.errors import DrafterFull, SessionUnknown, StateMismatch
+from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError
+from sparsespec.rpc.errors import DrafterFull, DrafterRejected, SessionUnknown, StateMismatch
 from sparsespec.runtime import release_memory
 from sparsespec.spec.adaptive import MAX_K
-from sparsespec.spec.drafter import Drafter
+from sparsespec.spec.drafter import Drafter, DraftJob, draft_round
 from sparsespec.spec.drafter_memory import SessionCost, session_cost
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import DraftReply, DrafterClient
+from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DraftReply, DrafterClient
 
 DRAFT_SALT = 0x5EED          # salts every session's drafting stream (params.generator(salt=...))
 MAX_SESSION_ID = 256         # characters
@@ -224,52 +226,92 @@ class DrafterHost:
     def draft(self, session_id: str, base_len: int, append: list[int], k: int, params: SamplingParams,
               epoch: int = 0, summary: bytes | None = None) -> DraftReply:
         """Sync to base_len + append (the committed prefix), take the verifier's KV summary if
-        one came, then chain-draft k tokens.
+        one came, then chain-draft k tokens: `draft_many` for one session, raising its error.
 
         base_len 0: `append` is the whole committed prefix and the session is (re)built first.
         """
-        _check_session(session_id)
-        _check_epoch(epoch)
-        decoded = Summary.decode(summary) if summary else None   # refuse a malformed one up front
-        if not 1 <= k <= min(MAX_K, self.config.sparse.max_draft):
-            raise InvalidArgument("k", f"must be in [1, {min(MAX_K, self.config.sparse.max_draft)}], got {k}")
-        if base_len < 0:
-            raise InvalidArgument("base_len", f"must be >= 0, got {base_len}")
-        self._check_tokens("append", append)
-        if base_len + len(append) > self.config.max_context:
-            raise ContextOverflow("append", f"base_len + append = {base_len + len(append)} tokens exceed the "
-                                            f"drafter's context limit of {self.config.max_context}")
+        result = self.draft_many([DraftCall(session_id, base_len, append, k, params, summary)], [epoch])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def draft_many(self, calls: list[DraftCall], epochs: list[int] | None = None) -> list[DraftReply | Exception]:
+        """One round for many sessions: each is validated, re-opened if its base_len is 0 (a
+        prefill, alone), then all are synced and drafted together (spec.drafter.draft_round: one
+        forward per draft position). One result per call, in order: its reply or its error; a
+        session that fails (bad field, StateMismatch, no room) fails alone."""
         t0 = time.perf_counter()
-        if base_len == 0:
-            if not append:
-                raise InvalidArgument("append", "is empty: base_len 0 re-opens the session from append, "
-                                                "the whole committed prefix")
-            self.open(session_id, append, params, epoch)
-            base_len, append = len(append), []
-        entry = self._entry(session_id)
-        with entry.lock:
-            if entry.closed or entry.drafter is None:
-                raise SessionUnknown(f"session_id: {session_id!r} was closed or evicted: "
-                                     "re-open it with base_len 0")
-            if epoch != entry.epoch:
-                raise StateMismatch(f"epoch: {epoch} does not match the session's {entry.epoch}: re-open it")
-            if entry.gen is None and not params.greedy:
-                entry.gen = params.generator(salt=DRAFT_SALT)
-            drafter, gen = entry.drafter, entry.gen   # a close meanwhile frees them when we return
+        epochs = [0] * len(calls) if epochs is None else epochs
+        results: list[DraftReply | Exception | None] = [None] * len(calls)
+        ready: list[tuple[int, DraftCall, int, tuple[int, list[int]], Summary | None]] = []
+        seen: set[str] = set()
+        for i, (call, epoch) in enumerate(zip(calls, epochs)):
             try:
+                decoded = self._check_draft(call, epoch)
+                if call.session in seen:
+                    raise InvalidArgument("session_id", f"{call.session!r} appears twice in one round")
+                seen.add(call.session)
+                sync = (call.base_len, list(call.append))
+                if call.base_len == 0:
+                    self.open(call.session, sync[1], call.params, epoch)
+                    sync = (len(sync[1]), [])
+                ready.append((i, call, epoch, sync, decoded))
+            except Exception as e:  # noqa: BLE001 - this session's error, reported as its result
+                results[i] = e
+        with contextlib.ExitStack() as held:
+            jobs: list[tuple[int, str, _Session, DraftJob]] = []
+            for i, call, epoch, sync, decoded in sorted(ready, key=lambda r: r[1].session):  # one lock order
+                try:
+                    entry = self._entry(call.session)
+                    held.enter_context(entry.lock)
+                    if entry.closed or entry.drafter is None:
+                        raise SessionUnknown(f"session_id: {call.session!r} was closed or evicted: "
+                                             "re-open it with base_len 0")
+                    if epoch != entry.epoch:
+                        raise StateMismatch(f"epoch: {epoch} does not match the session's {entry.epoch}: "
+                                            "re-open it")
+                    if entry.gen is None and not call.params.greedy:
+                        entry.gen = call.params.generator(salt=DRAFT_SALT)
+                except Exception as e:  # noqa: BLE001
+                    results[i] = e
+                    continue
+                # The job holds the Drafter and generator: a close meanwhile frees them when we return.
+                jobs.append((i, call.session, entry,
+                             DraftJob(entry.drafter, call.k, call.params, entry.gen, sync, decoded)))
+            if jobs:
                 with self._compute:
-                    drafter.sync(base_len, append)          # StateMismatch leaves the state untouched
-                    if decoded is not None:
-                        drafter.take_summary(decoded)         # re-selects at once
-                    result = drafter.draft(k, params, gen)
-            except StateMismatch:
-                raise
-            except BaseException:
-                self._forget(session_id, entry)        # half-synced state is worth nothing
-                raise
-            entry.last_used = self.clock()
-            return DraftReply(result.tokens, result.qs, time.perf_counter() - t0,
-                              drafter.cache.device_bytes(), drafter.cache.host_bytes(), drafter.want())
+                    draft_round([job for _, _, _, job in jobs])
+            for i, session_id, entry, job in jobs:
+                if job.error is not None:
+                    results[i] = job.error
+                    if not isinstance(job.error, StateMismatch):   # StateMismatch leaves the state untouched
+                        self._forget(session_id, entry)              # half-synced state is worth nothing
+                    continue
+                entry.last_used = self.clock()
+                d = job.drafter
+                results[i] = DraftReply(job.result.tokens, job.result.qs, time.perf_counter() - t0,
+                                        d.cache.device_bytes(), d.cache.host_bytes(), d.want())
+        return results
+
+    def _check_draft(self, call: DraftCall, epoch: int) -> Summary | None:
+        """Validate one call before anything changes; returns its decoded summary (a malformed
+        one is refused up front, `summary: ...`)."""
+        _check_session(call.session)
+        _check_epoch(epoch)
+        decoded = Summary.decode(call.summary) if call.summary else None
+        max_k = min(MAX_K, self.config.sparse.max_draft)
+        if not 1 <= call.k <= max_k:
+            raise InvalidArgument("k", f"must be in [1, {max_k}], got {call.k}")
+        if call.base_len < 0:
+            raise InvalidArgument("base_len", f"must be >= 0, got {call.base_len}")
+        self._check_tokens("append", call.append)
+        if call.base_len + len(call.append) > self.config.max_context:
+            raise ContextOverflow("append", f"base_len + append = {call.base_len + len(call.append)} tokens "
+                                            f"exceed the drafter's context limit of {self.config.max_context}")
+        if call.base_len == 0 and not call.append:
+            raise InvalidArgument("append", "is empty: base_len 0 re-opens the session from append, "
+                                            "the whole committed prefix")
+        return decoded
 
     def close(self, session_id: str) -> bool:
         """Free the session (idempotent). True if it was open."""
@@ -321,6 +363,19 @@ class LocalDrafterClient(DrafterClient):
 
     def draft(self, session, base_len, append, k, params, summary=None):
         return self.host.draft(session, base_len, append, k, params, summary=summary)
+
+    def draft_many(self, calls):
+        """The host's batched round. Its refusals (a bad field, a context past its limit) become
+        DrafterRejected as they do over gRPC; anything else unexpected is a bug and raises."""
+        results = self.host.draft_many(calls)
+        for i, r in enumerate(results):
+            if isinstance(r, DRAFTER_FAILURES):
+                continue
+            if isinstance(r, SparseSpecError):
+                results[i] = DrafterRejected(str(r))
+            elif isinstance(r, BaseException):
+                raise r
+        return results
 
     def close(self, session):
         self.host.close(session)

@@ -20,7 +20,7 @@ from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
 from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
-from sparsespec.spec.transport import DRAFTER_FAILURES, DrafterClient
+from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient
 from sparsespec.spec.verifier import Verifier
 
 MODES = ("spec", "ar")
@@ -225,33 +225,43 @@ class SpecEngine:
         remaining = min(r.req.max_tokens - len(r.generated), self.max_context - len(r.tokens))
         return max(0, min(r.ctrl.next_k(), remaining - 1))
 
-    def _draft(self, r: Run) -> tuple[list[int], list | None, float]:
-        """Ask the drafter for this round's drafts; a failing drafter costs one plain step."""
-        k = self._plan_k(r)
-        if k == 0:
-            return [], None, 0.0
+    def _draft(self, active: list[Run]) -> list[tuple[list[int], list | None, float]]:
+        """This round's drafts for every run, in one request to the drafter (which drafts them
+        together); a run whose drafting fails costs one plain step. Per run: (drafts, qs, s)."""
+        planned: list[tuple[list[int], list | None, float]] = [([], None, 0.0)] * len(active)
+        asked, calls = [], []
+        for i, r in enumerate(active):
+            k = self._plan_k(r)
+            if k == 0:
+                continue
+            summary, fresh = self._summary_for(r)
+            asked.append((i, r, summary, fresh))
+            calls.append(DraftCall(r.session, r.drafter_base, r.tokens[r.drafter_base:], k, r.req.sampling, summary))
+        if not calls:
+            return planned
         t0 = time.perf_counter()
-        summary, fresh = self._summary_for(r)
-        try:
-            reply = self.drafter.draft(r.session, r.drafter_base, r.tokens[r.drafter_base:], k,
-                                       r.req.sampling, summary)
-        except DRAFTER_FAILURES:
-            r.drafter_base = 0      # re-send the whole committed prefix when it comes back
-            r.metrics.drafter_failures += 1
-            return [], None, time.perf_counter() - t0
-        if r.summary is not None:
-            if summary:
-                r.summary.delivered(summary, len(r.tokens), fresh)
-            r.summary.want = reply.want
-            if reply.want is None:           # this drafter reads no summaries: stop scoring its row
-                self.verifier.track(r.row, False)
-        m = r.metrics
-        if r.drafter_base > 0:   # a re-open (base_len 0) is a prefill, not per-round overhead
-            m.draft_overhead_s.append(max(0.0, time.perf_counter() - t0 - reply.draft_s))
-        r.drafter_base = len(r.tokens)
-        m.drafter_kv_device_bytes = max(m.drafter_kv_device_bytes, reply.device_bytes)
-        m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
-        return reply.tokens, reply.qs, time.perf_counter() - t0
+        replies = self.drafter.draft_many(calls)
+        elapsed = time.perf_counter() - t0
+        for (i, r, summary, fresh), reply in zip(asked, replies):
+            m = r.metrics
+            if isinstance(reply, BaseException):
+                r.drafter_base = 0      # re-send the whole committed prefix when it comes back
+                m.drafter_failures += 1
+                planned[i] = ([], None, elapsed)
+                continue
+            if r.summary is not None:
+                if summary:
+                    r.summary.delivered(summary, len(r.tokens), fresh)
+                r.summary.want = reply.want
+                if reply.want is None:           # this drafter reads no summaries: stop scoring its row
+                    self.verifier.track(r.row, False)
+            if r.drafter_base > 0:   # a re-open (base_len 0) is a prefill, not per-round overhead
+                m.draft_overhead_s.append(max(0.0, elapsed - reply.draft_s))
+            r.drafter_base = len(r.tokens)
+            m.drafter_kv_device_bytes = max(m.drafter_kv_device_bytes, reply.device_bytes)
+            m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
+            planned[i] = (reply.tokens, reply.qs, elapsed)
+        return planned
 
     def _summary_for(self, r: Run) -> tuple[bytes | None, bool]:
         """This round's KV summary for r's drafter, if one is due: (wire bytes, made now?)."""
@@ -269,7 +279,7 @@ class SpecEngine:
 
         Returns the tokens each session committed this round (session -> tokens, in order).
         """
-        planned = [self._draft(r) for r in active]
+        planned = self._draft(active)
         t0 = time.perf_counter()
         logits = self.verifier.verify([r.row for r in active],
                                       [[r.tokens[-1]] + d for r, (d, _, _) in zip(active, planned)])

@@ -3,6 +3,10 @@
 In process it is `LocalDrafterClient` over a DrafterHost (sparsespec.spec.drafter_host); remotely
 `GrpcDrafterClient` to a drafter service hosting the same DrafterHost. So the round loop is one
 piece of code whether the drafter is a function call away or on another machine.
+
+A round asks for every session's drafts at once (`draft_many`): a drafter that batches drafts
+them in one forward per position, and a remote one gets one request per round. Its results are
+per session, so one session's failure is that session's alone.
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ class DraftReply:
     want: SummaryWant | None = None   # what a KV summary may hold for this drafter; None = send none
 
 
+@dataclass(frozen=True)
+class DraftCall:
+    """One session's part of a round's draft request (the arguments of `DrafterClient.draft`)."""
+    session: str
+    base_len: int
+    append: list[int]
+    k: int
+    params: SamplingParams
+    summary: bytes | None = None
+
+
 class DrafterClient(ABC):
     @abstractmethod
     def open(self, session: str, tokens: list[int], params: SamplingParams) -> SummaryWant | None:
@@ -54,3 +69,15 @@ class DrafterClient(ABC):
     @abstractmethod
     def close(self, session: str) -> None:
         """Free the session's drafter state."""
+
+    def draft_many(self, calls: list[DraftCall]) -> list["DraftReply | SparseSpecError"]:
+        """`draft` for many sessions, one result per call in order: its DraftReply, or the
+        DRAFTER_FAILURE that call alone met. A drafter that batches overrides this; the default
+        drafts one session after another."""
+        results: list[DraftReply | SparseSpecError] = []
+        for c in calls:
+            try:
+                results.append(self.draft(c.session, c.base_len, c.append, c.k, c.params, c.summary))
+            except DRAFTER_FAILURES as e:
+                results.append(e)
+        return results

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class DrafterStub:
-    """Internal API: the verifier drives a drafter, one Draft per round.
+    """Internal API: the verifier drives a drafter, one DraftBatch per round for all the sessions it
+    holds there (one Draft for a single session).
     """
 
     def __init__(self, channel):
@@ -45,6 +46,11 @@ class DrafterStub:
                 request_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
                 response_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftReply.FromString,
                 _registered_method=True)
+        self.DraftBatch = channel.unary_unary(
+                '/sparsespec.v1.Drafter/DraftBatch',
+                request_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchRequest.SerializeToString,
+                response_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchReply.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/sparsespec.v1.Drafter/CloseSession',
                 request_serializer=sparsespec_dot_v1_dot_drafter__pb2.CloseSessionRequest.SerializeToString,
@@ -53,7 +59,8 @@ class DrafterStub:
 
 
 class DrafterServicer:
-    """Internal API: the verifier drives a drafter, one Draft per round.
+    """Internal API: the verifier drives a drafter, one DraftBatch per round for all the sessions it
+    holds there (one Draft for a single session).
     """
 
     def OpenSession(self, request, context):
@@ -70,6 +77,16 @@ class DrafterServicer:
         FAILED_PRECONDITION when base_len does not match the drafter's state: the verifier re-opens.
         NOT_FOUND when the drafter holds no such session (closed, evicted after its idle TTL, or the
         drafter restarted): the verifier re-opens with base_len 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DraftBatch(self, request, context):
+        """A round for many sessions: each is checked alone, then all are drafted together (one model
+        forward per draft position). One outcome per request, in order: its reply, or the status
+        that session alone met (codes as Draft's). The call itself fails only as a whole
+        (UNAVAILABLE, DEADLINE_EXCEEDED) or for a batch it cannot read (INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +112,11 @@ def add_DrafterServicer_to_server(servicer, server):
                     request_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftRequest.FromString,
                     response_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftReply.SerializeToString,
             ),
+            'DraftBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DraftBatch,
+                    request_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchRequest.FromString,
+                    response_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchReply.SerializeToString,
+            ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
                     request_deserializer=sparsespec_dot_v1_dot_drafter__pb2.CloseSessionRequest.FromString,
@@ -109,7 +131,8 @@ def add_DrafterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Drafter:
-    """Internal API: the verifier drives a drafter, one Draft per round.
+    """Internal API: the verifier drives a drafter, one DraftBatch per round for all the sessions it
+    holds there (one Draft for a single session).
     """
 
     @staticmethod
@@ -156,6 +179,33 @@ class Drafter:
             '/sparsespec.v1.Drafter/Draft',
             sparsespec_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
             sparsespec_dot_v1_dot_drafter__pb2.DraftReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DraftBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sparsespec.v1.Drafter/DraftBatch',
+            sparsespec_dot_v1_dot_drafter__pb2.DraftBatchRequest.SerializeToString,
+            sparsespec_dot_v1_dot_drafter__pb2.DraftBatchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,200 @@
+"""Batched drafting: one forward per draft position over every session a drafter holds.
+
+The drafts of a batched round must be the drafts each session would make alone (the batch only
+stacks rows), a session that fails must fail alone, and speculation with batched drafting must
+still decode exactly what the verifier decodes alone, in process and through the services.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsespec.spec.drafter as drafter_mod
+from drafter_service.server import DrafterServer
+from kvstore.cache.sparse import SparseConfig
+from kvstore.cache.stacked import StackedKVCache
+from sparsespec.rpc.drafter_client import GrpcDrafterClient
+from sparsespec.rpc.errors import DrafterRejected, SessionUnknown, StateMismatch
+from sparsespec.spec.drafter import Drafter, DraftJob, draft_round
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
+from sparsespec.spec.loop import GenerationRequest, SpecEngine
+from sparsespec.spec.sampling import SamplingParams
+from sparsespec.spec.transport import DraftCall, DrafterUnavailable
+from tests.equality import assert_greedy_equal
+
+GREEDY = SamplingParams()
+POLICIES = ("streaming", "chunk_topk", "snapkv", "full")
+
+
+def prompts(n: int, vocab: int = 128, seed: int = 3) -> list[list[int]]:
+    """Prompts of different lengths, so the batch mixes prefill phases, selections and tails."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (20 + 37 * i,), generator=g).tolist() for i in range(n)]
+
+
+@pytest.fixture
+def stacked_sizes(monkeypatch):
+    """Records how many sessions each batched drafter forward stacked."""
+    sizes: list[int] = []
+
+    class Recording(StackedKVCache):
+        def __init__(self, caches):
+            sizes.append(len(caches))
+            super().__init__(caches)
+
+    monkeypatch.setattr(drafter_mod, "StackedKVCache", Recording)
+    return sizes
+
+
+def solo_and_batched(model, configs, prompts_, k_of):
+    """The same sessions drafted one by one and in one round: (solo drafts, batched jobs)."""
+    def fresh():
+        ds = []
+        for cfg, p in zip(configs, prompts_):
+            d = Drafter(model, cfg, 512)
+            d.start(p)
+            ds.append(d)
+        return ds
+
+    solo = []
+    for i, d in enumerate(fresh()):
+        solo.append(d.draft(k_of(i), GREEDY).tokens)
+    jobs = [DraftJob(d, k_of(i), GREEDY) for i, d in enumerate(fresh())]
+    draft_round(jobs)
+    return solo, jobs
+
+
+def test_a_batched_round_drafts_what_each_session_drafts_alone(tiny_model, stacked_sizes):
+    configs = [SparseConfig(policy=POLICIES[i % 4], budget=None if POLICIES[i % 4] == "full" else 24,
+                            reselect_interval=4) for i in range(6)]
+    solo, jobs = solo_and_batched(tiny_model, configs, prompts(6), lambda i: 1 + i % 4)  # k 1..4
+    assert [j.error for j in jobs] == [None] * 6
+    assert [j.result.tokens for j in jobs] == solo
+    assert max(stacked_sizes) == 4        # k=1 sessions need no forward; k=4 ones step alone last
+
+
+def test_the_next_round_syncs_every_session_in_one_forward(tiny_model, stacked_sizes):
+    ps = prompts(4)
+    config = SparseConfig(policy="streaming", budget=24, reselect_interval=4)
+
+    def fresh():
+        ds = []
+        for p in ps:
+            d = Drafter(tiny_model, config, 512)
+            d.start(p)
+            ds.append(d)
+        return ds
+
+    solo, batched = fresh(), fresh()
+    first = [d.draft(3, GREEDY).tokens for d in solo]
+    jobs = [DraftJob(d, 3, GREEDY) for d in batched]
+    draft_round(jobs)
+    assert [j.result.tokens for j in jobs] == first
+    # Accept 0, 1, 2, 3 drafts, then a recovered/bonus token: the first three reuse their cached
+    # drafts and forward one token each (together); the last forwards d3 and its bonus.
+    appends = [first[i][:i] + [7] if i < 3 else first[i] + [7] for i in range(4)]
+    stacked_sizes.clear()
+    nxt = [DraftJob(d, 3, GREEDY, sync=(len(p), a)) for d, p, a in zip(batched, ps, appends)]
+    draft_round(nxt)
+    assert all(j.error is None for j in nxt)
+    assert sorted(stacked_sizes[:2]) == [1, 3]
+    for d, p, a, n in zip(solo, ps, appends, nxt):
+        d.sync(len(p), a)
+        assert d.draft(3, GREEDY).tokens == n.result.tokens
+
+
+def test_one_failing_session_fails_alone(tiny_model):
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("chunk_topk", 24, reselect_interval=4), 512))
+    ps = prompts(5)
+    for i, p in enumerate(ps):
+        host.open(f"s{i}", p, GREEDY)
+    alone = [host.draft(f"s{i}", len(p), [], 3, GREEDY).tokens for i, p in enumerate(ps)]
+    calls = [DraftCall(f"s{i}", len(p), [], 3, GREEDY) for i, p in enumerate(ps)]
+    calls[1] = DraftCall("s1", len(ps[1]) + 5, [], 3, GREEDY)           # wrong base_len
+    calls[2] = DraftCall("s2", len(ps[2]), [], 3, GREEDY, summary=b"\x00junk")   # malformed summary
+    calls[3] = DraftCall("s3", len(ps[3]), [10_000], 3, GREEDY)          # outside the vocabulary
+    calls.append(DraftCall("nobody", 4, [], 3, GREEDY))                  # never opened
+    calls.append(DraftCall("s0", len(ps[0]), [], 3, GREEDY))             # twice in one round
+    out = host.draft_many(calls)
+    assert out[0].tokens == alone[0] and out[4].tokens == alone[4]
+    assert isinstance(out[1], StateMismatch) and "base_len" in str(out[1])
+    assert "summary" in str(out[2]) and "append" in str(out[3])
+    assert isinstance(out[5], SessionUnknown)
+    assert "session_id" in str(out[6]) and "twice" in str(out[6])
+    # A refused call changed nothing: each session drafts on from where it was.
+    for i in (1, 2, 3):
+        assert host.draft(f"s{i}", len(ps[i]), [], 3, GREEDY).tokens == alone[i]
+    # In process the same refusals reach the round loop as DRAFTER_FAILURES.
+    local = LocalDrafterClient(host).draft_many([calls[3], DraftCall("s4", len(ps[4]), [], 3, GREEDY)])
+    assert isinstance(local[0], DrafterRejected) and local[1].tokens == alone[4]
+
+
+def test_a_session_past_its_context_limit_fails_alone(tiny_model):
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 24, reselect_interval=4), 64))
+    long, short = list(range(1, 60)), list(range(1, 20))
+    host.open("long", long, GREEDY)
+    host.open("short", short, GREEDY)
+    out = host.draft_many([DraftCall("long", len(long), [5] * 6, 2, GREEDY),   # past max_context 64
+                           DraftCall("short", len(short), [5], 2, GREEDY)])
+    assert "append" in str(out[0]) and len(out[1].tokens) == 2
+
+
+class FailsOneSession(LocalDrafterClient):
+    """Fails one session's draft in round `at` (a fake drafter that loses one session)."""
+
+    def __init__(self, host, session_index: int, at: int):
+        super().__init__(host)
+        self.victim, self.at, self.rounds, self.batch_sizes = session_index, at, 0, []
+
+    def draft_many(self, calls):
+        self.rounds += 1
+        self.batch_sizes.append(len(calls))
+        results = super().draft_many(calls)
+        if self.rounds == self.at:
+            victim = sorted(c.session for c in calls)[self.victim]
+            i = next(i for i, c in enumerate(calls) if c.session == victim)
+            self.host.close(victim)
+            results[i] = DrafterUnavailable("injected")
+        return results
+
+
+@pytest.mark.parametrize("policy,budget,k", [("chunk_topk", 32, 4), ("streaming", 16, 2), ("snapkv", 48, 6)])
+def test_engine_with_batched_drafting_equals_ar(tiny_model, policy, budget, k):
+    ps = prompts(4)
+    reqs = [GenerationRequest(p, 24 + 8 * i, k=k) for i, p in enumerate(ps)]
+    ar = SpecEngine(tiny_model, None).generate_many([GenerationRequest(p, r.max_tokens, mode="ar")
+                                                      for p, r in zip(ps, reqs)])
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig(policy, budget, reselect_interval=8), 512))
+    client = FailsOneSession(host, session_index=1, at=3)
+    out = SpecEngine(tiny_model, client).generate_many(reqs)
+    for p, a, o in zip(ps, ar, out):
+        assert_greedy_equal(tiny_model, p, a.token_ids, o.token_ids, f"{policy} B={budget} k={k}")
+    assert sum(o.metrics.drafter_failures for o in out) == 1
+    assert max(client.batch_sizes) == 4 and client.rounds < sum(o.metrics.rounds for o in out)
+
+
+def test_draft_batch_over_grpc(tiny_model):
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("chunk_topk", 24, reselect_interval=4), 512))
+    ps = prompts(3)
+    server = DrafterServer(host).start()
+    try:
+        with GrpcDrafterClient(server.address) as client:
+            opened = client.draft_many([DraftCall(f"g{i}", 0, p, 3, GREEDY) for i, p in enumerate(ps)])
+            alone = [Drafter(tiny_model, host.config.sparse, host.config.capacity) for _ in ps]
+            for d, p, r in zip(alone, ps, opened):
+                d.start(p)
+                assert r.tokens == d.draft(3, GREEDY).tokens
+            out = client.draft_many([DraftCall("g0", len(ps[0]), [opened[0].tokens[0], 9], 2, GREEDY),
+                                     DraftCall("g1", len(ps[1]) + 1, [], 2, GREEDY),
+                                     DraftCall("g2", len(ps[2]), [1], 99, GREEDY)])
+            assert len(out[0].tokens) == 2
+            assert isinstance(out[1], StateMismatch) and "base_len" in str(out[1])
+            assert isinstance(out[2], DrafterRejected) and "k" in str(out[2])
+            assert client.draft_many([]) == []
+        server.stop()
+        with GrpcDrafterClient(server.address, timeout_s=0.5) as client:   # the whole call fails
+            gone = client.draft_many([DraftCall("g0", 1, [], 2, GREEDY), DraftCall("g1", 1, [], 2, GREEDY)])
+            assert all(isinstance(e, DrafterUnavailable) for e in gone)
+    finally:
+        server.stop()
