@@ -49,6 +49,7 @@ OnStarted = Callable[[str], "Callable[[], None] | None"]
 class ServerConfig:
     model: str
     drafter: str = "same"                   # same | layers:N | DIR
+    drafter_weights: str = "same"           # same | bf16 | int8 | int4 (sparsespec.models.quant)
     policy: str = "chunk_topk"
     budget: int | None = 256                # KV entries per layer; None = full
     dtype: str = "float32"
@@ -79,7 +80,8 @@ class ServerConfig:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, drafter=self.drafter, policy=self.policy, budget=self.budget,
-                            dtype=self.dtype, device=self.device, max_context=self.max_context)
+                            dtype=self.dtype, device=self.device, max_context=self.max_context,
+                            drafter_weights=self.drafter_weights)
 
 
 class DrafterServer:
@@ -134,7 +136,14 @@ class DrafterServer:
 
 
 def load_drafter_model(cfg: ServerConfig):
-    """The drafter's weights only: `layers:N` loads N layers, a DIR must share the vocabulary."""
+    """The drafter's weights only: `layers:N` loads N layers, a DIR must share the vocabulary;
+    then --drafter-weights (bf16, int8, int4) makes its low-memory copy."""
+    from sparsespec.models.quant import drafter_weights
+
+    return drafter_weights(_load_drafter_model(cfg), cfg.drafter_weights)
+
+
+def _load_drafter_model(cfg: ServerConfig):
     from sparsespec.models import load_model, resolve_model
     from sparsespec.models.loader import load_config
 
@@ -208,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m drafter_service", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="the verifier's model (a name or a path)")
     p.add_argument("--drafter", default="same", help="same | layers:N | DIR")
+    p.add_argument("--drafter-weights", default="same", help="same | bf16 | int8 | int4 (weight-only)")
     p.add_argument("--policy", default="chunk_topk")
     p.add_argument("--budget", default="256", help="KV entries per layer, or 'full'")
     p.add_argument("--dtype", default="float32")
@@ -245,7 +255,8 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     try:
-        cfg = ServerConfig(model=args.model, drafter=args.drafter, policy=args.policy,
+        cfg = ServerConfig(model=args.model, drafter=args.drafter, drafter_weights=args.drafter_weights,
+                           policy=args.policy,
                            budget=parse_budget(args.budget), dtype=args.dtype, device=args.device,
                            max_context=args.max_context, host=args.host, port=args.port,
                            memory_budget_bytes=args.memory_budget_bytes, session_ttl_s=args.session_ttl_s,

