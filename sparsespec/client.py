@@ -8,6 +8,7 @@ verifier streams from the session's durable log, so nothing is lost or repeated.
     client = SparseSpecClient("127.0.0.1:50051")
     for chunk in client.stream("Once upon a time", max_tokens=64):
         print(chunk.text, end="", flush=True)
+    reply = client.chat([{"role": "user", "content": "Hi!"}], max_tokens=64)   # the chat template
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
+from sparsespec.chat import chat_prompt_ids, load_chat_tokenizer
 from sparsespec.rpc.sparsespec.v1 import common_pb2, generation_pb2 as pb
 from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
 
@@ -157,8 +159,9 @@ class SparseSpecClient(_Resumable):
         offset, resume, deadline = 0, False, None
         address = self.addresses[self._current]
         while True:
+            call = self._stub(address).Generate(req.to_proto(session, turn, resume, offset))
             try:
-                for msg in self._stub(address).Generate(req.to_proto(session, turn, resume, offset)):
+                for msg in call:
                     chunk = self._fresh(_chunk(msg), offset)
                     if chunk is None:
                         continue
@@ -174,6 +177,8 @@ class SparseSpecClient(_Resumable):
                 self.reconnects += 1
                 time.sleep(0.2)
                 address = self._next_address()
+            finally:
+                call.cancel()   # a caller that stops early (or a broken stream): the verifier frees the row
 
     def generate(self, prompt, session_id: str | None = None, **kwargs) -> Completion:
         ids, text, last = [], [], None
@@ -184,6 +189,22 @@ class SparseSpecClient(_Resumable):
             last = chunk
         return Completion(self.last_session, ids, "".join(text), last.stop_reason, last.metrics,
                           self.reconnects - before)
+
+    def chat_stream(self, messages, tokenizer=None, **kwargs) -> Iterator[Chunk]:
+        """`stream` of a new session whose prompt is `messages` ([{"role", "content"}, ...])
+        through the model's chat template (sparsespec/chat.py: the same tokens the HTTP gateway
+        and `generate --chat` send). `tokenizer`: a tokenizer, or a model name or path to load
+        it from; default: the model the verifier serves (GetModelInfo), loaded here."""
+        yield from self.stream(chat_prompt_ids(self._chat_tokenizer(tokenizer), messages), **kwargs)
+
+    def chat(self, messages, tokenizer=None, **kwargs) -> Completion:
+        """`generate` for chat messages: the assistant's reply, in a new session."""
+        return self.generate(chat_prompt_ids(self._chat_tokenizer(tokenizer), messages), **kwargs)
+
+    def _chat_tokenizer(self, tokenizer):
+        if tokenizer is None or isinstance(tokenizer, str):
+            return load_chat_tokenizer(tokenizer or self.model_info()["model"])
+        return tokenizer
 
     def model_info(self) -> dict:
         info = self._stub(self.addresses[self._current]).GetModelInfo(pb.ModelInfoRequest())
@@ -208,10 +229,13 @@ class AsyncSparseSpecClient(_Resumable):
     """The same client on grpc.aio, for asyncio servers (e.g. an HTTP front end)."""
 
     def __init__(self, addresses: str | list[str], reconnect_timeout_s: float = 60.0,
-                 max_message_bytes: int = 16 << 20):
+                 max_message_bytes: int = 16 << 20, channels: dict | None = None):
+        """`channels`: an address -> grpc.aio.Channel dict shared with other clients (a server
+        making one client per request); this client adds to it but does not close it."""
         super().__init__(addresses, reconnect_timeout_s)
         self._options = _options(max_message_bytes)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._owns_channels = channels is None
+        self._channels: dict[str, grpc.aio.Channel] = {} if channels is None else channels
 
     def _stub(self, address: str) -> pb_grpc.GenerationStub:
         if address not in self._channels:
@@ -225,8 +249,9 @@ class AsyncSparseSpecClient(_Resumable):
         offset, resume, deadline = 0, False, None
         address = self.addresses[self._current]
         while True:
+            call = self._stub(address).Generate(req.to_proto(session, turn, resume, offset))
             try:
-                async for msg in self._stub(address).Generate(req.to_proto(session, turn, resume, offset)):
+                async for msg in call:
                     chunk = self._fresh(_chunk(msg), offset)
                     if chunk is None:
                         continue
@@ -239,6 +264,8 @@ class AsyncSparseSpecClient(_Resumable):
                 resume, deadline = self._after_error(e.code(), e.details(), resume, offset, deadline)
                 await asyncio.sleep(0.2)
                 address = self._next_address()
+            finally:
+                call.cancel()   # the caller stopped early (closed the generator, was cancelled): free the row
 
     async def generate(self, prompt, session_id: str | None = None, **kwargs) -> Completion:
         ids, text, last = [], [], None
@@ -248,7 +275,30 @@ class AsyncSparseSpecClient(_Resumable):
             last = chunk
         return Completion(self.last_session, ids, "".join(text), last.stop_reason, last.metrics)
 
+    async def chat_stream(self, messages, tokenizer=None, **kwargs) -> AsyncIterator[Chunk]:
+        """`stream` of a new session whose prompt is `messages` through the chat template
+        (sparsespec/chat.py); `tokenizer` as in SparseSpecClient.chat."""
+        ids = chat_prompt_ids(await self._chat_tokenizer(tokenizer), messages)
+        async for chunk in self.stream(ids, **kwargs):
+            yield chunk
+
+    async def chat(self, messages, tokenizer=None, **kwargs) -> Completion:
+        """`generate` for chat messages: the assistant's reply, in a new session."""
+        ids = chat_prompt_ids(await self._chat_tokenizer(tokenizer), messages)
+        return await self.generate(ids, **kwargs)
+
+    async def _chat_tokenizer(self, tokenizer):
+        if tokenizer is None or isinstance(tokenizer, str):
+            model = tokenizer or (await self.model_info())["model"]
+            return await asyncio.to_thread(load_chat_tokenizer, model)
+        return tokenizer
+
+    async def model_info(self) -> dict:
+        info = await self._stub(self.addresses[self._current]).GetModelInfo(pb.ModelInfoRequest())
+        return {f.name: v for f, v in info.ListFields()}
+
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        if self._owns_channels:
+            for channel in self._channels.values():
+                await channel.close()
+            self._channels.clear()

@@ -1,0 +1,5 @@
+import sys
+
+from sparsespec.gateway.server import main
+
+sys.exit(main())
