@@ -25,6 +25,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, model_required: bool = True) -
     p.add_argument("--model", required=model_required,
                    help="model directory, .gguf file, or a known name (smollm2-135m)")
     p.add_argument("--drafter", default="same", help="same | DIR | layers:N (default: same)")
+    p.add_argument("--drafter-weights", default="same",
+                   help="the drafter's weights: same (the model's own) | bf16 | int8 | int4 (weight-only; "
+                        "the verifier is untouched, so the output is too)")
     p.add_argument("--policy", default="chunk_topk", help="streaming | chunk_topk | snapkv | full")
     p.add_argument("--budget", default="256", help="drafter KV entries per layer, or 'full'")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_flags(gen)
     gen.add_argument("--server", action="append", default=[],
                      help="HOST:PORT of a verifier (repeatable: the SDK fails over between them)")
+    gen.add_argument("--chat", action="store_true",
+                     help="the prompt is a user message, sent through the model's chat template")
 
     serve = sub.add_parser("serve", help="run one service: serve verifier|drafter --help")
     serve.add_argument("role", choices=["verifier", "drafter"])
@@ -64,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sparsespec.cluster import RestartPolicy
     from sparsespec.redis_server import PERSISTENCE
 
-    up = sub.add_parser("up", help="local cluster on 127.0.0.1: redis-server, one drafter, one verifier; "
-                                   "a child that exits is restarted on its port")
+    up = sub.add_parser("up", help="local cluster on 127.0.0.1: redis-server, one drafter, one verifier, the "
+                                   "OpenAI HTTP gateway; a child that exits is restarted on its port")
     _add_engine_flags(up)
     up.add_argument("--max-batch", type=int, default=8)
     up.add_argument("-k", type=int, default=4, help="the verifier's default draft length")
@@ -76,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep Redis' data here, across `up` runs (default: a temp dir removed at exit)")
     up.add_argument("--max-crashes", type=int, default=RestartPolicy.max_crashes,
                     help="stop the cluster (exit 1) when a child exits this many times in a row")
+    up.add_argument("--http-port", type=int, default=0,
+                    help="port of the OpenAI-compatible HTTP gateway (default 0: pick a free one)")
+    up.add_argument("--no-http", action="store_true", help="do not start the HTTP gateway")
 
     models = sub.add_parser("models", help="named models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -94,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: speed (docs/benchmarks.md) or the acceptance study "
                                           "(docs/acceptance.md)")
-    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance", "verify"],
+    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance", "verify", "capacity"],
                        help="speed: AR vs speculative vs transformers; acceptance: tau per policy, "
                             "budget and context, with KV summaries; verify: a (k+1)-token verify "
-                            "forward against an AR step (c_verify of the cost model)")
+                            "forward against an AR step (c_verify of the cost model); capacity: aggregate "
+                            "decode tok/s, AR vs speculation, over sessions x context, in process and "
+                            "through the services")
     bench.add_argument("--quick", action="store_true", help="a small grid, for smoke runs")
     bench.add_argument("--out", default="docs", help="directory for the markdown, JSON and plots")
     bench.add_argument("--model", default="smollm2-135m")
@@ -124,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
     bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services and verify")
     bench.add_argument("--reps", type=int, default=5, help="verify: timed forwards per cell")
+    bench.add_argument("--policy", default=None, help="capacity: the drafter's policy (default streaming)")
+    bench.add_argument("--budget", default=None, help="capacity: the drafter's budget (default 256)")
+    bench.add_argument("--drafter", default=None, help="capacity: same | layers:N (default same)")
+    bench.add_argument("--drafter-weights", default="same", help="capacity: same | bf16 | int8 | int4")
+    bench.add_argument("--service-cells", default=None,
+                       help="capacity: SxCONTEXT cells also run through the services (default 4x4096,8x8000; "
+                            "'' for none)")
+    bench.add_argument("--json", default=None, help="capacity: also write the records to this JSON file")
     for module in EXTENSIONS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
@@ -158,9 +176,13 @@ def cmd_generate(args) -> int:
         raise SparseSpecError("prompt: is empty")
     cfg = EngineConfig(model=args.model, drafter=args.drafter, policy=args.policy,
                        budget=parse_budget(args.budget), dtype=args.dtype, max_context=args.max_context,
-                       max_batch=1)
+                       max_batch=1, drafter_weights=args.drafter_weights)
     engine, tokenizer = build_engine(cfg)
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if args.chat:
+        from sparsespec.chat import chat_prompt_ids
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}], "prompt")
+    else:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
     req = GenerationRequest(ids, args.max_tokens, sampling, args.k, adaptive, tuple(args.stop), args.mode)
     result = engine.generate(req)
     if args.json:
@@ -182,9 +204,13 @@ def cmd_generate_remote(args) -> int:
         raise SparseSpecError("prompt: is empty")
     with SparseSpecClient(args.server) as client:
         try:
-            done = client.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
-                                   k=args.k, mode=args.mode, adaptive=args.adaptive)
+            opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), k=args.k, mode=args.mode,
+                        adaptive=args.adaptive)
+            if args.chat:     # the tokenizer of --model, or of the model the verifier serves
+                done = client.chat([{"role": "user", "content": prompt}], tokenizer=args.model, **opts)
+            else:
+                done = client.generate(prompt, **opts)
         except GenerationError as e:
             raise SparseSpecError(e.message) from None
     if args.json:
@@ -207,14 +233,15 @@ def cmd_up(args) -> int:
     parse_budget(args.budget)  # validate before starting anything
     policy = RestartPolicy(max_crashes=args.max_crashes)
     cfg = ClusterConfig(model=args.model, drafter=args.drafter, policy=args.policy, budget=args.budget,
-                        dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, k=args.k,
-                        redis_persistence=args.redis_persistence, redis_dir=args.redis_dir)
+                        drafter_weights=args.drafter_weights, dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, k=args.k,
+                        redis_persistence=args.redis_persistence, redis_dir=args.redis_dir,
+                        http_port=None if args.no_http else args.http_port)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     with LocalCluster(cfg) as cluster:
         print(f"redis {cluster.redis_url} pid {cluster.redis.proc.pid}", flush=True)
-        for proc in cluster.drafters + cluster.verifiers:
+        for proc in cluster.drafters + cluster.verifiers + cluster.gateways:    # gateway http://HOST:PORT
             print(f"{proc.name.rstrip('0123456789')} {proc.address} pid {proc.popen.pid}", flush=True)
         print(f"ready {cluster.address}", flush=True)
         ok = cluster.supervise(done, policy)
@@ -251,6 +278,12 @@ def cmd_bench(args) -> int:
         if args.quick:
             args.contexts, args.sessions, args.reps = "512", "1,2", 2
         return run_verify_cost(args)
+    if args.suite == "capacity":
+        from sparsespec.bench.capacity import run_capacity
+        if args.quick:
+            args.contexts, args.sessions, args.max_tokens = args.contexts or "512", "1,2", 12
+            args.service_cells = "2x512" if args.service_cells is None else args.service_cells
+        return run_capacity(args)
     if args.suite == "acceptance":
         from sparsespec.bench.acceptance import run_acceptance
         args.contexts = args.contexts or "2048,4096,8000"

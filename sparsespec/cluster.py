@@ -94,6 +94,10 @@ def spawn_service(name: str, module: str, args: list, env: dict[str, str] | None
     # One malloc arena: torch on worker threads is ~15% slower otherwise (sparsespec/runtime.py).
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     child_env.setdefault("MALLOC_ARENA_MAX", "1")
+    # Services that share cores (a local cluster: the drafter and the verifier take turns) must not
+    # spin-wait in OpenMP after each op: a spinning idle process took the cores the busy one
+    # needed (a 514-token turn: 8.5 s active, 1.5 s passive); alone on its cores it costs nothing.
+    child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     popen = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=child_env,
                              preexec_fn=preexec_fn)
@@ -117,6 +121,7 @@ def start_service(name: str, module: str, args: list[str], timeout: float = 300.
 class ClusterConfig:
     model: str
     drafter: str = "same"
+    drafter_weights: str = "same"         # same | bf16 | int8 | int4: the drafter's weights only
     policy: str = "chunk_topk"
     budget: str = "256"
     dtype: str = "float32"
@@ -126,9 +131,12 @@ class ClusterConfig:
     lease_ms: int = 3000
     redis_persistence: str = "everysec"   # sparsespec.redis_server.PERSISTENCE
     redis_dir: str | None = None          # None: a temp dir, removed when the cluster stops
+    http_port: int | None = None          # the OpenAI HTTP gateway's port (0: pick one); None: no gateway
 
     def __post_init__(self):
         check_persistence(self.redis_persistence, "redis-persistence")
+        from sparsespec.models.quant import check_drafter_weights   # torch: only once a cluster is configured
+        check_drafter_weights(self.drafter_weights)
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,8 @@ def _exited(code: int) -> str:
 
 
 class LocalCluster:
-    """Redis + one drafter + one verifier (more can be added), stopped together.
+    """Redis + one drafter + one verifier (more can be added), and the HTTP gateway when
+    cfg.http_port is set, stopped together.
 
     Pass `redis_url` to use a Redis someone else runs (the tests stop and restart theirs)."""
 
@@ -176,6 +185,7 @@ class LocalCluster:
         self.redis_url = redis_url or ""
         self.drafters: list[Proc] = []
         self.verifiers: list[Proc] = []
+        self.gateways: list[Proc] = []        # sparsespec.gateway: HTTP in front of the verifiers
         # stop() sets _stopping under _lock, so supervise() never restarts a child being stopped.
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -193,6 +203,8 @@ class LocalCluster:
                 self.redis_url = self.redis.url
             self.add_drafter()
             self.add_verifier()
+            if self.cfg.http_port is not None:
+                self.add_gateway()
         except BaseException:
             self.stop()
             raise
@@ -202,6 +214,11 @@ class LocalCluster:
     def address(self) -> str:
         return self.verifiers[0].address
 
+    @property
+    def url(self) -> str:
+        """The HTTP gateway's `http://HOST:PORT` ("" without one)."""
+        return self.gateways[0].address if self.gateways else ""
+
     def _common(self) -> list:
         args = ["--model", self.cfg.model, "--dtype", self.cfg.dtype, "--redis", self.redis_url]
         if self.cfg.max_context:
@@ -209,8 +226,8 @@ class LocalCluster:
         return args
 
     def add_drafter(self) -> Proc:
-        args = self._common() + ["--drafter", self.cfg.drafter, "--policy", self.cfg.policy,
-                                 "--budget", self.cfg.budget]
+        args = self._common() + ["--drafter", self.cfg.drafter, "--drafter-weights", self.cfg.drafter_weights,
+                                 "--policy", self.cfg.policy, "--budget", self.cfg.budget]
         proc = start_service(f"drafter{len(self.drafters)}", "drafter_service", args)
         self.drafters.append(proc)
         return proc
@@ -222,10 +239,21 @@ class LocalCluster:
         self.verifiers.append(proc)
         return proc
 
+    def add_gateway(self) -> Proc:
+        """The OpenAI HTTP gateway; it finds the verifiers in the Redis registry."""
+        args = ["--model", self.cfg.model, "--redis", self.redis_url, "--port", self.cfg.http_port or 0,
+                "-k", self.cfg.k]
+        proc = start_service(f"gateway{len(self.gateways)}", "sparsespec.gateway", args)
+        self.gateways.append(proc)
+        return proc
+
+    def _children(self) -> list[Proc]:
+        return self.drafters + self.verifiers + self.gateways
+
     def stop(self) -> None:
         with self._lock:
             self._stopping.set()
-            procs = self.verifiers + self.drafters
+            procs = self.gateways + self.verifiers + self.drafters
         for proc in procs:
             proc.stop()
         if self.redis is not None:
@@ -256,7 +284,7 @@ class LocalCluster:
                 log(f"up: {name} {reason}; restarting (crash {n} of {policy.max_crashes})")
                 if self._restart(name, log):
                     coming_back.add(name)      # logged once it listens (or counted as a crash)
-            for proc in self.drafters + self.verifiers:
+            for proc in self._children():
                 if proc.name in coming_back and proc.address:
                     coming_back.discard(proc.name)
                     log(f"up: {proc.name} restarted: {proc.address} pid {proc.popen.pid}")
@@ -269,7 +297,7 @@ class LocalCluster:
             code = self.redis.proc.poll() if self.redis.proc is not None else None
             failed.append(("redis", "did not start" if code is None else _exited(code),
                            self._redis_started))
-        for proc in self.drafters + self.verifiers:
+        for proc in self._children():
             code = proc.popen.poll()
             if code is not None:
                 failed.append((proc.name, _exited(code), proc.started))
@@ -295,7 +323,7 @@ class LocalCluster:
                     return False
                 log(f"up: redis restarted: {self.redis.url} pid {self.redis.proc.pid}")
                 return False
-            for procs in (self.drafters, self.verifiers):
+            for procs in (self.drafters, self.verifiers, self.gateways):
                 for i, proc in enumerate(procs):
                     if proc.name == name:
                         procs[i] = proc.respawn()

@@ -1,0 +1,438 @@
+"""`sparsespec bench capacity`: aggregate decode throughput, AR against speculation, as the number
+of sessions S and the context grow, in one run on the same cores.
+
+Where speculation pays is a capacity question (docs/design.md, "Capacity"): a drafter with a fixed
+KV budget drafts S sessions in one forward per position, so its cost stays nearly flat while the
+verifier's AR step grows with S x context. Per (context, S) cell this measures:
+
+- **ar**: the verifier alone, batched over the S sessions (the baseline).
+- **spec**: the same engine and rows with the drafter in process (batched drafting).
+- **services** (the cells named by `--service-cells`): a real local cluster (redis-server, a
+  drafter process, a verifier process, gRPC on 127.0.0.1) driven through the SDK.
+
+Only decode is compared: prefill and time to first token are reported apart. In process every
+prompt is prefilled once per context (its row is reused by every cell and mode) and the drafter
+starts from the verifier's K/V of the prompt (cast to its dtype) instead of prefilling it again;
+through the services each session's first turn (1 token) prefills both services for real (its
+time to first token is reported), and its second turn (one token more of the same AR text, then
+the decode) runs for all S sessions at once. Every output is checked against AR: in process the
+same tokens; through the services, turn 2 must continue with AR's own tokens.
+
+S = 1 cells run three prompts one after another; S > 1 cells run S prompts together. Spread:
+min / median / max over the runs (S = 1) or over the sessions' own decode rates (S > 1). The
+component times give the cost model per cell: tau / (k c_draft + c_verify), in AR steps.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsespec.bench.report import replace_section
+from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
+from sparsespec.data import kjv
+from sparsespec.errors import InvalidArgument
+from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
+from sparsespec.spec.loop import GenerationRequest, SpecEngine
+from sparsespec.spec.sampling import SamplingParams
+from sparsespec.spec.transport import DraftCall
+
+BEGIN, END = "<!-- capacity-bench:begin -->", "<!-- capacity-bench:end -->"
+HELDOUT_BOOK = "Proverbs"                       # chooses k; never reported
+BOOKS = ("Genesis", "Exodus", "Matthew", "Isaiah", "Luke", "Psalms", "Jeremiah", "Job")
+OWN_TAIL = 64          # prompt tokens the drafter computes itself after adopting the prefix
+GREEDY = SamplingParams()
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    model: str = "smollm2-135m"
+    contexts: tuple[int, ...] = (4096, 8000)
+    sessions: tuple[int, ...] = (1, 4, 8)
+    max_tokens: int = 48
+    k: int | None = None                         # None: chosen on the held-out prompt per context
+    k_candidates: tuple[int, ...] = (2, 3, 4)
+    policy: str = "streaming"
+    budget: int = 256
+    drafter: str = "same"                        # same | layers:N (it must share the verifier's K/V)
+    drafter_weights: str = "same"
+    service_cells: tuple[tuple[int, int], ...] = ((4, 4096), (8, 8000))   # (sessions, context)
+    threads: int | None = None
+
+    def __post_init__(self):
+        if not self.contexts or min(self.contexts) < OWN_TAIL + 2:
+            raise InvalidArgument("contexts", f"need contexts of at least {OWN_TAIL + 2} tokens")
+        if not self.sessions or min(self.sessions) < 1:
+            raise InvalidArgument("sessions", f"must be >= 1, got {self.sessions}")
+        if self.max_tokens < 4:
+            raise InvalidArgument("max_tokens", f"must be >= 4, got {self.max_tokens}")
+        if self.drafter != "same" and not self.drafter.startswith("layers:"):
+            raise InvalidArgument("drafter", "the capacity bench starts the drafter from the verifier's K/V: "
+                                             f"same or layers:N, got {self.drafter!r}")
+        for s, c in self.service_cells:
+            if s not in self.sessions or c not in self.contexts:
+                raise InvalidArgument("service_cells", f"{s}x{c} is not a cell of --sessions x --contexts")
+
+    @property
+    def num_prompts(self) -> int:
+        """Reporting prompts per context: S of them for the largest S, 3 for the S = 1 runs."""
+        return max(3, *self.sessions)
+
+
+def prompts_for(tokenizer, context: int, n: int) -> list[list[int]]:
+    """n reporting prompts of `context` tokens, each from its own stretch of the KJV."""
+    return [kjv.prompt_of_tokens(tokenizer, context, book=BOOKS[i % len(BOOKS)],
+                                 offset_tokens=(i // len(BOOKS)) * 997) for i in range(n)]
+
+
+def _spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+class Bench:
+    def __init__(self, cfg: CapacityConfig):
+        self.cfg = cfg
+        self.max_context = max(cfg.contexts) + cfg.max_tokens + 8
+        engine_cfg = EngineConfig(model=cfg.model, drafter=cfg.drafter, policy=cfg.policy, budget=cfg.budget,
+                                  max_context=self.max_context, max_batch=cfg.num_prompts + 1)
+        self.sparse = engine_cfg.sparse_config()
+        self.verifier, self.tokenizer = load_verifier(engine_cfg)
+        from sparsespec.models.quant import drafter_weights
+        self.drafter_model = drafter_weights(make_drafter_model(self.verifier, cfg.drafter, engine_cfg),
+                                             cfg.drafter_weights)
+        # Rows 0.. hold the reporting prompts, row num_prompts the held-out one.
+        self.engine = SpecEngine(self.verifier, None, self.tokenizer, self.max_context, cfg.num_prompts + 1,
+                                 summary=None)
+        self.records: list[dict] = []
+        self.prompts: dict[int, list[list[int]]] = {}          # context -> reporting prompts
+        self.k_of: dict[tuple[int, int], int] = {}              # (context, S) -> k used
+        self.ar_tokens: dict[tuple[int, int], list[int]] = {}   # (context, prompt) -> AR output
+
+    # --- in process ------------------------------------------------------------------------
+
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> list[float]:
+        """Prefill each row once (the cells reuse it); seconds per prompt."""
+        out = []
+        for row, ids in zip(rows, prompts):
+            t0 = time.perf_counter()
+            self.engine.verifier.prefill(row, ids[:-1])
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def _adopt(self, row: int, n: int):
+        """Start a drafter session from the verifier's K/V of the row's first n tokens."""
+        cache, layers = self.engine.verifier.cache, len(self.drafter_model.layers)
+        keys = [cache.k[i][row, :, :n] for i in range(layers)]          # [Hkv, n, D] each
+        values = [cache.v[i][row, :, :n] for i in range(layers)]
+        return lambda drafter, tokens: drafter.start_from(keys, values, tokens)
+
+    def decode(self, rows: list[int], prompts: list[list[int]], mode: str, k: int, max_tokens: int) -> dict:
+        """Decode the prompts in their (prefilled) rows together; the rows keep their prompts."""
+        e = self.engine
+        host = None
+        if mode == "spec":
+            host = DrafterHost(self.drafter_model, DrafterHostConfig(self.sparse, self.max_context))
+            e.drafter = LocalDrafterClient(host)
+        runs = []
+        for row, ids in zip(rows, prompts):
+            if host is not None:
+                host.start_session = self._adopt(row, len(ids) - OWN_TAIL)
+            runs.append(e.start(GenerationRequest(ids, max_tokens, k=max(k, 1), mode=mode), row,
+                                session=f"row{row}", cached=len(ids) - 1))
+        t0 = time.perf_counter()
+        while any(not r.done for r in runs):
+            e.step([r for r in runs if not r.done])
+        wall = time.perf_counter() - t0
+        for r in runs:
+            e.release(r)
+        results = [e.finish(r) for r in runs]
+        e.drafter = None
+        m = [r.metrics for r in results]
+        busiest = max(m, key=lambda x: x.verifier_forwards)
+        forwards = busiest.verifier_forwards
+        return {"tokens": [r.token_ids for r in results], "wall_s": wall,
+                "decode_tok_s": sum(len(r.token_ids) for r in results) / wall,
+                "session_tok_s": [x.tokens_per_s for x in m],
+                "tau": statistics.median(x.tau for x in m), "alpha": statistics.median(x.alpha for x in m),
+                "k": statistics.median(x.k for x in m) if mode == "spec" else 0,
+                "verify_s_per_forward": busiest.verify_s / forwards,
+                "draft_s_per_round": busiest.draft_s / busiest.rounds if busiest.rounds else 0.0,
+                "drafter_device_bytes": max(x.drafter_kv_device_bytes for x in m),
+                "drafter_failures": sum(x.drafter_failures for x in m)}
+
+    def heldout_tau(self, row: int, ids: list[int], log) -> dict[int, float]:
+        """tau of each candidate k on the held-out prompt (S = 1): the acceptance half of choosing k."""
+        taus = {}
+        for k in self.cfg.k_candidates:
+            taus[k] = self.decode([row], [ids], "spec", k, self.cfg.max_tokens)["tau"]
+            log(f"  held-out {HELDOUT_BOOK}: k={k} tau {taus[k]:.2f}")
+        return taus
+
+    @torch.inference_mode()
+    def step_costs(self, rows: list[int], heldout_row: int, heldout: list[int], reps: int = 5) -> dict:
+        """The cost half, timing only (no output is read): an AR step and a (k+1)-token verify over
+        these S rows, and one batched draft position over S drafter sessions. In AR steps; each the
+        fastest of `reps` (other work on the machine only ever adds time)."""
+        v, med = self.engine.verifier, min
+        lengths = [v.length(r) for r in rows]
+
+        def verify(width: int) -> float:
+            times = []
+            for _ in range(reps + 1):                              # the first is a warm-up
+                t0 = time.perf_counter()
+                v.verify(rows, [[1] * width for _ in rows])
+                times.append(time.perf_counter() - t0)
+                for r, n in zip(rows, lengths):
+                    v.commit(r, n)
+            return med(times[1:])
+
+        ar = verify(1)
+        host = DrafterHost(self.drafter_model, DrafterHostConfig(self.sparse, self.max_context),
+                           start_session=self._adopt(heldout_row, len(heldout) - OWN_TAIL))
+        for i in range(len(rows)):
+            host.open(f"cost{i}", heldout, GREEDY)
+        k = max(self.cfg.k_candidates)
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            host.draft_many([DraftCall(f"cost{i}", len(heldout), [], k, GREEDY) for i in range(len(rows))])
+            times.append(time.perf_counter() - t0)
+        return {"ar_s": ar, "c_draft": med(times[1:]) / k / ar,
+                "c_verify": {kk: verify(kk + 1) / ar for kk in self.cfg.k_candidates}}
+
+    def choose_k(self, taus: dict[int, float], costs: dict) -> tuple[int, dict[int, float]]:
+        """The k with the best modelled speedup tau / (k c_draft + c_verify) for this cell."""
+        model = {k: taus[k] / (k * costs["c_draft"] + costs["c_verify"][k]) for k in taus}
+        return max(model, key=model.get), model
+
+    def run_context(self, context: int, log) -> list[dict]:
+        cfg = self.cfg
+        prompts = prompts_for(self.tokenizer, context, cfg.num_prompts)
+        heldout = kjv.prompt_of_tokens(self.tokenizer, context, book=HELDOUT_BOOK)
+        log(f"context {context}: prefilling {len(prompts)} prompts (+1 held out)")
+        prefill_s = self.prefill(list(range(len(prompts))), prompts)
+        self.prompts[context] = prompts
+        taus = None
+        if cfg.k is None:
+            self.prefill([cfg.num_prompts], [heldout])
+            taus = self.heldout_tau(cfg.num_prompts, heldout, log)
+        records = []
+        for s in cfg.sessions:
+            groups = [[i] for i in range(3)] if s == 1 else [list(range(s))]
+            costs = self.step_costs(list(range(s)), cfg.num_prompts, heldout) if taus else None
+            k, modelled = self.choose_k(taus, costs) if taus else (cfg.k, {})
+            if taus:
+                log(f"  S={s}: c_draft {costs['c_draft']:.2f}, c_verify "
+                    + ", ".join(f"k={kk} {c:.2f}" for kk, c in costs["c_verify"].items())
+                    + f" -> k={k} (modelled " + ", ".join(f"{kk}: {m:.2f}x" for kk, m in modelled.items()) + ")")
+            self.k_of[(context, s)] = k
+            cell = {}
+            for mode in ("ar", "spec"):
+                outs = [self.decode(g, [prompts[i] for i in g], mode, k, cfg.max_tokens) for g in groups]
+                cell[mode] = outs
+            equal = all(a["tokens"] == b["tokens"] for a, b in zip(cell["ar"], cell["spec"]))
+            for g, out in zip(groups, cell["ar"]):
+                for i, toks in zip(g, out["tokens"]):
+                    self.ar_tokens[(context, i)] = toks
+            ar_step = statistics.median(o["verify_s_per_forward"] for o in cell["ar"])
+            for mode in ("ar", "spec"):
+                outs = cell[mode]
+                rates = [o["decode_tok_s"] for o in outs] if s == 1 else outs[0]["session_tok_s"]
+                rec = {"mode": mode, "sessions": s, "context": context, "k": k if mode == "spec" else 0,
+                       "k_modelled_speedup": modelled if mode == "spec" else {},
+                       "decode_tok_s": statistics.median(o["decode_tok_s"] for o in outs),
+                       "spread_tok_s": _spread(rates), "runs": len(outs),
+                       "tau": statistics.median(o["tau"] for o in outs),
+                       "alpha": statistics.median(o["alpha"] for o in outs),
+                       "outputs_equal_ar": equal,
+                       "prefill_s": _spread([prefill_s[i] for g in groups for i in g]),
+                       "ar_step_ms": 1e3 * ar_step,
+                       "drafter_device_bytes": max(o["drafter_device_bytes"] for o in outs),
+                       "drafter_failures": sum(o["drafter_failures"] for o in outs)}
+                if mode == "spec":
+                    verify = statistics.median(o["verify_s_per_forward"] for o in outs)
+                    draft = statistics.median(o["draft_s_per_round"] for o in outs)
+                    rec.update(verify_ms=1e3 * verify, draft_round_ms=1e3 * draft,
+                               c_verify=verify / ar_step, c_draft=draft / k / ar_step,
+                               predicted_speedup=rec["tau"] / (draft / ar_step + verify / ar_step))
+                records.append(rec)
+            ar, sp = records[-2], records[-1]
+            sp["speedup"] = sp["decode_tok_s"] / ar["decode_tok_s"]
+            log(f"  S={s}: AR {ar['decode_tok_s']:.2f} tok/s, spec {sp['decode_tok_s']:.2f} tok/s "
+                f"({sp['speedup']:.2f}x; model {sp['predicted_speedup']:.2f}x) tau {sp['tau']:.2f} k={k} "
+                f"c_draft {sp['c_draft']:.2f} c_verify {sp['c_verify']:.2f} equal={equal}")
+        return records
+
+    # --- through the services ----------------------------------------------------------------
+
+    def run_services(self, log) -> list[dict]:
+        from sparsespec.client import SparseSpecClient
+        from sparsespec.cluster import ClusterConfig, LocalCluster
+
+        cfg = self.cfg
+        if not cfg.service_cells:
+            return []
+        records = []
+        for s, context in cfg.service_cells:
+            k = self.k_of[(context, s)]
+            ccfg = ClusterConfig(model=cfg.model, drafter=cfg.drafter, policy=cfg.policy, budget=str(cfg.budget),
+                                 max_context=self.max_context, max_batch=max(8, s), k=k,
+                                 drafter_weights=cfg.drafter_weights)
+            prompts = self.prompts[context][:s]
+            ar = [self.ar_tokens[(context, i)] for i in range(s)]
+            log(f"services S={s} context {context}: starting a cluster")
+            with LocalCluster(ccfg) as cluster:
+                with SparseSpecClient(cluster.address) as c:       # warm-up
+                    c.generate(prompts[0][:64], max_tokens=4, mode="spec", k=k)
+                first: list = [None] * s
+                second: list = [None] * s
+                errors: list = []
+                barrier = threading.Barrier(s + 1)
+
+                def one(i):
+                    try:
+                        with SparseSpecClient(cluster.address) as c:
+                            t0 = time.perf_counter()
+                            first[i] = (c.generate(prompts[i], max_tokens=1, mode="spec", k=k),
+                                        time.perf_counter() - t0)
+                            barrier.wait()
+                            second[i] = c.generate([ar[i][1]], session_id=first[i][0].session_id,
+                                                   max_tokens=cfg.max_tokens - 2, mode="spec", k=k)
+                    except Exception as e:  # noqa: BLE001 - reported below
+                        errors.append(e)
+                        barrier.abort()
+
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(s)]
+                for t in threads:
+                    t.start()
+                barrier.wait()
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                if errors:
+                    raise errors[0]
+            equal = all(f[0].token_ids == a[:1] and r.token_ids == a[2:] for f, r, a in zip(first, second, ar))
+            generated = sum(len(r.token_ids) for r in second)
+            in_process_ar = next(r for r in self.records if r["mode"] == "ar" and r["sessions"] == s
+                                 and r["context"] == context)
+            rec = {"mode": "services", "sessions": s, "context": context, "k": k,
+                   "decode_tok_s": generated / wall, "wall_s": wall,
+                   "spread_tok_s": _spread([r.metrics["tokens_per_s"] for r in second]),
+                   "tau": statistics.median(r.metrics["tau"] for r in second),
+                   "alpha": statistics.median(r.metrics["alpha"] for r in second),
+                   "ttft_s": _spread([f[1] for f in first]), "outputs_equal_ar": equal,
+                   "drafter_device_bytes": max(r.metrics["drafter_kv_device_bytes"] for r in second),
+                   "drafter_failures": sum(r.metrics["drafter_failures"] for r in second),
+                   "rpc_p50_ms": statistics.median(r.metrics["draft_overhead_p50_ms"] for r in second)}
+            rec["speedup"] = rec["decode_tok_s"] / in_process_ar["decode_tok_s"]
+            records.append(rec)
+            log(f"  services S={s} context {context}: {rec['decode_tok_s']:.2f} tok/s ({rec['speedup']:.2f}x AR), "
+                f"tau {rec['tau']:.2f}, TTFT median {rec['ttft_s']['median']:.1f} s, equal={equal}")
+        return records
+
+    def run(self, log=print) -> list[dict]:
+        self.records = []
+        for context in self.cfg.contexts:
+            self.records += self.run_context(context, log)
+        self.records += self.run_services(log)
+        return self.records
+
+
+def run_capacity(args) -> int:
+    def ints(text, default):
+        return tuple(int(x) for x in str(text).split(",")) if text else default
+
+    cells = tuple(tuple(int(v) for v in c.split("x")) for c in args.service_cells.split(",") if c) \
+        if args.service_cells is not None else CapacityConfig.service_cells
+    cfg = CapacityConfig(model=args.model, contexts=ints(args.contexts, CapacityConfig.contexts),
+                         sessions=ints(args.sessions, CapacityConfig.sessions), max_tokens=args.max_tokens,
+                         k=args.k, policy=args.policy or CapacityConfig.policy,
+                         budget=int(args.budget) if args.budget else CapacityConfig.budget,
+                         drafter=args.drafter or "same", drafter_weights=args.drafter_weights,
+                         service_cells=cells, threads=args.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    bench = Bench(cfg)
+    records = bench.run()
+    command = " ".join(["sparsespec bench capacity", f"--contexts {','.join(map(str, cfg.contexts))}",
+                        f"--sessions {','.join(map(str, cfg.sessions))}", f"--max-tokens {cfg.max_tokens}",
+                        f"--policy {cfg.policy} --budget {cfg.budget}", f"--drafter-weights {cfg.drafter_weights}",
+                        f"--service-cells {','.join(f'{s}x{c}' for s, c in cfg.service_cells)}"]
+                       + ([f"-k {cfg.k}"] if cfg.k else []))
+    doc = {"command": command, "config": {**cfg.__dict__}, "threads": torch.get_num_threads(), "records": records}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    out = Path(args.out)
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    (out / "bench" / "capacity.json").write_text(json.dumps(doc, indent=1) + "\n")
+    _write_markdown(out, records, command)
+    _plot(out, records)
+    bad = [r for r in records if not r["outputs_equal_ar"]]
+    if bad:
+        print(f"error: {len(bad)} cells with outputs that differ from AR")
+        return 1
+    return 0
+
+
+def _write_markdown(out: Path, records: list[dict], command: str) -> None:
+    lines = ["| context | S | mode | k | decode tok/s (aggregate) | spread [min, median, max] | vs AR | tau | alpha "
+             "| c_draft / c_verify (AR steps) | model | drafter KV bytes | prefill / TTFT s | = AR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        sp, timing = r["spread_tok_s"], r.get("ttft_s") or r["prefill_s"]
+        cost = f"{r['c_draft']:.2f} / {r['c_verify']:.2f}" if "c_draft" in r else "-"
+        model = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "-"
+        lines.append(" | ".join([
+            f"| {r['context']}", str(r["sessions"]), r["mode"], str(r["k"] or "-"), f"{r['decode_tok_s']:.2f}",
+            f"[{sp['min']:.2f}, {sp['median']:.2f}, {sp['max']:.2f}]", f"{r.get('speedup', 1.0):.2f}x",
+            f"{r['tau']:.2f}", f"{r['alpha']:.2f}", cost, model, str(r["drafter_device_bytes"] or "-"),
+            f"{timing['median']:.1f}", ("yes" if r["outputs_equal_ar"] else "**no**") + " |"]))
+    section = "\n".join([
+        BEGIN, "## Capacity: aggregate decode throughput, AR against speculation", "",
+        f"Command: `{command}` (JSON: `bench/capacity.json`, plot: `bench/capacity.png`).", "",
+        "AR is the verifier alone, batched over the S sessions; spec is the same engine and rows with "
+        "the drafter in process, drafting all S sessions in one forward per position; services is a real "
+        "local cluster through the SDK (its prefill is each session's time to first token; in process "
+        "the drafter starts from the verifier's K/V, so only the verifier's prefill is listed). Decode "
+        "tok/s = tokens generated by all sessions / decode wall time. Spread: over 3 prompts (S = 1) or "
+        "over the sessions' own rates (S > 1). c_draft = one draft position's time / an AR step, "
+        "c_verify = a (k+1)-token verify / an AR step, both at the same S; model = tau / (k c_draft + "
+        "c_verify).", "", *lines, END])
+    replace_section(out / "benchmarks.md", BEGIN, END, section)
+
+
+def _plot(out: Path, records: list[dict]) -> None:
+    """Aggregate decode tok/s against S, one panel per context; error bars over the S = 1 prompts."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    contexts = sorted({r["context"] for r in records})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 3.6), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        for mode, marker in (("ar", "o"), ("spec", "s"), ("services", "^")):
+            rs = sorted((r for r in records if r["context"] == context and r["mode"] == mode),
+                        key=lambda r: r["sessions"])
+            if not rs:
+                continue
+            y = [r["decode_tok_s"] for r in rs]
+            err = [[v - r["spread_tok_s"]["min"] if r["sessions"] == 1 else 0 for v, r in zip(y, rs)],
+                   [r["spread_tok_s"]["max"] - v if r["sessions"] == 1 else 0 for v, r in zip(y, rs)]]
+            ax.errorbar([r["sessions"] for r in rs], y, yerr=err, marker=marker, capsize=3, label=mode)
+        ax.set_title(f"SmolLM2-135M, context {context}")
+        ax.set_xlabel("concurrent sessions S")
+        ax.set_ylabel("aggregate decode tok/s")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench" / "capacity.png", dpi=110)
+    plt.close(fig)
