@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--policy", default="chunk_topk")
     demo.add_argument("--budget", default="256")
     demo.add_argument("--drafter", default="same")
+    demo.add_argument("--drafter-weights", default="int8",
+                      help="the drafter's weights: same | bf16 | int8 | int4 (default int8: the low-memory drafter)")
     demo.add_argument("-k", type=int, default=4)
     demo.add_argument("--in-process", action="store_true", help="run the engine here instead of through services")
 
@@ -134,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
     bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services and verify")
     bench.add_argument("--reps", type=int, default=5, help="verify: timed forwards per cell")
-    bench.add_argument("--policy", default=None, help="capacity: the drafter's policy (default streaming)")
+    bench.add_argument("--policy", default=None, help="capacity: the drafter's policy (default chunk_topk)")
     bench.add_argument("--budget", default=None, help="capacity: the drafter's budget (default 256)")
     bench.add_argument("--drafter", default=None, help="capacity: same | layers:N (default same)")
-    bench.add_argument("--drafter-weights", default="same", help="capacity: same | bf16 | int8 | int4")
+    bench.add_argument("--drafter-weights", default=None, help="capacity: same | bf16 | int8 | int4 (default int8)")
     bench.add_argument("--service-cells", default=None,
                        help="capacity: SxCONTEXT cells also run through the services (default 4x4096,8x8000; "
                             "'' for none)")

@@ -29,8 +29,9 @@ def run_demo(args) -> int:
 
 
 def _describe(args, n: int, where: str) -> None:
-    print(f"prompt: {n} tokens of the King James Bible (Genesis, public domain); drafter {args.drafter}, "
-          f"policy {args.policy}, budget {args.budget}, k {args.k}; {where}", flush=True)
+    print(f"prompt: {n} tokens of the King James Bible (Genesis, public domain); drafter {args.drafter} "
+          f"({args.drafter_weights} weights), policy {args.policy}, budget {args.budget}, k {args.k}; {where}",
+          flush=True)
 
 
 def _through_services(args):
@@ -41,7 +42,8 @@ def _through_services(args):
 
     model_dir = resolve_model(args.model)
     prompt = kjv.prompt_of_tokens(load_tokenizer(model_dir), args.context, book="Genesis")
-    cfg = ClusterConfig(model=str(model_dir), drafter=args.drafter, policy=args.policy, budget=str(args.budget),
+    cfg = ClusterConfig(model=str(model_dir), drafter=args.drafter, drafter_weights=args.drafter_weights,
+                        policy=args.policy, budget=str(args.budget),
                         max_context=args.context + args.max_tokens + 1, max_batch=2, k=args.k)
     print("starting the local cluster (redis-server, drafter, verifier) ...", flush=True)
     with LocalCluster(cfg) as cluster, SparseSpecClient(cluster.address) as client:
@@ -61,9 +63,9 @@ def _through_services(args):
 
 def _in_process(args):
     # The context limit is what this run needs, so no cache is sized for the model's full 8K.
-    cfg = EngineConfig(model=args.model, drafter=args.drafter, policy=args.policy,
-                       budget=parse_budget(args.budget), max_context=args.context + args.max_tokens + 1,
-                       max_batch=1)
+    cfg = EngineConfig(model=args.model, drafter=args.drafter, drafter_weights=args.drafter_weights,
+                       policy=args.policy, budget=parse_budget(args.budget),
+                       max_context=args.context + args.max_tokens + 1, max_batch=1)
     verifier, tokenizer = load_verifier(cfg)
     engine, _ = build_engine(cfg, verifier, tokenizer)
     prompt = kjv.prompt_of_tokens(tokenizer, args.context, book="Genesis")

@@ -34,11 +34,12 @@ def generate(model_dir, *extra):
     return sparsespec("generate", "--model", model_dir, "--max-tokens", 24, *extra)
 
 
-def test_generate_json_spec_equals_ar(model_dir):
+@pytest.mark.parametrize("weights", ["same", "int8"])
+def test_generate_json_spec_equals_ar(model_dir, weights):
     outs = {}
     for mode in ("ar", "spec"):
         proc = generate(model_dir, "--prompt", PROMPT, "--mode", mode, "--policy", "streaming",
-                        "--budget", 16, "-k", 4, "--json")
+                        "--budget", 16, "-k", 4, "--drafter-weights", weights, "--json")
         assert proc.returncode == 0, proc.stderr
         outs[mode] = json.loads(proc.stdout)
     spec = outs["spec"]
@@ -69,6 +70,8 @@ BAD_INPUTS = {
     "top-p 0": (lambda d, t: ["--model", d, "--prompt", "hi", "--top-p", 0], "top_p"),
     "top-p 1.5": (lambda d, t: ["--model", d, "--prompt", "hi", "--top-p", 1.5], "top_p"),
     "unknown policy": (lambda d, t: ["--model", d, "--prompt", "hi", "--policy", "magic"], "policy"),
+    "unknown drafter weights": (lambda d, t: ["--model", d, "--prompt", "hi", "--drafter-weights", "int3"],
+                                "drafter_weights"),
     "missing prompt file": (lambda d, t: ["--model", d, "--prompt-file", t / "none.txt"], "prompt-file"),
 }
 

@@ -102,6 +102,29 @@ def test_eight_concurrent_sessions(cluster, reference):
         reference.check(reference.encode(p), outs[i], f"session {i}", max_tokens=40)
 
 
+def test_int8_drafter_drafts_concurrent_sessions_through_services(model_dir, redis_srv, reference):
+    """A low-memory drafter process (--drafter-weights int8) and 4 sessions drafted together
+    (one DraftBatch per round): every output is still the verifier's own."""
+    redis_srv.start()
+    prompts = [PROMPT[i:] + PROMPT[:i] for i in range(0, 40, 10)]
+    outs: dict[int, object] = {}
+    with LocalCluster(ClusterConfig(model=str(model_dir), policy="streaming", budget="16", k=3,
+                                    drafter_weights="int8"), redis_url=redis_srv.url) as c:
+        def one(i):
+            with SparseSpecClient(c.address) as client:
+                outs[i] = client.generate(prompts[i], max_tokens=32)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    assert sorted(outs) == list(range(len(prompts)))
+    for i, p in enumerate(prompts):
+        reference.check(reference.encode(p), outs[i].token_ids, f"int8 session {i}", max_tokens=32)
+        assert outs[i].metrics["accepted"] > 0 and outs[i].metrics["drafter_failures"] == 0
+
+
 def test_multi_turn_reuses_both_caches(client, reference):
     first = client.generate(PROMPT, max_tokens=24)
     session = client.last_session

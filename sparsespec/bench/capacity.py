@@ -57,11 +57,11 @@ class CapacityConfig:
     sessions: tuple[int, ...] = (1, 4, 8)
     max_tokens: int = 48
     k: int | None = None                         # None: chosen on the held-out prompt per context
-    k_candidates: tuple[int, ...] = (2, 3, 4)
-    policy: str = "streaming"
+    k_candidates: tuple[int, ...] = (1, 2, 3, 4)
+    policy: str = "chunk_topk"
     budget: int = 256
     drafter: str = "same"                        # same | layers:N (it must share the verifier's K/V)
-    drafter_weights: str = "same"
+    drafter_weights: str = "int8"                # the low-memory drafter; "same" shares the verifier's
     service_cells: tuple[tuple[int, int], ...] = ((4, 4096), (8, 8000))   # (sessions, context)
     threads: int | None = None
 
@@ -355,7 +355,7 @@ def run_capacity(args) -> int:
                          sessions=ints(args.sessions, CapacityConfig.sessions), max_tokens=args.max_tokens,
                          k=args.k, policy=args.policy or CapacityConfig.policy,
                          budget=int(args.budget) if args.budget else CapacityConfig.budget,
-                         drafter=args.drafter or "same", drafter_weights=args.drafter_weights,
+                         drafter=args.drafter or "same", drafter_weights=args.drafter_weights or CapacityConfig.drafter_weights,
                          service_cells=cells, threads=args.threads)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     bench = Bench(cfg)
