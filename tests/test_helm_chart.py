@@ -247,6 +247,7 @@ def probe_passes(address: str, service: str) -> bool:
 def test_rendered_args_start_the_services_and_their_probes_pass(tmp_path, redis_url):
     model_dir = save_random_model(tmp_path / "model", tiny_config(eos_token_ids=()), seed=3)
     docs = render(values_of("default"))
+    assert flag(container(docs, "drafter")["args"], "--drafter-weights") == "same"   # started below as-is
     procs = {}
     try:
         for pool in ("drafter", "verifier"):
