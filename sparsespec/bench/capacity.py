@@ -38,6 +38,7 @@ from sparsespec.bench.report import replace_section
 from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
 from sparsespec.data import kjv
 from sparsespec.errors import InvalidArgument
+from sparsespec.models.quant import drafter_weights
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams
@@ -103,7 +104,6 @@ class Bench:
                                   max_context=self.max_context, max_batch=cfg.num_prompts + 1)
         self.sparse = engine_cfg.sparse_config()
         self.verifier, self.tokenizer = load_verifier(engine_cfg)
-        from sparsespec.models.quant import drafter_weights
         self.drafter_model = drafter_weights(make_drafter_model(self.verifier, cfg.drafter, engine_cfg),
                                              cfg.drafter_weights)
         # Rows 0.. hold the reporting prompts, row num_prompts the held-out one.
