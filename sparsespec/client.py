@@ -86,6 +86,14 @@ class Request:
         return msg
 
 
+def _request(prompt, kwargs: dict) -> Request:
+    if isinstance(prompt, Request):
+        if kwargs:
+            raise TypeError(f"a Request carries its own settings; got {sorted(kwargs)} too")
+        return prompt
+    return Request(prompt, **kwargs)
+
+
 def _chunk(msg) -> Chunk:
     return Chunk(list(msg.token_ids), msg.text_delta, msg.offset, msg.finished, msg.stop_reason,
                  json.loads(msg.metrics_json) if msg.metrics_json else {})
@@ -152,8 +160,9 @@ class SparseSpecClient(_Resumable):
 
     def stream(self, prompt, session_id: str | None = None, **kwargs) -> Iterator[Chunk]:
         """Yield the continuation as it is committed. A given session_id continues that session
-        (multi-turn); none starts a new one (its id is in every Chunk's source, `last_session`)."""
-        req = Request(prompt, **kwargs)
+        (multi-turn); none starts a new one (its id is in every Chunk's source, `last_session`).
+        `prompt`: text, token ids, or a whole Request (then no other keywords)."""
+        req = _request(prompt, kwargs)
         session, turn = session_id or uuid.uuid4().hex, uuid.uuid4().hex
         self.last_session = session
         offset, resume, deadline = 0, False, None
@@ -243,7 +252,7 @@ class AsyncSparseSpecClient(_Resumable):
         return pb_grpc.GenerationStub(self._channels[address])
 
     async def stream(self, prompt, session_id: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
-        req = Request(prompt, **kwargs)
+        req = _request(prompt, kwargs)
         session, turn = session_id or uuid.uuid4().hex, uuid.uuid4().hex
         self.last_session = session
         offset, resume, deadline = 0, False, None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from sparsespec.chat import chat_prompt_ids
+from sparsespec.client import Request
 from sparsespec.errors import InvalidArgument
 from sparsespec.spec.adaptive import MAX_K
 
@@ -65,23 +66,11 @@ class ModelLimits:
 
 @dataclass
 class GenParams:
-    """One checked request: what the gateway sends the verifier and how it answers."""
-    prompt_ids: list[int]
+    """One checked request: the SDK's Request the gateway sends the verifier, and how it answers."""
+    request: Request                    # prompt: token ids
     prompt_field: str                   # "prompt" or "messages": where prompt errors point
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    k: int = 0                          # 0: the verifier's default
-    adaptive: bool = False
     stream: bool = False
     include_usage: bool = False
-
-    def sdk_kwargs(self) -> dict:
-        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=self.top_k, seed=self.seed, stop=self.stop, k=self.k, adaptive=self.adaptive)
 
 
 @dataclass
@@ -185,16 +174,16 @@ def _common(body: dict, prompt_ids: list[int], prompt_field: str, limits: ModelL
         if not stream:
             raise bad("stream_options", "is only allowed with stream: true")
         include_usage = _bool(options, "include_usage", False)
-    return GenParams(
-        prompt_ids=prompt_ids, prompt_field=prompt_field, max_tokens=max_tokens,
+    request = Request(
+        prompt_ids, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=_int(body, "top_k", 0, lo=0),
         seed=_int(body, "seed", None, lo=INT64[0], hi=INT64[1]),
         stop=_stop(body),
         k=_int(body, "k", defaults.k, lo=1, hi=MAX_K),
-        adaptive=_bool(body, "adaptive", defaults.adaptive),
-        stream=stream, include_usage=include_usage)
+        adaptive=_bool(body, "adaptive", defaults.adaptive))
+    return GenParams(request, prompt_field, stream=stream, include_usage=include_usage)
 
 
 def _token_ids(v, limits: ModelLimits | None) -> list[int] | None:
@@ -263,7 +252,7 @@ def spec_decode(metrics: dict, params: GenParams) -> dict:
         "num_accepted_tokens": m.get("accepted", 0), "acceptance_rate": m.get("alpha", 0.0),
         "mean_acceptance_length": m.get("tau", 0.0),
         "acceptance_rate_per_position": m.get("per_position_acceptance", []),
-        "mean_draft_length": m.get("k", 0.0), "adaptive": params.adaptive,
+        "mean_draft_length": m.get("k", 0.0), "adaptive": params.request.adaptive,
         "ar_steps": m.get("ar_steps", 0), "drafter_failures": m.get("drafter_failures", 0),
     }
 

@@ -225,7 +225,7 @@ class Gateway:
                                                                  if self.cfg.redis_url else ""), None, "unavailable")
         session = uuid.uuid4().hex
         rid = ("chatcmpl-" if chat else "cmpl-") + session      # the id names the verifier session
-        stream = client.stream(params.prompt_ids, session_id=session, **params.sdk_kwargs())
+        stream = client.stream(params.request, session_id=session)
         async with contextlib.aclosing(stream):
             try:
                 first = await anext(stream)     # refusals (400/429/503) arrive before any byte is sent
@@ -233,7 +233,7 @@ class Gateway:
                 raise P.from_verifier(e.code, e.message, params.prompt_field) from None
             if params.stream:
                 return await self._stream(request, stream, first, params, rid, chat)
-            text = P.TextStream(self.tokenizer, params.stop)
+            text = P.TextStream(self.tokenizer, params.request.stop)
             chunk, pieces, n = first, [], 0
             while True:
                 pieces.append(text.push(chunk.token_ids))
@@ -248,7 +248,7 @@ class Gateway:
         finish = P.finish_reason(chunk.stop_reason)
         model = self.cfg.model_id
         out = (P.chat_body if chat else P.completion_body)(rid, int(time.time()), model, "".join(pieces), finish)
-        out["usage"] = P.usage(len(params.prompt_ids), n)
+        out["usage"] = P.usage(len(params.request.prompt), n)
         out["spec_decode"] = P.spec_decode(chunk.metrics, params)
         return _json(out)
 
@@ -261,7 +261,7 @@ class Gateway:
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
         created, model = int(time.time()), self.cfg.model_id
-        text = P.TextStream(self.tokenizer, params.stop)
+        text = P.TextStream(self.tokenizer, params.request.stop)
 
         def piece(delta: str | None, finish: str | None = None) -> dict:
             if chat:
@@ -285,7 +285,7 @@ class Gateway:
                     if params.include_usage:
                         tail = piece(None)
                         tail["choices"] = []
-                        tail["usage"] = P.usage(len(params.prompt_ids), n)
+                        tail["usage"] = P.usage(len(params.request.prompt), n)
                         await resp.write(_sse(tail))
                     break
                 if delta:
