@@ -7,6 +7,8 @@ still decode exactly what the verifier decodes alone, in process and through the
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -198,3 +200,24 @@ def test_draft_batch_over_grpc(tiny_model):
             assert all(isinstance(e, DrafterUnavailable) for e in gone)
     finally:
         server.stop()
+
+
+class SlowReopens(LocalDrafterClient):
+    """A drafter whose re-opens (base_len 0, a prefill) take 0.3 s."""
+
+    def draft_many(self, calls):
+        if any(c.base_len == 0 for c in calls):
+            time.sleep(0.3)
+        return super().draft_many(calls)
+
+
+def test_a_reopen_in_the_round_does_not_count_against_the_others_draft_time(tiny_model):
+    ps = prompts(2)
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16), 512))
+    engine = SpecEngine(tiny_model, SlowReopens(host))
+    runs = [engine.start(GenerationRequest(p, 8, k=2), row) for row, p in enumerate(ps)]
+    runs[1].drafter_base = 0          # its drafter state is gone: this round re-opens it
+    host.close(runs[1].session)
+    engine.step(runs)
+    assert runs[1].metrics.draft_s >= 0.3
+    assert runs[0].metrics.draft_s < 0.3, runs[0].metrics.draft_s   # what adaptive k weighs

@@ -237,12 +237,18 @@ class SpecEngine:
             summary, fresh = self._summary_for(r)
             asked.append((i, r, summary, fresh))
             calls.append(DraftCall(r.session, r.drafter_base, r.tokens[r.drafter_base:], k, r.req.sampling, summary))
-        if not calls:
-            return planned
-        t0 = time.perf_counter()
-        replies = self.drafter.draft_many(calls)
-        elapsed = time.perf_counter() - t0
-        for (i, r, summary, fresh), reply in zip(asked, replies):
+        # Re-opens (base_len 0: a prefill each) go in their own request, so the time the others'
+        # round took (what adaptive k weighs) does not include somebody else's prefill.
+        timed: dict[int, tuple[object, float]] = {}
+        for reopen in (False, True):
+            group = [j for j, c in enumerate(calls) if (c.base_len == 0) == reopen]
+            if group:
+                t0 = time.perf_counter()
+                replies = self.drafter.draft_many([calls[j] for j in group])
+                elapsed = time.perf_counter() - t0
+                timed.update((j, (reply, elapsed)) for j, reply in zip(group, replies))
+        for j, (i, r, summary, fresh) in enumerate(asked):
+            reply, elapsed = timed[j]
             m = r.metrics
             if isinstance(reply, BaseException):
                 r.drafter_base = 0      # re-send the whole committed prefix when it comes back
