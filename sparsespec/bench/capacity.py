@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from sparsespec.bench.acceptance import OWN_TAIL, adopting
+from sparsespec.bench.prompts import kjv_prompts
 from sparsespec.bench.report import replace_section
 from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
 from sparsespec.data import kjv
@@ -47,7 +49,6 @@ from sparsespec.spec.transport import DraftCall
 BEGIN, END = "<!-- capacity-bench:begin -->", "<!-- capacity-bench:end -->"
 HELDOUT_BOOK = "Proverbs"                       # chooses k; never reported
 BOOKS = ("Genesis", "Exodus", "Matthew", "Isaiah", "Luke", "Psalms", "Jeremiah", "Job")
-OWN_TAIL = 64          # prompt tokens the drafter computes itself after adopting the prefix
 GREEDY = SamplingParams()
 
 
@@ -88,8 +89,7 @@ class CapacityConfig:
 
 def prompts_for(tokenizer, context: int, n: int) -> list[list[int]]:
     """n reporting prompts of `context` tokens, each from its own stretch of the KJV."""
-    return [kjv.prompt_of_tokens(tokenizer, context, book=BOOKS[i % len(BOOKS)],
-                                 offset_tokens=(i // len(BOOKS)) * 997) for i in range(n)]
+    return kjv_prompts(tokenizer, context, n, BOOKS)
 
 
 def _spread(values: list[float]) -> dict:
@@ -130,7 +130,7 @@ class Bench:
         cache, layers = self.engine.verifier.cache, len(self.drafter_model.layers)
         keys = [cache.k[i][row, :, :n] for i in range(layers)]          # [Hkv, n, D] each
         values = [cache.v[i][row, :, :n] for i in range(layers)]
-        return lambda drafter, tokens: drafter.start_from(keys, values, tokens)
+        return adopting((keys, values))
 
     def decode(self, rows: list[int], prompts: list[list[int]], mode: str, k: int, max_tokens: int) -> dict:
         """Decode the prompts in their (prefilled) rows together; the rows keep their prompts."""

@@ -79,3 +79,10 @@ def make_prompt(source: str, tokenizer, num_tokens: int, doc: str, seed: int = 0
     if len(ids) != num_tokens:
         raise InvalidArgument("contexts", f"{source}/{doc} yields {len(ids)} tokens, not {num_tokens}")
     return ids, {"source": source, "document": doc, **info}
+
+
+def kjv_prompts(tokenizer, num_tokens: int, n: int, books: tuple[str, ...]) -> list[list[int]]:
+    """n prompts of exactly num_tokens KJV tokens, each from its own stretch: book i % len(books),
+    997 tokens further in on each pass over the books (the throughput benches' prompts)."""
+    return [kjv.prompt_of_tokens(tokenizer, num_tokens, book=books[i % len(books)],
+                                 offset_tokens=(i // len(books)) * 997) for i in range(n)]

@@ -16,21 +16,17 @@ import time
 from pathlib import Path
 
 from sparsespec.bench.engine_bench import BOOKS
+from sparsespec.bench.prompts import kjv_prompts
 from sparsespec.bench.report import replace_section
 from sparsespec.client import SparseSpecClient
 from sparsespec.cluster import ClusterConfig, LocalCluster
-from sparsespec.data import kjv
 from sparsespec.models import load_tokenizer, resolve_model
 
 BEGIN, END = "<!-- service-bench:begin -->", "<!-- service-bench:end -->"
 
 
 def _prompts(tokenizer, context: int, n: int) -> list[list[int]]:
-    out = []
-    for i in range(n):
-        book = BOOKS[i % len(BOOKS)]
-        out.append(kjv.prompt_of_tokens(tokenizer, context, book=book, offset_tokens=(i // len(BOOKS)) * 997))
-    return out
+    return kjv_prompts(tokenizer, context, n, BOOKS)
 
 
 def _concurrent(address: str, prompts, max_tokens: int, mode: str, k: int) -> tuple[float, list]:
