@@ -85,3 +85,20 @@ def test_bad_input_is_one_line(model_dir, tmp_path, case):
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: ") and needle in lines[0].lower(), lines[0]
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--service-cells", "4by4096"], "service_cells"),
+    (["--service-cells", "3x4096"], "service_cells"),
+    (["--sessions", "0"], "sessions"),
+    (["--contexts", "4k"], "contexts"),
+    (["--drafter-weights", "int3"], "drafter_weights"),
+    (["--drafter", "/some/dir"], "drafter"),
+])
+def test_bench_capacity_bad_flags_are_one_line_before_any_model_loads(tmp_path, args, needle):
+    proc = sparsespec("bench", "capacity", "--out", tmp_path, *args, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert not any(tmp_path.iterdir())          # a refused run writes nothing

@@ -40,7 +40,7 @@ from sparsespec.bench.report import replace_section
 from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
 from sparsespec.data import kjv
 from sparsespec.errors import InvalidArgument
-from sparsespec.models.quant import drafter_weights
+from sparsespec.models.quant import check_drafter_weights, drafter_weights
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams
@@ -77,6 +77,7 @@ class CapacityConfig:
         if self.drafter != "same" and not self.drafter.startswith("layers:"):
             raise InvalidArgument("drafter", "the capacity bench starts the drafter from the verifier's K/V: "
                                              f"same or layers:N, got {self.drafter!r}")
+        check_drafter_weights(self.drafter_weights)
         for s, c in self.service_cells:
             if s not in self.sessions or c not in self.contexts:
                 raise InvalidArgument("service_cells", f"{s}x{c} is not a cell of --sessions x --contexts")
@@ -345,17 +346,26 @@ class Bench:
         return self.records
 
 
-def run_capacity(args) -> int:
-    def ints(text, default):
-        return tuple(int(x) for x in str(text).split(",")) if text else default
+def _ints(field: str, text: str, sep: str = ",") -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split(sep))
+    except ValueError:
+        raise InvalidArgument(field, f"expected integers separated by {sep!r}, got {text!r}") from None
 
-    cells = tuple(tuple(int(v) for v in c.split("x")) for c in args.service_cells.split(",") if c) \
-        if args.service_cells is not None else CapacityConfig.service_cells
-    cfg = CapacityConfig(model=args.model, contexts=ints(args.contexts, CapacityConfig.contexts),
-                         sessions=ints(args.sessions, CapacityConfig.sessions), max_tokens=args.max_tokens,
-                         k=args.k, policy=args.policy or CapacityConfig.policy,
-                         budget=int(args.budget) if args.budget else CapacityConfig.budget,
-                         drafter=args.drafter or "same", drafter_weights=args.drafter_weights or CapacityConfig.drafter_weights,
+
+def run_capacity(args) -> int:
+    cells = CapacityConfig.service_cells
+    if args.service_cells is not None:
+        cells = tuple(_ints("service_cells", c, "x") for c in args.service_cells.split(",") if c)
+        if any(len(c) != 2 for c in cells):
+            raise InvalidArgument("service_cells", f"expected SxCONTEXT cells, e.g. 4x4096, got {args.service_cells!r}")
+    budget = CapacityConfig.budget if args.budget is None else _ints("budget", args.budget)[0]
+    cfg = CapacityConfig(model=args.model,
+                         contexts=_ints("contexts", args.contexts) if args.contexts else CapacityConfig.contexts,
+                         sessions=_ints("sessions", args.sessions) if args.sessions else CapacityConfig.sessions,
+                         max_tokens=args.max_tokens, k=args.k, policy=args.policy or CapacityConfig.policy,
+                         budget=budget, drafter=args.drafter or CapacityConfig.drafter,
+                         drafter_weights=args.drafter_weights or CapacityConfig.drafter_weights,
                          service_cells=cells, threads=args.threads)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     bench = Bench(cfg)
