@@ -50,7 +50,7 @@ class ServerConfig:
     model: str
     drafter: str = "same"                   # same | layers:N | DIR
     drafter_weights: str = "same"           # same | bf16 | int8 | int4 (sparsespec.models.quant)
-    policy: str = "chunk_topk"
+    policy: str | None = None              # None: build.default_policy(drafter) (fed for same / layers:N)
     budget: int | None = 256                # KV entries per layer; None = full
     dtype: str = "float32"
     device: str = "cpu"
@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the verifier's model (a name or a path)")
     p.add_argument("--drafter", default="same", help="same | layers:N | DIR")
     p.add_argument("--drafter-weights", default="same", help="same | bf16 | int8 | int4 (weight-only)")
-    p.add_argument("--policy", default="chunk_topk")
+    p.add_argument("--policy", default=None,
+                   help="streaming | chunk_topk | snapkv | verifier_guided | fed | full (default: fed for a "
+                        "drafter that shares the verifier's K/V, same or layers:N; chunk_topk otherwise)")
     p.add_argument("--budget", default="256", help="KV entries per layer, or 'full'")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")

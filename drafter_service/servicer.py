@@ -13,7 +13,9 @@ import logging
 
 import grpc
 
-from sparsespec.rpc.convert import dist_to_proto, sampling_from_proto, status_for
+from kvstore.cache.feed import MAX_FEED_BYTES
+from sparsespec.errors import InvalidArgument
+from sparsespec.rpc.convert import dist_to_proto, feed_spec_to_proto, sampling_from_proto, status_for
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
 from sparsespec.spec.drafter_host import DrafterHost
 from sparsespec.spec.transport import DraftCall
@@ -61,7 +63,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         info = self.host.open(request.session_id, list(request.tokens),
                               sampling_from_proto(request.sampling), request.epoch)
         return drafter_pb2.OpenSessionReply(device_bytes=info.device_bytes, host_bytes=info.host_bytes,
-                                            prefill_s=info.prefill_s, **_want_fields(info.want))
+                                            prefill_s=info.prefill_s, feed=feed_spec_to_proto(info.feed),
+                                            **_want_fields(info.want))
 
     @rpc
     def Draft(self, request, context):
@@ -71,15 +74,20 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         return _draft_reply(reply)
 
     @rpc
-    def DraftBatch(self, request, context):
-        calls, epochs, outcomes = [], [], [None] * len(request.drafts)
-        for i, r in enumerate(request.drafts):
+    def DraftBatch(self, requests, context):
+        drafts, feeds = _read_batch(requests)
+        calls, epochs, outcomes = [], [], [None] * len(drafts)
+        for i, r in enumerate(drafts):
             try:
                 params = sampling_from_proto(r.sampling)
+                feed = feeds.get(i)
+                if r.feed_size != len(feed or b""):
+                    raise InvalidArgument("feed_size", f"{r.feed_size} bytes announced, {len(feed or b'')} arrived")
             except Exception as e:  # noqa: BLE001 - this session's outcome
                 outcomes[i] = _failed(e)
                 continue
-            calls.append((i, DraftCall(r.session_id, r.base_len, list(r.append), r.k, params, r.summary or None)))
+            calls.append((i, DraftCall(r.session_id, r.base_len, list(r.append), r.k, params, r.summary or None,
+                                       feed or None)))
             epochs.append(r.epoch)
         results = self.host.draft_many([c for _, c in calls], epochs)
         for (i, _), result in zip(calls, results):
@@ -93,10 +101,28 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         return drafter_pb2.CloseSessionReply()
 
 
+def _read_batch(requests) -> tuple[list, dict[int, bytes]]:
+    """A DraftBatch stream -> (its drafts, their feeds by draft index). A chunk must follow its
+    draft and no feed may outgrow what its draft announced (the stream is refused whole)."""
+    drafts, pieces, sizes = [], {}, {}
+    for message in requests:
+        drafts.extend(message.drafts)
+        for chunk in message.feed:
+            if not 0 <= chunk.draft < len(drafts):
+                raise InvalidArgument("feed.draft", f"{chunk.draft} names no draft sent before it")
+            sizes[chunk.draft] = sizes.get(chunk.draft, 0) + len(chunk.data)
+            if sizes[chunk.draft] > min(drafts[chunk.draft].feed_size, MAX_FEED_BYTES):
+                raise InvalidArgument("feed.data", f"drafts[{chunk.draft}]'s feed outgrows its feed_size "
+                                                   f"({drafts[chunk.draft].feed_size}) or the limit ({MAX_FEED_BYTES})")
+            pieces.setdefault(chunk.draft, []).append(chunk.data)
+    return drafts, {i: b"".join(p) for i, p in pieces.items()}
+
+
 def _draft_reply(reply) -> drafter_pb2.DraftReply:
     return drafter_pb2.DraftReply(tokens=reply.tokens, q=[dist_to_proto(q) for q in reply.qs] if reply.qs else [],
                                   draft_s=reply.draft_s, device_bytes=reply.device_bytes,
-                                  host_bytes=reply.host_bytes, **_want_fields(reply.want))
+                                  host_bytes=reply.host_bytes, feed=feed_spec_to_proto(reply.feed),
+                                  **_want_fields(reply.want))
 
 
 def _failed(e: BaseException) -> drafter_pb2.DraftOutcome:

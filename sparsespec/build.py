@@ -39,11 +39,21 @@ def parse_budget(value: str | int | None) -> int | None:
     return budget
 
 
+FED_POLICY, OWN_POLICY = "fed", "chunk_topk"
+
+
+def default_policy(drafter: str) -> str:
+    """The drafter's KV policy when none is given: "fed" (the verifier's exact K/V,
+    kvstore/cache/feed.py) for a drafter that shares the verifier's K/V (same, layers:N),
+    chunk_topk for one with weights of its own. `--policy chunk_topk` turns feeding off."""
+    return FED_POLICY if drafter == "same" or drafter.startswith("layers:") else OWN_POLICY
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
     drafter: str = "same"            # same | DIR | layers:N
-    policy: str = "chunk_topk"
+    policy: str | None = None        # None: default_policy(drafter)
     budget: int | None = 256         # None = full
     dtype: str = "float32"
     device: str = "cpu"
@@ -54,6 +64,8 @@ class EngineConfig:
     def __post_init__(self):
         check_device(self.device)
         check_drafter_weights(self.drafter_weights)
+        if self.policy is None:
+            object.__setattr__(self, "policy", default_policy(self.drafter))
 
     def sparse_config(self) -> SparseConfig:
         if self.budget is None or self.policy == "full":

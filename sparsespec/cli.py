@@ -28,7 +28,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, model_required: bool = True) -
     p.add_argument("--drafter-weights", default="same",
                    help="the drafter's weights: same (the model's own) | bf16 | int8 | int4 (weight-only; "
                         "the verifier is untouched, so the output is too)")
-    p.add_argument("--policy", default="chunk_topk", help="streaming | chunk_topk | snapkv | full")
+    p.add_argument("--policy", default=None,
+                   help="streaming | chunk_topk | snapkv | verifier_guided | fed | full (default: fed, the "
+                        "verifier's exact K/V, for a drafter that shares them: same or layers:N; "
+                        "chunk_topk otherwise, which also turns feeding off)")
     p.add_argument("--budget", default="256", help="drafter KV entries per layer, or 'full'")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--max-context", type=int, default=None, help="context limit (default: the model's)")
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--context", type=int, default=3500)
     demo.add_argument("--max-tokens", type=int, default=96)
-    demo.add_argument("--policy", default="chunk_topk")
+    demo.add_argument("--policy", default=None, help="the drafter's policy (default: fed where it can be)")
     demo.add_argument("--budget", default="256")
     demo.add_argument("--drafter", default="same")
     demo.add_argument("--drafter-weights", default="int8",

@@ -122,7 +122,7 @@ class ClusterConfig:
     model: str
     drafter: str = "same"
     drafter_weights: str = "same"         # same | bf16 | int8 | int4: the drafter's weights only
-    policy: str = "chunk_topk"
+    policy: str | None = None             # None: the drafter service's default (build.default_policy)
     budget: str = "256"
     dtype: str = "float32"
     max_context: int | None = None
@@ -227,7 +227,8 @@ class LocalCluster:
 
     def add_drafter(self) -> Proc:
         args = self._common() + ["--drafter", self.cfg.drafter, "--drafter-weights", self.cfg.drafter_weights,
-                                 "--policy", self.cfg.policy, "--budget", self.cfg.budget]
+                                 *(["--policy", self.cfg.policy] if self.cfg.policy else []),
+                                 "--budget", self.cfg.budget]
         proc = start_service(f"drafter{len(self.drafters)}", "drafter_service", args)
         self.drafters.append(proc)
         return proc

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from sparsespec.build import EngineConfig, build_engine, load_verifier, parse_budget
+from sparsespec.build import EngineConfig, build_engine, default_policy, load_verifier, parse_budget
 from sparsespec.data import kjv
 from sparsespec.errors import InvalidArgument
 from sparsespec.report import human_bytes, metrics_table
@@ -23,6 +23,7 @@ def run_demo(args) -> int:
     if args.context < 2:
         raise InvalidArgument("context", f"must be >= 2 tokens, got {args.context}")
     parse_budget(args.budget)
+    args.policy = args.policy or default_policy(args.drafter)
     run = _in_process if args.in_process else _through_services
     ar, spec = run(args)
     return _report(args, ar, spec)

@@ -36,7 +36,7 @@ from sparsespec.spec.sampling import SamplingParams
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CONTEXT = 512
 GREEDY = SamplingParams()
-CONFIGS = [("streaming", 16), ("chunk_topk", 16), ("snapkv", 16), ("full", None)]
+CONFIGS = [("streaming", 16), ("chunk_topk", 16), ("snapkv", 16), ("fed", 16), ("full", None)]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,8 @@ def test_host_cost_is_what_the_cache_allocates(model, policy, budget):
     cost = session_cost(model.cfg, model.dtype, 700, cfg)
     assert cost.host_memory_bytes("cpu") == cache.host_bytes() + cache.device_bytes() + cache.obs_bytes()
     assert cost.host_memory_bytes(torch.device("cuda")) == cache.host_bytes()
+    if policy == "fed":
+        assert cost.host_bytes == cache.host_bytes() == 0
 
 
 def test_host_budget_refuses_then_fits_after_close_or_eviction(model):
@@ -173,6 +175,7 @@ class Child:
                "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "drafter_service", "--model", model_dir, "--budget", "16", "--threads", "1",
+             "--policy", "chunk_topk",                       # a host tier to measure (a fed drafter has none)
              "--redis", redis_url, "--worker-id", worker_id, *map(str, flags)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         box: list[str] = []

@@ -42,9 +42,10 @@ def truth(model_dir):
     return check
 
 
-def new_cluster(model_dir, redis_srv) -> LocalCluster:
+def new_cluster(model_dir, redis_srv, policy: str | None = "streaming") -> LocalCluster:
+    """policy None: the default, a fed drafter."""
     redis_srv.start()
-    return LocalCluster(ClusterConfig(model=str(model_dir), policy="streaming", budget="32", k=4, lease_ms=1500),
+    return LocalCluster(ClusterConfig(model=str(model_dir), policy=policy, budget="32", k=4, lease_ms=1500),
                         redis_url=redis_srv.url).start()
 
 
@@ -66,8 +67,9 @@ def stream_in_background(client: SparseSpecClient, **kwargs):
     return chunks, started, t, result
 
 
-def test_drafter_killed_mid_generation_then_replaced(model_dir, redis_srv, truth):
-    cluster = new_cluster(model_dir, redis_srv)
+@pytest.mark.parametrize("policy", ["streaming", None], ids=["own-kv", "fed"])
+def test_drafter_killed_mid_generation_then_replaced(model_dir, redis_srv, truth, policy):
+    cluster = new_cluster(model_dir, redis_srv, policy)
     try:
         with SparseSpecClient(cluster.address) as client:
             chunks, started, t, result = stream_in_background(client)
@@ -88,12 +90,15 @@ def test_drafter_killed_mid_generation_then_replaced(model_dir, redis_srv, truth
                 if done.metrics["rounds"] > 0 or time.monotonic() > deadline:
                     break
             assert done.metrics["rounds"] > 0, "the replacement drafter was never used"
+            if policy is None:                               # the replacement is fed too
+                assert done.metrics["feeds_sent"] > 0 and done.metrics["drafter_kv_host_bytes"] == 0
     finally:
         cluster.stop()
 
 
-def test_verifier_killed_mid_generation_sdk_resumes_on_another(model_dir, redis_srv, truth):
-    cluster = new_cluster(model_dir, redis_srv)
+@pytest.mark.parametrize("policy", ["streaming", None], ids=["own-kv", "fed"])
+def test_verifier_killed_mid_generation_sdk_resumes_on_another(model_dir, redis_srv, truth, policy):
+    cluster = new_cluster(model_dir, redis_srv, policy)
     try:
         cluster.add_verifier()
         with SparseSpecClient([v.address for v in cluster.verifiers], reconnect_timeout_s=60) as client:
@@ -107,6 +112,8 @@ def test_verifier_killed_mid_generation_sdk_resumes_on_another(model_dir, redis_
             assert offsets == sorted(offsets)
             truth(tokens, "verifier killed")                 # none lost, none repeated
             assert client.reconnects >= 1
+            if policy is None:                               # the taking-over verifier feeds the drafter
+                assert chunks[-1].metrics["feeds_sent"] > 0 and chunks[-1].metrics["rounds"] > 0
     finally:
         cluster.stop()
 

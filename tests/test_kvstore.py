@@ -15,6 +15,8 @@ import torch
 
 from kvstore.cache import FullKVCache, SparseConfig, SparseKVCache
 from kvstore.cache.policies import POLICIES, SelectionContext, get_policy
+
+SELF_SELECTING = tuple(p for p in POLICIES if not get_policy(p).fed)   # "fed" is tested in test_feed.py
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.models.config import ModelConfig
 from sparsespec.models.llama import LlamaModel
@@ -120,13 +122,13 @@ def test_config_defaults_and_clamps():
     assert SparseConfig(budget=16, sink=8, window=8).window == 8           # explicit, exactly fits
     assert SparseConfig(policy="full", budget=None).budget is None
     assert SparseConfig(policy="full", budget=256).budget is None          # full has no budget
-    assert set(POLICIES) == {"streaming", "chunk_topk", "snapkv", "verifier_guided", "full"}
+    assert set(POLICIES) == {"streaming", "chunk_topk", "snapkv", "verifier_guided", "fed", "full"}
     assert get_policy("snapkv").name == "snapkv"
 
 
 # --- exactness --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SELF_SELECTING)
 def test_matches_full_cache_when_budget_covers_everything(policy):
     s = Stream(128, seed=1)
     cfg = {"budget": None} if policy == "full" else {"budget": 128, "reselect_interval": 4, "max_draft": 4}
@@ -423,7 +425,7 @@ def tiny_model() -> LlamaModel:
     return LlamaModel(cfg).eval()
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SELF_SELECTING)
 @torch.no_grad()
 def test_model_logits_match_full_cache_when_budget_covers(policy):
     model = tiny_model()

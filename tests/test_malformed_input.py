@@ -43,6 +43,9 @@ def call(cluster):
                 for _ in channels[service].unary_stream(path, request_serializer=None,
                                                         response_deserializer=None)(data, timeout=60):
                     pass
+            elif method == "DraftBatch":          # a client stream: one message here
+                channels[service].stream_unary(path, request_serializer=None,
+                                               response_deserializer=None)(iter([data]), timeout=60)
             else:
                 channels[service].unary_unary(path, request_serializer=None,
                                               response_deserializer=None)(data, timeout=60)
@@ -122,6 +125,13 @@ CASES = {
     "batch-not-protobuf": ("Drafter", "DraftBatch", NOT_PROTOBUF, "request"),
     "batch-session": ("Drafter", "DraftBatch", bad_utf8(drafter_pb2.DraftBatchRequest(drafts=[draft(session_id="SESSPLACE")]),
                                                         "SESSPLACE"), "drafts[0].session_id"),
+    "batch-feed-orphan": ("Drafter", "DraftBatch",
+                          drafter_pb2.DraftBatchRequest(feed=[drafter_pb2.FeedChunk(draft=0, data=b"x")]).SerializeToString(),
+                          "feed.draft"),
+    "batch-feed-oversize": ("Drafter", "DraftBatch",
+                            drafter_pb2.DraftBatchRequest(drafts=[draft(feed_size=1)],
+                                                          feed=[drafter_pb2.FeedChunk(draft=0, data=b"xy")]).SerializeToString(),
+                            "feed.data"),
     "close-session": ("Drafter", "CloseSession",
                       bad_utf8(drafter_pb2.CloseSessionRequest(session_id="SESSPLACE"), "SESSPLACE"), "session_id"),
 }
@@ -142,7 +152,10 @@ def test_services_keep_serving(call, cluster):
     with SparseSpecClient(cluster.address, reconnect_timeout_s=10) as client:
         done = client.generate(PROMPT, max_tokens=6)
     assert len(done.token_ids) == 6
+    assert done.metrics["rounds"] > 0 and done.metrics["feeds_sent"] > 0   # the (fed) drafter still drafts
     assert call("Drafter", "OpenSession", open_session(session_id="after").SerializeToString())[0] == grpc.StatusCode.OK
-    assert call("Drafter", "Draft", draft(session_id="after", base_len=len(PROMPT), append=[])
-                .SerializeToString())[0] == grpc.StatusCode.OK
+    # A fed drafter (the default) drafts only with the verifier's K/V: a bare Draft is refused, clearly.
+    code, details = call("Drafter", "Draft", draft(session_id="after", base_len=len(PROMPT), append=[])
+                         .SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("feed: "), details
     assert all(p.alive() for p in cluster.verifiers + cluster.drafters)

@@ -15,7 +15,7 @@ from conftest import random_model
 from equality import assert_greedy_equal
 from sparsespec.rpc.errors import SessionUnknown
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
-from sparsespec.spec.transport import DraftReply, DrafterClient, DrafterUnavailable
+from sparsespec.spec.transport import DraftReply, DrafterClient, DrafterUnavailable, OpenReply
 from verifier_service.routing import RoutingDrafterClient, StaticDirectory
 from verifier_service.scheduler import Job, Scheduler
 
@@ -61,9 +61,9 @@ class FakeDrafter(DrafterClient):
         self._check_alive()
         self.calls["open"] += 1
         self.held[session] = len(tokens)
-        return None
+        return OpenReply()
 
-    def draft(self, session, base_len, append, k, params, summary=None):
+    def draft(self, session, base_len, append, k, params, summary=None, feed=None):
         self._check_alive()
         self.calls["draft"] += 1
         if base_len == 0:                          # re-open from the whole committed prefix

@@ -102,27 +102,36 @@ def test_eight_concurrent_sessions(cluster, reference):
         reference.check(reference.encode(p), outs[i], f"session {i}", max_tokens=40)
 
 
-def test_int8_drafter_drafts_concurrent_sessions_through_services(model_dir, redis_srv, reference):
-    """A low-memory drafter process (--drafter-weights int8) and 4 sessions drafted together
-    (one DraftBatch per round): every output is still the verifier's own."""
+def test_fed_int8_drafter_drafts_concurrent_sessions_through_services(model_dir, redis_srv, reference):
+    """The default drafter (fed: the verifier's K/V, no prefill, no host tier) as a low-memory
+    process (--drafter-weights int8), 4 sessions drafted together (one DraftBatch stream per
+    round, feeds in it), then a second turn: every output is still the verifier's own."""
     redis_srv.start()
     prompts = [PROMPT[i:] + PROMPT[:i] for i in range(0, 40, 10)]
     outs: dict[int, object] = {}
-    with LocalCluster(ClusterConfig(model=str(model_dir), policy="streaming", budget="16", k=3,
+    with LocalCluster(ClusterConfig(model=str(model_dir), budget="16", k=3,
                                     drafter_weights="int8"), redis_url=redis_srv.url) as c:
         def one(i):
             with SparseSpecClient(c.address) as client:
                 outs[i] = client.generate(prompts[i], max_tokens=32)
+                if i == 0:
+                    turn = " And God said, Let there be light."
+                    outs["turn"] = client.generate(turn, session_id=client.last_session, max_tokens=24)
+                    outs["context"] = reference.encode(prompts[0]) + outs[0].token_ids + reference.encode(turn)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
-    assert sorted(outs) == list(range(len(prompts)))
+    assert set(outs) == set(range(len(prompts))) | {"turn", "context"}
     for i, p in enumerate(prompts):
         reference.check(reference.encode(p), outs[i].token_ids, f"int8 session {i}", max_tokens=32)
-        assert outs[i].metrics["accepted"] > 0 and outs[i].metrics["drafter_failures"] == 0
+        m = outs[i].metrics
+        assert m["accepted"] > 0 and m["drafter_failures"] == 0
+        assert m["feeds_sent"] > 0 and m["drafter_kv_host_bytes"] == 0
+    reference.check(outs["context"], outs["turn"].token_ids, "fed second turn", max_tokens=24)
+    assert outs["turn"].metrics["drafter_failures"] == 0 and outs["turn"].metrics["rounds"] > 0
 
 
 def test_multi_turn_reuses_both_caches(client, reference):

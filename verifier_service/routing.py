@@ -71,14 +71,14 @@ class RoutingDrafterClient(DrafterClient):
     def open(self, session, tokens, params):
         return self._bind(session, lambda client: client.open(session, tokens, params))
 
-    def draft(self, session, base_len, append, k, params, summary=None) -> DraftReply:
+    def draft(self, session, base_len, append, k, params, summary=None, feed=None) -> DraftReply:
         if base_len == 0 or session not in self._bound:
             # A re-open: bind a live drafter and send it the base_len-0 draft (it re-opens itself).
             self._unbind(session)              # the re-open throttle (_next_try) stays
-            return self._bind(session, lambda client: client.draft(session, 0, append, k, params, summary))
+            return self._bind(session, lambda client: client.draft(session, 0, append, k, params, summary, feed))
         address = self._bound[session]
         try:
-            return self._client(address).draft(session, base_len, append, k, params, summary)
+            return self._client(address).draft(session, base_len, append, k, params, summary, feed)
         except DrafterUnavailable as e:
             self._bound.pop(session, None)
             self._mark_bad(address, e)
@@ -93,7 +93,7 @@ class RoutingDrafterClient(DrafterClient):
         for i, c in enumerate(calls):
             if c.base_len == 0 or c.session not in self._bound:
                 try:
-                    results[i] = self.draft(c.session, c.base_len, c.append, c.k, c.params, c.summary)
+                    results[i] = self.draft(c.session, c.base_len, c.append, c.k, c.params, c.summary, c.feed)
                 except DRAFTER_FAILURES as e:
                     results[i] = e
             else:

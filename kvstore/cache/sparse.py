@@ -16,6 +16,10 @@ tokens. Invariant 5 (docs/design.md): device entries <= budget + tail_cap at all
 <= budget right after a re-selection, where tail_cap = reselect_interval + max_draft + 1.
 
 Policy "full" (budget None) keeps every entry on the device, with no host tier.
+
+Policy "fed" has no host tier either and never selects by itself: the verifier sends it the
+selection and the exact K/V of every committed token (`apply_feed`, kvstore/cache/feed.py); what
+it computes itself is only the current round's pending token and drafts, in the tail.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.cache.base import KVCache
+from kvstore.cache.feed import Feed, held
 from kvstore.cache.full import FullKVCache
 from kvstore.cache.policies import Policy, SelectionContext, get_policy
+from kvstore.cache.policies.base import choose_view
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.kernels.attention import attend, causal_block_mask
 
 DEFAULT_SINK = 4
 DEFAULT_WINDOW = 64
+DEFAULT_OBS_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class SparseConfig:
     window: int | None = None       # most recent positions always kept (default min(64, budget // 4))
     chunk: int = 8                  # selection unit of chunked policies
     reselect_interval: int = 16     # R: re-select after this many appended tokens
-    obs_window: int = 16            # recent queries per layer kept as the policies' query proxy
+    obs_window: int = DEFAULT_OBS_WINDOW  # recent queries per layer kept as the policies' query proxy
     max_draft: int = 64             # longest draft a round may append (sizes the tail)
     fallback: str = "chunk_topk"    # verifier_guided: its own policy (alone until the first summary)
     guided_share: float = 0.5       # verifier_guided: share of the middle slots the summary fills
@@ -137,6 +144,8 @@ class SparseKVCache(KVCache):
         self._t = 0                  # tokens in the forward in progress
         self._mask: torch.Tensor | None = None
         self._causal = False
+        self.fed = self.policy.fed   # its entries come from the verifier: no host tier
+        self._fed_len = 0
 
         if config.keeps_all:
             self._full: FullKVCache | None = FullKVCache(num_layers, num_kv_heads, head_dim, capacity,
@@ -154,8 +163,9 @@ class SparseKVCache(KVCache):
         def host():
             return torch.zeros(num_kv_heads, capacity, head_dim, dtype=dtype, device=host_device, pin_memory=pin)
 
-        self.host_k = [host() for _ in range(num_layers)]                      # [Hkv, capacity, D]
-        self.host_v = [host() for _ in range(num_layers)]
+        tier = 0 if self.fed else num_layers
+        self.host_k = [host() for _ in range(tier)]                            # [Hkv, capacity, D]
+        self.host_v = [host() for _ in range(tier)]
         self.dev_k = [torch.zeros(num_kv_heads, rows, head_dim, dtype=dtype, device=device)
                       for _ in range(num_layers)]                               # [Hkv, budget + tail_cap, D]
         self.dev_v = [torch.zeros_like(t) for t in self.dev_k]
@@ -291,9 +301,13 @@ class SparseKVCache(KVCache):
             raise ValueError(f"SparseKVCache holds one session; got batch {q.shape[0]}")
         t, start = self._t, self._length
         end = start + t
-        hk, hv = self.host_k[layer], self.host_v[layer]
-        hk[:, start:end].copy_(k[0], non_blocking=self._copy_async)
-        hv[:, start:end].copy_(v[0], non_blocking=self._copy_async)
+        if self.fed:
+            if not self.selected:
+                raise RuntimeError("a fed cache is fed before its first forward")
+        else:
+            hk, hv = self.host_k[layer], self.host_v[layer]
+            hk[:, start:end].copy_(k[0], non_blocking=self._copy_async)
+            hv[:, start:end].copy_(v[0], non_blocking=self._copy_async)
         if self.policy.needs_queries:
             cap = self._obs_cap
             slots = torch.arange(max(start, end - cap), end, device=q.device) % cap   # [min(T, cap)]
@@ -370,8 +384,12 @@ class SparseKVCache(KVCache):
         if self._full is not None:
             self._full.truncate(0, n)
             return
+        if self.fed and 0 < n < self._fed_len:
+            raise ValueError(f"a fed cache cannot drop exact entries (fed to {self._fed_len}, asked {n})")
         self._obs_count = max(0, self._obs_count - (self._length - n))   # drop the suffix's queries
         self._length = n
+        if n == 0:
+            self._fed_len = 0
         if self.selected and n < self._sel_length:
             if n == 0:
                 self._sel_length, self._num_sel = None, 0
@@ -381,8 +399,8 @@ class SparseKVCache(KVCache):
     def upkeep(self, force: bool = False) -> bool:
         """Re-select if never selected (and not empty), if the tail reached reselect_interval, or
         if forced. Returns whether it re-selected; afterwards device_entries() <= budget."""
-        if self._full is not None or self._length == 0:
-            return False
+        if self._full is not None or self._length == 0 or self.fed:
+            return False      # a fed cache is re-selected by its feeds
         if self.selected and not force and self.tail_length < self.config.reselect_interval:
             return False
         self._select()
@@ -390,23 +408,15 @@ class SparseKVCache(KVCache):
 
     def _select(self) -> None:
         """Choose the device view over [0, length) for every layer and gather it from the host tier."""
+        if self.fed:
+            raise RuntimeError("a fed cache cannot select by itself: the verifier feeds it a selection")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)   # async device->host writes must land first
         n, cfg = self._length, self.config
         hd = self.host_device
         for layer in range(self.num_layers):
-            if n <= self.budget:
-                pos = torch.arange(n, device=hd).expand(self.num_kv_heads, n)   # keep everything
-            else:
-                lo, hi = cfg.sink, n - cfg.window
-                m = self.budget - cfg.sink - cfg.window
-                parts = [torch.arange(lo, device=hd).expand(self.num_kv_heads, lo)]
-                if m > 0:
-                    mid = self.policy.choose(self._context(layer, n, lo, hi, m)).to(hd)
-                    self._check_choice(mid, lo, hi, m)
-                    parts.append(mid.sort(dim=1).values)
-                parts.append(torch.arange(hi, n, device=hd).expand(self.num_kv_heads, n - hi))
-                pos = torch.cat(parts, dim=1)                                   # [Hkv, budget]
+            pos = choose_view(self.policy, n, self.budget, cfg.sink, cfg.window, self.num_kv_heads,
+                              lambda lo, hi, m: self._context(layer, n, lo, hi, m), hd)   # [Hkv, count]
             count = pos.shape[1]
             idx = pos.unsqueeze(-1).expand(-1, -1, self.head_dim)               # [Hkv, count, D]
             self.dev_k[layer][:, :count] = self.host_k[layer][:, :n].gather(1, idx).to(self.device)
@@ -428,15 +438,84 @@ class SparseKVCache(KVCache):
                                 query_positions=qpos, group_size=self.group_size,
                                 chunk=self.config.chunk, lo=lo, hi=hi, m=m, summary=self.summary)
 
-    def _check_choice(self, mid: torch.Tensor, lo: int, hi: int, m: int) -> None:
-        name = self.policy.name
-        if tuple(mid.shape) != (self.num_kv_heads, m) or mid.dtype != torch.int64:
-            raise RuntimeError(f"policy {name!r} returned {tuple(mid.shape)} {mid.dtype}, "
-                               f"expected ({self.num_kv_heads}, {m}) int64")
-        if m and (int(mid.min()) < lo or int(mid.max()) >= hi):
-            raise RuntimeError(f"policy {name!r} chose positions outside the middle range [{lo}, {hi})")
-        if m > 1 and not bool((mid.sort(dim=1).values.diff(dim=1) > 0).all()):
-            raise RuntimeError(f"policy {name!r} chose a position twice")
+    # --- feeds (policy "fed": kvstore/cache/feed.py) ----------------------------------------
+
+    @property
+    def fed_length(self) -> int:
+        """Positions [0, fed_length) hold the verifier's exact K/V (a fed cache; 0 otherwise)."""
+        return self._fed_len
+
+    def apply_feed(self, feed: Feed) -> None:
+        """Take a feed: drop the entries at positions >= feed.start (what this drafter computed
+        itself), then hold [0, feed.length) exactly. Everything is checked before anything
+        changes; a refusal is InvalidArgument naming the field (a start that does not match is
+        the caller's: Drafter raises StateMismatch)."""
+        if not self.fed:
+            raise InvalidArgument("feed", f"policy {self.policy.name!r} keeps its own KV: send no feed")
+        layers, heads, dim = ((feed.positions.shape[0], feed.positions.shape[1], feed.added.shape[-1])
+                              if feed.is_selection else
+                              (feed.block.shape[0], feed.block.shape[2], feed.block.shape[-1]))
+        for name, got, have in (("layers", layers, self.num_layers), ("kv_heads", heads, self.num_kv_heads),
+                                ("head_dim", dim, self.head_dim)):
+            if got != have:
+                raise InvalidArgument(f"feed.{name}", f"{got}, but this drafter's cache has {have}")
+        if feed.start != self._fed_len:
+            raise ValueError(f"feed.start {feed.start} != the cache's fed length {self._fed_len}")
+        if feed.length + 1 > self.capacity:
+            raise ContextOverflow("feed.length", f"{feed.length} entries and a pending token exceed "
+                                                 f"the drafter's capacity {self.capacity}")
+        if feed.is_selection:
+            self._take_selection(feed)
+        else:
+            self._take_block(feed)
+        self._length = self._fed_len = feed.length
+
+    def _kept(self, start: int) -> int:
+        """Entries of the device view at positions < start (the view is increasing per head)."""
+        return self._num_sel + (start - self._sel_length) if self.selected else 0
+
+    def _take_selection(self, feed: Feed) -> None:
+        m = feed.positions.shape[2]
+        if m > self.budget:
+            raise InvalidArgument("feed.positions", f"{m} entries per head exceed the budget {self.budget}")
+        kept = self._kept(feed.start)
+        holds = [held(feed.positions[layer], self.dev_pos[layer][:, :kept].cpu())
+                 for layer in range(self.num_layers)]                          # [L] x [Hkv, m]
+        missing = sum(int((~h).sum()) for h in holds)
+        if missing != feed.added.shape[1]:
+            raise InvalidArgument("feed.added", f"carries {feed.added.shape[1]} entries; the drafter "
+                                                f"lacks {missing} of the selection")
+        at = 0
+        for layer, have in enumerate(holds):
+            pos = feed.positions[layer].to(self.device).contiguous()           # [Hkv, m]
+            have = have.to(self.device)
+            n_new = int((~have).sum())
+            idx = torch.searchsorted(self.dev_pos[layer][:, :kept].contiguous(), pos).clamp_(max=max(kept - 1, 0))
+            idx = idx.unsqueeze(-1).expand(-1, -1, self.head_dim)               # [Hkv, m, D]
+            for side, dst in enumerate((self.dev_k[layer], self.dev_v[layer])):
+                rows = torch.empty(self.num_kv_heads, m, self.head_dim, dtype=self.dtype, device=self.device)
+                if kept:
+                    rows[have] = dst[:, :kept].gather(1, idx)[have]
+                rows[~have] = feed.added[side, at:at + n_new].to(rows)
+                dst[:, :m] = rows
+            self.dev_pos[layer][:, :m] = pos
+            at += n_new
+        self._num_sel, self._sel_length = m, feed.length
+        self.selections += 1
+
+    def _take_block(self, feed: Feed) -> None:
+        if not self.selected:
+            raise InvalidArgument("feed", "a session's first feed must be a selection, not a block")
+        n = feed.length - feed.start
+        at = self._kept(feed.start)
+        if (feed.length - self._sel_length) + 1 > self.tail_cap:
+            raise InvalidArgument("feed.length", f"a block to {feed.length} overflows the drafter's tail "
+                                                 f"({self.tail_cap} entries after the selection at "
+                                                 f"{self._sel_length}): send a selection")
+        for layer in range(self.num_layers):
+            self.dev_k[layer][:, at:at + n] = feed.block[layer, 0]
+            self.dev_v[layer][:, at:at + n] = feed.block[layer, 1]
+            self.dev_pos[layer][:, at:at + n] = torch.arange(feed.start, feed.length, device=self.device)
 
     def __repr__(self) -> str:
         c = self.config

@@ -6,6 +6,8 @@ verifier over a FullKVCache and as the drafter over a SparseKVCache.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -94,6 +96,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._rotary: RotaryTable | None = None
+        self._kv_source: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +105,20 @@ class LlamaModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def kv_source(self) -> str:
+        """The identity of the weights this model's K/V come from: a hash of what layer 0's K/V
+        depend on (embedding, k/v projections, rotary settings). A `layers:N` cut or a
+        --drafter-weights copy keeps its source's, so the verifier knows it may feed that drafter
+        its own K/V (kvstore/cache/feed.py); a separately trained drafter has its own."""
+        if self._kv_source is None:
+            attn, cfg = self.layers[0].self_attn, self.cfg
+            h = hashlib.sha256(repr((cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).encode())
+            for t in (self.embed_tokens.weight[:256], attn.k_proj.weight, attn.v_proj.weight):
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            self._kv_source = h.hexdigest()[:16]
+        return self._kv_source
 
     def rotary(self) -> RotaryTable:
         r = self._rotary

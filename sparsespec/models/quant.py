@@ -157,8 +157,13 @@ def int4_quantize(weight: torch.Tensor, group: int = INT4_GROUP):
 
 
 def _meta_like(model: LlamaModel) -> LlamaModel:
+    """An empty model like `model`, with its K/V source (LlamaModel.kv_source): a weight copy of
+    the verifier is still fed the verifier's K/V."""
+    source = model.kv_source
     with torch.device("meta"):
-        return LlamaModel(model.cfg, model.max_context)
+        new = LlamaModel(model.cfg, model.max_context)
+    new._kv_source = source
+    return new
 
 
 def _cast_copy(model: LlamaModel, dtype: torch.dtype) -> LlamaModel:

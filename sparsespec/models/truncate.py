@@ -19,4 +19,5 @@ def layer_truncated(model: LlamaModel, num_layers: int) -> LlamaModel:
     view.layers = nn.ModuleList(model.layers[:num_layers])
     view.norm = model.norm
     view.lm_head = model.lm_head
+    view._kv_source = model.kv_source
     return view

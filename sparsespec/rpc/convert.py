@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import torch
 
+from kvstore.cache.feed import FeedWant
 from sparsespec.errors import ContextOverflow, InvalidArgument, ModelLoadError, SparseSpecError
 from sparsespec.rpc.errors import DrafterFull, DrafterRejected, DrafterUnavailable, SessionUnknown
 from sparsespec.rpc.sparsespec.v1 import common_pb2, drafter_pb2
@@ -19,6 +20,25 @@ from sparsespec.spec.sampling import SamplingParams, SparseDist
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 DEFAULT_Q_SUPPORT = SamplingParams().q_support
+
+
+# --- feed specs -------------------------------------------------------------------------------
+
+_FEED_FIELDS = ("kv_source", "layers", "kv_heads", "head_dim", "budget", "sink", "window", "chunk",
+                "tail_cap")
+
+
+def feed_spec_to_proto(want: FeedWant | None) -> drafter_pb2.FeedSpec | None:
+    if want is None:
+        return None
+    return drafter_pb2.FeedSpec(**{f: getattr(want, f) for f in _FEED_FIELDS})
+
+
+def feed_spec_from_proto(reply) -> FeedWant | None:
+    """The FeedSpec of an OpenSessionReply / DraftReply (None: the drafter is not fed)."""
+    if not reply.HasField("feed"):
+        return None
+    return FeedWant(**{f: getattr(reply.feed, f) for f in _FEED_FIELDS})
 
 
 # --- sampling parameters --------------------------------------------------------------------

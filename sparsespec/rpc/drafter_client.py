@@ -12,12 +12,13 @@ import grpc
 
 from kvstore.cache.summary import SummaryWant
 from sparsespec.errors import InvalidArgument, SparseSpecError
-from sparsespec.rpc.convert import dist_from_proto, drafter_error, sampling_to_proto
+from sparsespec.rpc.convert import dist_from_proto, drafter_error, feed_spec_from_proto, sampling_to_proto
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import DraftCall, DraftReply, DrafterClient
+from sparsespec.spec.transport import DraftCall, DraftReply, DrafterClient, OpenReply
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+FEED_CHUNK_BYTES = 1 << 20       # a feed travels in pieces this size, far under any message limit
 
 
 class GrpcDrafterClient(DrafterClient):
@@ -48,32 +49,44 @@ class GrpcDrafterClient(DrafterClient):
         except ValueError as e:   # the channel was shut down
             raise drafter_error(grpc.StatusCode.UNAVAILABLE, f"drafter {self.address}: {e}") from None
 
-    def open(self, session: str, tokens: list[int], params: SamplingParams) -> SummaryWant | None:
+    def open(self, session: str, tokens: list[int], params: SamplingParams) -> OpenReply:
         reply = self._call(self.stub.OpenSession,
                            drafter_pb2.OpenSessionRequest(session_id=session, tokens=tokens,
                                                           sampling=sampling_to_proto(params), epoch=self.epoch),
                            self.open_timeout_s)
-        return _want(reply)
+        return OpenReply(_want(reply), feed_spec_from_proto(reply))
 
     def draft(self, session: str, base_len: int, append: list[int], k: int,
-              params: SamplingParams, summary: bytes | None = None) -> DraftReply:
-        request = drafter_pb2.DraftRequest(session_id=session, base_len=base_len, append=append, k=k,
-                                           sampling=sampling_to_proto(params), epoch=self.epoch,
-                                           summary=summary or b"")
-        reply = self._call(self.stub.Draft, request, self.open_timeout_s if base_len == 0 else self.timeout_s)
-        return self._reply(reply, k, params)
+              params: SamplingParams, summary: bytes | None = None, feed: bytes | None = None) -> DraftReply:
+        """A DraftBatch of one (the stream carries a feed of any size)."""
+        result = self.draft_many([DraftCall(session, base_len, append, k, params, summary, feed)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def draft_many(self, calls: list[DraftCall]) -> list[DraftReply | SparseSpecError]:
-        """One DraftBatch for the round. A call that fails as a whole fails every session in it."""
+        """One DraftBatch for the round: the drafts, then their feeds in chunks of at most
+        FEED_CHUNK_BYTES (under any message limit). A call that fails as a whole fails every
+        session in it."""
         if not calls:
             return []
-        request = drafter_pb2.DraftBatchRequest(drafts=[
+        drafts = drafter_pb2.DraftBatchRequest(drafts=[
             drafter_pb2.DraftRequest(session_id=c.session, base_len=c.base_len, append=c.append, k=c.k,
                                      sampling=sampling_to_proto(c.params), epoch=self.epoch,
-                                     summary=c.summary or b"") for c in calls])
-        timeout = self.open_timeout_s if any(c.base_len == 0 for c in calls) else self.timeout_s
+                                     summary=c.summary or b"", feed_size=len(c.feed or b"")) for c in calls])
+
+        def stream():
+            yield drafts
+            for i, c in enumerate(calls):
+                data = c.feed or b""
+                for at in range(0, len(data), FEED_CHUNK_BYTES):
+                    yield drafter_pb2.DraftBatchRequest(feed=[drafter_pb2.FeedChunk(
+                        draft=i, data=data[at:at + FEED_CHUNK_BYTES])])
+
+        # A re-open (a prefill) or a whole selection's feed may take longer than a round.
+        slow = any(c.base_len == 0 or len(c.feed or b"") > FEED_CHUNK_BYTES for c in calls)
         try:
-            batch = self._call(self.stub.DraftBatch, request, timeout)
+            batch = self._call(self.stub.DraftBatch, stream(), self.open_timeout_s if slow else self.timeout_s)
         except SparseSpecError as e:
             return [e] * len(calls)
         if len(batch.outcomes) != len(calls):
@@ -102,7 +115,7 @@ class GrpcDrafterClient(DrafterClient):
             except InvalidArgument as e:
                 raise self._bad_reply(str(e)) from None
         return DraftReply(list(reply.tokens), qs, reply.draft_s, reply.device_bytes, reply.host_bytes,
-                          _want(reply))
+                          _want(reply), feed_spec_from_proto(reply))
 
     def _bad_reply(self, problem: str):
         return drafter_error(grpc.StatusCode.INTERNAL, f"drafter {self.address}: malformed reply: {problem}")

@@ -27,11 +27,15 @@ def add_servicer(servicer, service_name: str, server: grpc.Server) -> None:
     service = descriptor_pool.Default().FindServiceByName(service_name)
     handlers = {}
     for method in service.methods:
+        if method.client_streaming and method.server_streaming:
+            raise NotImplementedError(f"{method.full_name}: bidirectional streaming")
+        request_cls = GetMessageClass(method.input_type)
         if method.client_streaming:
-            raise NotImplementedError(f"{method.full_name}: client streaming")
-        kind = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler)
-        behavior = _strict(getattr(servicer, method.name), GetMessageClass(method.input_type))
+            kind, behavior = grpc.stream_unary_rpc_method_handler, _strict_stream(getattr(servicer, method.name), request_cls)
+        else:
+            kind = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+            behavior = _strict(getattr(servicer, method.name), request_cls)
         handlers[method.name] = kind(behavior, request_deserializer=None,   # raw bytes in
                                      response_serializer=GetMessageClass(method.output_type).SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -46,6 +50,14 @@ def _strict(behavior, request_cls):
         except InvalidArgument as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return behavior(request, context)
+    return handle
+
+
+def _strict_stream(behavior, request_cls):
+    """A client stream whose messages are parsed as the handler reads them: one that does not
+    parse raises InvalidArgument there, which the handler turns into its status."""
+    def handle(datas, context):
+        return behavior((parse(request_cls, data) for data in datas), context)
     return handle
 
 

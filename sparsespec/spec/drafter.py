@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.cache.feed import Feed, FeedWant
 from kvstore.cache.sparse import SparseConfig, SparseKVCache
 from kvstore.cache.stacked import StackedKVCache
 from kvstore.cache.summary import Summary, SummaryWant
-from sparsespec.errors import ContextOverflow, SparseSpecError
+from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError
 from sparsespec.spec.sampling import SamplingParams, SparseDist, draft_distribution, sample
 
 
@@ -44,6 +45,7 @@ class DraftJob:
     gen: torch.Generator | None = None
     sync: tuple[int, list[int]] | None = None   # (base_len, append) to sync to first; None = as is
     summary: Summary | None = None              # taken after the sync, before drafting
+    feed: Feed | None = None                    # a fed drafter's K/V for the sync (kvstore/cache/feed.py)
     result: DraftResult | None = None
     error: BaseException | None = None
 
@@ -57,13 +59,18 @@ class Drafter:
         self._drafts: list[int] = []                    # last round's drafts; d1..d_{k-1} are cached
         self._draft_logits: list[torch.Tensor] = []     # logits after each cached draft
         self.summaries = 0                              # summaries applied (a metric)
+        self.last_token: int | None = None              # the newest committed token (fed: forwarded each round)
 
     @torch.inference_mode()
     def start(self, tokens: list[int]) -> None:
-        """Prefill the committed tokens (prompt + pending token), then select the budget."""
+        """Prefill the committed tokens (prompt + pending token), then select the budget. A fed
+        drafter computes nothing: its first feed brings the prefix's K/V."""
         self.cache.truncate(0)
         self.committed_len = 0
         self._drafts, self._draft_logits = [], []
+        if self.cache.fed:
+            self.committed_len, self.last_token, self._last_logits = len(tokens), tokens[-1], None
+            return
         self._append(tokens)
 
     @torch.inference_mode()
@@ -120,6 +127,26 @@ class Drafter:
         self._drafts, self._draft_logits = [], []
         return append[reuse:]
 
+    def _take_feed(self, base_len: int, append: list[int], feed: Feed) -> list[int]:
+        """The cache part of a fed sync: take the verifier's K/V of everything committed but the
+        newest token, and return that token, the only one to forward."""
+        if base_len != self.committed_len:
+            raise StateMismatch(f"base_len {base_len} does not match the drafter's committed length "
+                                f"{self.committed_len}")
+        committed = base_len + len(append)
+        if feed.length != committed - 1:
+            raise InvalidArgument("feed.length", f"{feed.length}, expected {committed - 1}: every committed "
+                                                 "token but the pending one")
+        if feed.start != self.cache.fed_length:
+            raise StateMismatch(f"feed.start {feed.start} does not match the drafter's fed length "
+                                f"{self.cache.fed_length}: re-open")
+        self.cache.apply_feed(feed)
+        self.committed_len = feed.length
+        if append:
+            self.last_token = append[-1]
+        self._drafts, self._draft_logits = [], []
+        return [self.last_token]
+
     @torch.inference_mode()
     def sync(self, base_len: int, append: list[int]) -> None:
         """Bring the cache to the committed prefix base_len + append.
@@ -158,6 +185,15 @@ class Drafter:
             return None
         return SummaryWant(slots=policy.summary_slots(c.budget - c.sink - c.window), sink=c.sink,
                            window=c.window)
+
+    def feed_want(self) -> FeedWant | None:
+        """What the verifier needs to feed this drafter; None when its policy is not "fed"."""
+        c = self.cache
+        if not c.fed:
+            return None
+        cfg = c.config
+        return FeedWant(self.model.kv_source, c.num_layers, c.num_kv_heads, c.head_dim, cfg.budget,
+                        cfg.sink, cfg.window, cfg.chunk, c.tail_cap)
 
     def device_bytes(self) -> int:
         return self.cache.device_bytes()
@@ -202,7 +238,12 @@ def draft_round(jobs: list[DraftJob]) -> None:
     groups: dict[int, list[DraftJob]] = {}        # committed tokens to forward -> jobs
 
     def rollback(j: DraftJob) -> None:
-        tokens = j.drafter._rollback(*j.sync) if j.sync is not None else []
+        if j.feed is not None:
+            tokens = j.drafter._take_feed(*(j.sync or (j.drafter.committed_len, [])), j.feed)
+        elif j.drafter.cache.fed:
+            raise InvalidArgument("feed", "is missing: policy 'fed' takes its K/V from the verifier")
+        else:
+            tokens = j.drafter._rollback(*j.sync) if j.sync is not None else []
         if not tokens:
             return
         j.drafter.cache.upkeep()

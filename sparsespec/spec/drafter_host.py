@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from kvstore.cache.feed import Feed, FeedWant
+from kvstore.cache.policies import get_policy
 from kvstore.cache.sparse import SparseConfig
 from kvstore.cache.summary import Summary, SummaryWant
 from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError
@@ -45,7 +47,7 @@ from sparsespec.spec.adaptive import MAX_K
 from sparsespec.spec.drafter import Drafter, DraftJob, draft_round
 from sparsespec.spec.drafter_memory import SessionCost, session_cost
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DraftReply, DrafterClient
+from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DraftReply, DrafterClient, OpenReply
 
 DRAFT_SALT = 0x5EED          # salts every session's drafting stream (params.generator(salt=...))
 MAX_SESSION_ID = 256         # characters
@@ -88,6 +90,7 @@ class OpenInfo:
     host_bytes: int
     prefill_s: float
     want: SummaryWant | None = None
+    feed: FeedWant | None = None
 
 
 @dataclass(frozen=True)
@@ -221,16 +224,16 @@ class DrafterHost:
             entry.gen = None if params.greedy else params.generator(salt=DRAFT_SALT)
             entry.last_used = self.clock()
             return OpenInfo(drafter.cache.device_bytes(), drafter.cache.host_bytes(), time.perf_counter() - t0,
-                            drafter.want())
+                            drafter.want(), drafter.feed_want())
 
     def draft(self, session_id: str, base_len: int, append: list[int], k: int, params: SamplingParams,
-              epoch: int = 0, summary: bytes | None = None) -> DraftReply:
+              epoch: int = 0, summary: bytes | None = None, feed: bytes | None = None) -> DraftReply:
         """Sync to base_len + append (the committed prefix), take the verifier's KV summary if
         one came, then chain-draft k tokens: `draft_many` for one session, raising its error.
 
         base_len 0: `append` is the whole committed prefix and the session is (re)built first.
         """
-        result = self.draft_many([DraftCall(session_id, base_len, append, k, params, summary)], [epoch])[0]
+        result = self.draft_many([DraftCall(session_id, base_len, append, k, params, summary, feed)], [epoch])[0]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -243,7 +246,7 @@ class DrafterHost:
         t0 = time.perf_counter()
         epochs = [0] * len(calls) if epochs is None else epochs
         results: list[DraftReply | Exception | None] = [None] * len(calls)
-        ready: list[tuple[int, DraftCall, int, tuple[int, list[int]], Summary | None]] = []
+        ready: list[tuple[int, DraftCall, int, tuple[int, list[int]], tuple[Summary | None, Feed | None]]] = []
         seen: set[str] = set()
         for i, (call, epoch) in enumerate(zip(calls, epochs)):
             try:
@@ -277,7 +280,7 @@ class DrafterHost:
                     continue
                 # The job holds the Drafter and generator: a close meanwhile frees them when we return.
                 jobs.append((i, call.session, entry,
-                             DraftJob(entry.drafter, call.k, call.params, entry.gen, sync, decoded)))
+                             DraftJob(entry.drafter, call.k, call.params, entry.gen, sync, *decoded)))
             if jobs:
                 with self._compute:
                     draft_round([job for _, _, _, job in jobs])
@@ -290,15 +293,16 @@ class DrafterHost:
                 entry.last_used = self.clock()
                 d = job.drafter
                 results[i] = DraftReply(job.result.tokens, job.result.qs, time.perf_counter() - t0,
-                                        d.cache.device_bytes(), d.cache.host_bytes(), d.want())
+                                        d.cache.device_bytes(), d.cache.host_bytes(), d.want(), d.feed_want())
         return results
 
-    def _check_draft(self, call: DraftCall, epoch: int) -> Summary | None:
-        """Validate one call before anything changes; returns its decoded summary (a malformed
-        one is refused up front, `summary: ...`)."""
+    def _check_draft(self, call: DraftCall, epoch: int) -> tuple[Summary | None, Feed | None]:
+        """Validate one call before anything changes; returns its decoded summary and feed (a
+        malformed one is refused up front, `summary: ...` / `feed...: ...`)."""
         _check_session(call.session)
         _check_epoch(epoch)
-        decoded = Summary.decode(call.summary) if call.summary else None
+        summary = Summary.decode(call.summary) if call.summary else None
+        feed = Feed.decode(call.feed) if call.feed else None
         max_k = min(MAX_K, self.config.sparse.max_draft)
         if not 1 <= call.k <= max_k:
             raise InvalidArgument("k", f"must be in [1, {max_k}], got {call.k}")
@@ -311,7 +315,10 @@ class DrafterHost:
         if call.base_len == 0 and not call.append:
             raise InvalidArgument("append", "is empty: base_len 0 re-opens the session from append, "
                                             "the whole committed prefix")
-        return decoded
+        if feed is not None and not get_policy(self.config.sparse.policy).fed:
+            raise InvalidArgument("feed", f"this drafter's policy {self.config.sparse.policy!r} keeps its own "
+                                          "KV: send no feed")
+        return summary, feed
 
     def close(self, session_id: str) -> bool:
         """Free the session (idempotent). True if it was open."""
@@ -359,10 +366,11 @@ class LocalDrafterClient(DrafterClient):
         self.host = host
 
     def open(self, session, tokens, params):
-        return self.host.open(session, tokens, params).want
+        info = self.host.open(session, tokens, params)
+        return OpenReply(info.want, info.feed)
 
-    def draft(self, session, base_len, append, k, params, summary=None):
-        return self.host.draft(session, base_len, append, k, params, summary=summary)
+    def draft(self, session, base_len, append, k, params, summary=None, feed=None):
+        return self.host.draft(session, base_len, append, k, params, summary=summary, feed=feed)
 
     def draft_many(self, calls):
         """The host's batched round. Its refusals (a bad field, a context past its limit) become

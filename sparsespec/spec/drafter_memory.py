@@ -41,7 +41,8 @@ def session_cost(cfg: ModelConfig, dtype: torch.dtype, capacity: int, sparse: Sp
     obs = 0
     if get_policy(sparse.policy)(sparse).needs_queries:              # query rings [H, obs_window + tail_cap, D]
         obs = L * H * (sparse.obs_window + sparse.tail_cap) * D * item
-    host = 2 * L * Hkv * capacity * D * item                  # host_k, host_v [Hkv, capacity, D]
+    fed = get_policy(sparse.policy).fed                       # fed: its K/V come from the verifier
+    host = 0 if fed else 2 * L * Hkv * capacity * D * item    # host_k, host_v [Hkv, capacity, D]
     return SessionCost(device_bytes=kv + pos + obs, host_bytes=host)
 
 

@@ -6,12 +6,14 @@ speculation share every line that could change an output.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 
+from kvstore.cache.feed import FeedWant
 from kvstore.cache.summary import SummaryConfig
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.spec.acceptance import choose
@@ -20,10 +22,13 @@ from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
 from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
-from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient
+from sparsespec.spec.feed import Feeder, feedable
+from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient, OpenReply
 from sparsespec.spec.verifier import Verifier
 
 MODES = ("spec", "ar")
+
+log = logging.getLogger("sparsespec.engine")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class Run:
     gen: torch.Generator | None
     drafter_base: int = 0                   # committed tokens the drafter holds; 0 = must (re)open
     summary: SummarySchedule | None = None  # KV summaries for this session's drafter (spec, summaries on)
+    feeder: Feeder | None = None            # feeds for this session's drafter (a fed drafter)
+    can_draft: bool = True                  # False: its drafter wants feeds this verifier cannot give
     done: bool = False
     started_at: float = 0.0                 # perf_counter() after the prefill
     finished_at: float = 0.0                # perf_counter() when the run stopped
@@ -96,7 +103,10 @@ class SpecEngine:
 
     def __init__(self, verifier_model, drafter: DrafterClient | None = None, tokenizer=None,
                  max_context: int | None = None, max_batch: int = 8, eos_ids=None,
-                 summary: SummaryConfig | None = SummaryConfig(), schedule: ScheduleConfig = ScheduleConfig()):
+                 summary: SummaryConfig | None = SummaryConfig(), schedule: ScheduleConfig = ScheduleConfig(),
+                 feed: bool = True):
+        """feed: feed drafters that can be fed (the verifier's exact K/V, sparsespec/spec/feed.py);
+        a drafter that is not fed keeps its own KV either way."""
         self.model = verifier_model
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -107,7 +117,10 @@ class SpecEngine:
         self.max_batch = max_batch
         self.eos_ids = tuple(eos_ids if eos_ids is not None else verifier_model.cfg.eos_token_ids)
         # Room past the context limit for the drafts of a last round and batch padding.
-        self.verifier = Verifier(verifier_model, self.max_context + MAX_K + 1, max_batch, summary)
+        self.verifier = Verifier(verifier_model, self.max_context + MAX_K + 1, max_batch, summary, feed)
+        self.feed = feed
+        self._feeders: dict[str, Feeder] = {}   # session -> its fed drafter's mirror (across turns)
+        self._feed_want: FeedWant | None = None  # the last fed drafter's want: a re-open after a failed open
         self.summary = summary if summary is not None and summary.enabled else None
         self.schedule = schedule            # when each session's drafter gets a summary
 
@@ -147,6 +160,7 @@ class SpecEngine:
         t0 = time.perf_counter()
         spec_summaries = req.mode == "spec" and self.summary is not None
         self.verifier.track(row, spec_summaries)
+        self.verifier.record(row, req.mode == "spec" and self.feed)
         cached = min(cached, len(prompt) - 1, self.verifier.length(row))
         if cached > 0:
             self.verifier.commit(row, cached)
@@ -155,27 +169,47 @@ class SpecEngine:
             metrics.reused_prefix_tokens = cached
         else:
             self.verifier.prefill(row, prompt[:-1])
-        drafter_base, want = 0, None
+        drafter_base, want, feeder, can_draft = 0, None, self._feeders.get(session), True
         if req.mode == "spec" and drafter_cached > 0:
             drafter_base = drafter_cached
         elif req.mode == "spec":
-            drafter_base, want = self._open_drafter(session, prompt, req)
+            drafter_base, opened = self._open_drafter(session, prompt, req)
+            want = opened.want
             if drafter_base and want is None:
                 self.verifier.track(row, False)   # its drafter reads no summaries
+            if opened.feed is not None:
+                feeder, can_draft = self._feeder_for(session, opened.feed)
+            elif drafter_base:
+                feeder = self._feeders.pop(session, None)
+        if feeder is None:
+            self.verifier.record(row, False)
         metrics.prefill_s = time.perf_counter() - t0
         stopper = StopChecker(self.eos_ids, list(req.stop), req.max_tokens,
                               self.max_context - len(prompt), self.tokenizer)
         gen = None if req.sampling.greedy else req.sampling.generator()
         schedule = SummarySchedule(self.schedule, want=want, latest=summary) if spec_summaries else None
         return Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
-                   gen, drafter_base=drafter_base, summary=schedule, started_at=time.perf_counter())
+                   gen, drafter_base=drafter_base, summary=schedule, feeder=feeder, can_draft=can_draft,
+                   started_at=time.perf_counter())
 
-    def _open_drafter(self, session: str, tokens: list[int], req: GenerationRequest):
-        """(committed tokens the drafter now holds, what a summary may hold for it)."""
+    def _open_drafter(self, session: str, tokens: list[int], req: GenerationRequest) -> tuple[int, OpenReply]:
+        """(committed tokens the drafter now holds, what its summaries and feeds take)."""
         try:
             return len(tokens), self.drafter.open(session, tokens, req.sampling)
         except DRAFTER_FAILURES:
-            return 0, None  # decode alone for now; the next draft call re-opens with base_len 0
+            return 0, OpenReply()  # decode alone for now; the next draft call re-opens with base_len 0
+
+    def _feeder_for(self, session: str, want: FeedWant) -> tuple[Feeder | None, bool]:
+        """(the session's feeder, whether it may draft): a drafter this verifier cannot feed
+        is not drafted with (it would refuse every draft without a feed)."""
+        why = feedable(want, self.model) if self.feed else "feeding is off on this verifier"
+        if why is not None:
+            log.warning("session %s: its drafter wants feeds, but %s: decoding alone", session, why)
+            self.close_drafter(session)
+            return None, False
+        self._feed_want = want
+        feeder = self._feeders[session] = Feeder(want)
+        return feeder, True
 
     def release(self, run: Run) -> None:
         """Free the run's drafter state (the verifier row is the caller's to reuse)."""
@@ -185,6 +219,7 @@ class SpecEngine:
     def close_drafter(self, session: str) -> None:
         """Free a session's drafter state, e.g. a parked session's whose row is taken back.
         Drafter state is disposable: a drafter that cannot be reached lets it expire."""
+        self._feeders.pop(session, None)
         if self.drafter is not None:
             try:
                 self.drafter.close(session)
@@ -216,11 +251,13 @@ class SpecEngine:
         m.verifier_kv_bytes = len(run.tokens) * self.model.cfg.kv_bytes_per_token(self.model.dtype.itemsize)
         if run.summary is not None:
             m.summaries_sent, m.summary_bytes = run.summary.sent, run.summary.bytes_sent
+        if run.feeder is not None:
+            m.feeds_sent, m.feed_bytes = run.feeder.sent, run.feeder.bytes_sent
         self.verifier.commit(run.row, min(self.verifier.length(run.row), len(run.tokens) - 1))
         return GenerationResult(list(run.generated), run.stopper.final_text(), m)
 
     def _plan_k(self, r: Run) -> int:
-        if r.req.mode != "spec":
+        if r.req.mode != "spec" or not r.can_draft:
             return 0
         remaining = min(r.req.max_tokens - len(r.generated), self.max_context - len(r.tokens))
         return max(0, min(r.ctrl.next_k(), remaining - 1))
@@ -235,8 +272,10 @@ class SpecEngine:
             if k == 0:
                 continue
             summary, fresh = self._summary_for(r)
-            asked.append((i, r, summary, fresh))
-            calls.append(DraftCall(r.session, r.drafter_base, r.tokens[r.drafter_base:], k, r.req.sampling, summary))
+            feed = self._feed_for(r, k)
+            asked.append((i, r, summary, fresh, feed))
+            calls.append(DraftCall(r.session, r.drafter_base, r.tokens[r.drafter_base:], k, r.req.sampling,
+                                   summary, feed))
         # Re-opens (base_len 0: a prefill each) go in their own request, so the time the others'
         # round took (what adaptive k weighs) does not include somebody else's prefill.
         timed: dict[int, tuple[object, float]] = {}
@@ -247,14 +286,18 @@ class SpecEngine:
                 replies = self.drafter.draft_many([calls[j] for j in group])
                 elapsed = time.perf_counter() - t0
                 timed.update((j, (reply, elapsed)) for j, reply in zip(group, replies))
-        for j, (i, r, summary, fresh) in enumerate(asked):
+        for j, (i, r, summary, fresh, feed) in enumerate(asked):
             reply, elapsed = timed[j]
             m = r.metrics
             if isinstance(reply, BaseException):
                 r.drafter_base = 0      # re-send the whole committed prefix when it comes back
+                if r.feeder is not None:
+                    r.feeder.reset()    # ... and feed the re-open a whole selection
                 m.drafter_failures += 1
                 planned[i] = ([], None, elapsed)
                 continue
+            if feed is not None:
+                r.feeder.delivered(feed)
             if r.summary is not None:
                 if summary:
                     r.summary.delivered(summary, len(r.tokens), fresh)
@@ -268,6 +311,19 @@ class SpecEngine:
             m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
             planned[i] = (reply.tokens, reply.qs, elapsed)
         return planned
+
+    def _feed_for(self, r: Run, k: int) -> bytes | None:
+        """This round's feed for r's drafter (None: it is not fed). A re-open after an open that
+        failed is fed if this verifier's drafters are."""
+        if r.feeder is None and r.drafter_base == 0 and self._feed_want is not None:
+            r.feeder, r.can_draft = self._feeder_for(r.session, self._feed_want)
+            if r.feeder is not None:
+                self.verifier.record(r.row, True)   # its queries from now on; the first selection uses the proxy
+        if r.feeder is None:
+            return None
+        if r.drafter_base == 0:
+            r.feeder.reset()
+        return r.feeder.next(self.verifier, r.row, k)
 
     def _summary_for(self, r: Run) -> tuple[bytes | None, bool]:
         """This round's KV summary for r's drafter, if one is due: (wire bytes, made now?)."""
@@ -306,6 +362,8 @@ class SpecEngine:
                 r.ctrl.observe_plain(verify_s)
             if r.summary is not None:
                 r.summary.observe(len(d), outcome.accepted)
+            if r.feeder is not None and d:
+                r.feeder.observe(len(d), outcome.accepted)
             new = committed[r.session] = []
             for token in outcome.committed_tokens(d):
                 r.tokens.append(token)

@@ -28,6 +28,8 @@ class RequestMetrics:
     draft_overhead_s: list[float] = field(default_factory=list)  # per round: draft call - drafter work (RPC)
     summaries_sent: int = 0        # KV summaries the verifier delivered to the drafter
     summary_bytes: int = 0         # their wire bytes, in total
+    feeds_sent: int = 0            # KV feeds the verifier delivered to a fed drafter
+    feed_bytes: int = 0            # their wire bytes, in total
     stop_reason: str = ""
 
     def record_round(self, k: int, accepted: int) -> None:
@@ -82,6 +84,7 @@ class RequestMetrics:
             "reused_prefix_tokens": self.reused_prefix_tokens,
             "drafter_failures": self.drafter_failures,
             "summaries_sent": self.summaries_sent, "summary_bytes": self.summary_bytes,
+            "feeds_sent": self.feeds_sent, "feed_bytes": self.feed_bytes,
             "draft_overhead_p50_ms": round(_percentile(self.draft_overhead_s, 50) * 1e3, 3),
             "draft_overhead_p95_ms": round(_percentile(self.draft_overhead_s, 95) * 1e3, 3),
             "stop_reason": self.stop_reason,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from kvstore.cache.feed import FeedWant
 from kvstore.cache.summary import SummaryWant
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.drafter import StateMismatch
@@ -37,6 +38,7 @@ class DraftReply:
     device_bytes: int = 0
     host_bytes: int = 0
     want: SummaryWant | None = None   # what a KV summary may hold for this drafter; None = send none
+    feed: FeedWant | None = None      # what feeding this drafter takes; None = it keeps its own KV
 
 
 @dataclass(frozen=True)
@@ -48,20 +50,30 @@ class DraftCall:
     k: int
     params: SamplingParams
     summary: bytes | None = None
+    feed: bytes | None = None         # a fed drafter's K/V (kvstore/cache/feed.py wire bytes)
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    """What a drafter says when a session opens: what a KV summary may hold for it, and what
+    feeding it takes (both None: it reads no summaries and keeps its own KV)."""
+    want: SummaryWant | None = None
+    feed: FeedWant | None = None
 
 
 class DrafterClient(ABC):
     @abstractmethod
-    def open(self, session: str, tokens: list[int], params: SamplingParams) -> SummaryWant | None:
-        """Create (or rebuild) the session's drafter state from the committed tokens. Returns
-        what a KV summary may hold for it (None: its policy reads none), so the very first draft
-        can carry one."""
+    def open(self, session: str, tokens: list[int], params: SamplingParams) -> OpenReply:
+        """Create (or rebuild) the session's drafter state from the committed tokens (a fed
+        drafter only notes them: its first draft's feed brings their K/V). Returns what its
+        summaries and feeds take, so the very first draft can carry them."""
 
     @abstractmethod
     def draft(self, session: str, base_len: int, append: list[int], k: int,
-              params: SamplingParams, summary: bytes | None = None) -> DraftReply:
-        """Sync to base_len + append (the committed prefix), take the KV summary if one is
-        given (kvstore.cache.summary wire bytes), then propose k drafts.
+              params: SamplingParams, summary: bytes | None = None, feed: bytes | None = None) -> DraftReply:
+        """Sync to base_len + append (the committed prefix), taking the feed if one is given (a
+        fed drafter always gets one), take the KV summary if one is given (kvstore.cache.summary
+        wire bytes), then propose k drafts.
 
         base_len 0 means `append` is the whole committed prefix: (re)build the session first.
         """
@@ -77,7 +89,7 @@ class DrafterClient(ABC):
         results: list[DraftReply | SparseSpecError] = []
         for c in calls:
             try:
-                results.append(self.draft(c.session, c.base_len, c.append, c.k, c.params, c.summary))
+                results.append(self.draft(c.session, c.base_len, c.append, c.k, c.params, c.summary, c.feed))
             except DRAFTER_FAILURES as e:
                 results.append(e)
         return results

@@ -2,19 +2,25 @@
 
 A row's cache holds every committed token except the newest ("pending"), so a round is one
 forward over [pending, d1..dk] and plain autoregressive decoding is the same round with k = 0.
-With summaries on, an ImportanceTracker watches the attention of tracked rows (kvstore/cache/summary.py).
+With summaries on, an ImportanceTracker watches the attention of tracked rows (kvstore/cache/summary.py);
+with feeding on, a QueryRecorder keeps recorded rows' recent queries (what a feed's selection
+scores with, kvstore/cache/feed.py) and `kv` / `kv_block` read the exact K/V a feed carries.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvstore.cache.feed import QueryRecorder
 from kvstore.cache.full import FullKVCache
+from kvstore.cache.sparse import DEFAULT_OBS_WINDOW
 from kvstore.cache.summary import ImportanceTracker, Summary, SummaryConfig
+from sparsespec.spec.adaptive import MAX_K
 
 
 class Verifier:
-    def __init__(self, model, capacity: int, batch: int = 1, summary: SummaryConfig | None = None):
+    def __init__(self, model, capacity: int, batch: int = 1, summary: SummaryConfig | None = None,
+                 feed: bool = True):
         self.model = model
         self.capacity = capacity
         self.cache = FullKVCache.for_model(model, capacity, batch)
@@ -23,6 +29,12 @@ class Verifier:
         if summary is not None and summary.enabled:
             self.tracker = ImportanceTracker(summary, model.cfg.num_layers, batch, capacity)
             self.cache.observers.append(self.tracker.observe)
+        self.recorder: QueryRecorder | None = None
+        if feed:
+            c = model.cfg
+            self.recorder = QueryRecorder(c.num_layers, c.num_heads, c.head_dim, DEFAULT_OBS_WINDOW, MAX_K + 1,
+                                          model.dtype, model.device)
+            self.cache.observers.append(self.recorder.observe)
 
     def summary(self, row: int, want) -> "Summary | None":
         """The row's KV summary for a drafter that can hold `want` (None: nothing scored yet)."""
@@ -34,13 +46,29 @@ class Verifier:
         """Track the row's importance from its next forward on (its prefill, normally)."""
         self.tracked[row] = on and self.tracker is not None
 
+    def record(self, row: int, on: bool) -> None:
+        """Record the row's queries from its next forward on (a fed drafter's session)."""
+        if self.recorder is not None:
+            self.recorder.record(row, on)
+
+    def kv(self, row: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row's exact K, V of positions [0, length) in `layer`: [Hkv, length, D] each (views)."""
+        return self.cache.k[layer][row, :, :length], self.cache.v[layer][row, :, :length]
+
+    def kv_block(self, row: int, layers: int, start: int, end: int) -> torch.Tensor:
+        """[layers, 2, Hkv, end - start, D]: the row's K/V of positions [start, end), first `layers` layers."""
+        return torch.stack([torch.stack([self.cache.k[i][row, :, start:end], self.cache.v[i][row, :, start:end]])
+                            for i in range(layers)])
+
     def _forward(self, rows: list[int], ids: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """One forward over `rows` (ids [R, T]), bracketed for the tracker."""
-        tracker = self.tracker
+        """One forward over `rows` (ids [R, T]), bracketed for the tracker and the recorder."""
+        tracker, recorder = self.tracker, self.recorder
         if tracker is not None:
             tracked = [self.tracked[r] for r in rows]
             lengths = self.cache.lengths[rows].tolist() if any(tracked) else [0] * len(rows)
             tracker.begin(rows, tracked, lengths)
+        if recorder is not None:
+            recorder.begin(rows, self.cache.lengths[rows].tolist())
         self.cache.set_active(rows)
         try:
             return self.model(ids, self.cache, last_only=last_only)
@@ -48,6 +76,8 @@ class Verifier:
             self.cache.set_active(None)
             if tracker is not None:
                 tracker.end()
+            if recorder is not None:
+                recorder.end()
 
     @torch.inference_mode()
     def prefill(self, row: int, tokens: list[int], chunk: int = 2048) -> None:

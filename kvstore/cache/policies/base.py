@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -62,6 +62,8 @@ class Policy(ABC):
     needs_queries: ClassVar[bool] = True   # False: the cache does not record queries (saves work)
     keeps_all: ClassVar[bool] = False      # True: no budget, the cache keeps every entry on device
     uses_summary: ClassVar[bool] = False   # True: the drafter asks the verifier for KV summaries
+    fed: ClassVar[bool] = False            # True: the verifier runs it over its own exact K/V and
+                                           # queries and feeds the drafter the result (kvstore/cache/feed.py)
 
     def __init__(self, config=None):
         self.config = config
@@ -73,3 +75,47 @@ class Policy(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def top_chunks(scores: torch.Tensor, span: int, chunk: int, m: int) -> torch.Tensor:
+    """The first m offsets of [0, span) when chunks (of `chunk` offsets, the last possibly short)
+    are taken whole in descending score order: int64 [Hkv, m]. scores: [Hkv, ceil(span / chunk)]."""
+    hkv, nc = scores.shape
+    order = scores.argsort(dim=1, descending=True, stable=True)             # [Hkv, nc]
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(nc, device=scores.device).expand(hkv, nc))
+    offsets = torch.arange(span, device=scores.device)                     # [span]
+    key = rank[:, offsets // chunk] * chunk + offsets % chunk               # [Hkv, span]
+    return key.argsort(dim=1)[:, :m]                                        # [Hkv, m]
+
+
+def choose_view(policy: Policy, n: int, budget: int, sink: int, window: int, num_kv_heads: int,
+                context: Callable[[int, int, int], SelectionContext], device=None) -> torch.Tensor:
+    """The positions one layer keeps over [0, n) under `budget`: sinks, the policy's middle
+    choice, the recent window. int64 [Hkv, min(n, budget)], increasing per head.
+
+    `context(lo, hi, m)` builds the policy's view of the layer; it is only called when there is a
+    middle to choose. The drafter's SparseKVCache and the verifier's feeder both select here.
+    """
+    if n <= budget:
+        return torch.arange(n, device=device).expand(num_kv_heads, n)       # keep everything
+    lo, hi = sink, n - window
+    m = budget - sink - window
+    parts = [torch.arange(lo, device=device).expand(num_kv_heads, lo)]
+    if m > 0:
+        mid = policy.choose(context(lo, hi, m)).to(device)
+        _check_choice(policy, mid, num_kv_heads, lo, hi, m)
+        parts.append(mid.sort(dim=1).values)
+    parts.append(torch.arange(hi, n, device=device).expand(num_kv_heads, n - hi))
+    return torch.cat(parts, dim=1)                                          # [Hkv, budget]
+
+
+def _check_choice(policy: Policy, mid: torch.Tensor, num_kv_heads: int, lo: int, hi: int, m: int) -> None:
+    name = policy.name
+    if tuple(mid.shape) != (num_kv_heads, m) or mid.dtype != torch.int64:
+        raise RuntimeError(f"policy {name!r} returned {tuple(mid.shape)} {mid.dtype}, "
+                           f"expected ({num_kv_heads}, {m}) int64")
+    if m and (int(mid.min()) < lo or int(mid.max()) >= hi):
+        raise RuntimeError(f"policy {name!r} chose positions outside the middle range [{lo}, {hi})")
+    if m > 1 and not bool((mid.sort(dim=1).values.diff(dim=1) > 0).all()):
+        raise RuntimeError(f"policy {name!r} chose a position twice")

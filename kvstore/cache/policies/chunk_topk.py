@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.cache.policies.base import Policy, SelectionContext
+from kvstore.cache.policies.base import Policy, SelectionContext, top_chunks
 
 
 class ChunkTopKPolicy(Policy):
@@ -34,13 +34,4 @@ class ChunkTopKPolicy(Policy):
         mean_keys = mid.view(hkv, nc, c, d).sum(2) / sizes.view(1, nc, 1)       # [Hkv, nc, D]
         proxy = ctx.query_proxy().to(mid.device)                                # [Hkv, D]
         scores = torch.einsum("hcd,hd->hc", mean_keys, proxy)                   # [Hkv, nc]
-
-        # Rank chunks best-first per head, then order positions by (chunk rank, offset in chunk)
-        # and take the first m: whole chunks in score order, the last one possibly partial.
-        order = scores.argsort(dim=1, descending=True, stable=True)             # [Hkv, nc]
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(nc, device=mid.device).expand(hkv, nc))
-        offsets = torch.arange(span, device=mid.device)                         # [span]
-        key = rank[:, offsets // c] * c + offsets % c                           # [Hkv, span]
-        take = key.argsort(dim=1)[:, :ctx.m]                                    # [Hkv, m]
-        return take + ctx.lo
+        return top_chunks(scores, span, c, ctx.m) + ctx.lo

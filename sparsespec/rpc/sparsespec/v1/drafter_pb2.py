@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sparsespec.rpc.sparsespec.v1 import common_pb2 as sparsespec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsparsespec/v1/drafter.proto\x12\rsparsespec.v1\x1a\x1asparsespec/v1/common.proto\"x\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.sparsespec.v1.SamplingParams\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\"\x94\x01\n\x10OpenSessionReply\x12\x14\n\x0c\x64\x65vice_bytes\x18\x01 \x01(\x03\x12\x12\n\nhost_bytes\x18\x02 \x01(\x03\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x15\n\rsummary_slots\x18\x04 \x01(\x05\x12\x14\n\x0csummary_sink\x18\x05 \x01(\x05\x12\x16\n\x0esummary_window\x18\x06 \x01(\x05\"%\n\x07SparseQ\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xa0\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\x03\x12\x0e\n\x06\x61ppend\x18\x03 \x03(\x05\x12\t\n\x01k\x18\x04 \x01(\x05\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.sparsespec.v1.SamplingParams\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x0f\n\x07summary\x18\x07 \x01(\x0c\"\xbf\x01\n\nDraftReply\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12!\n\x01q\x18\x02 \x03(\x0b\x32\x16.sparsespec.v1.SparseQ\x12\x0f\n\x07\x64raft_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x65vice_bytes\x18\x04 \x01(\x03\x12\x12\n\nhost_bytes\x18\x05 \x01(\x03\x12\x15\n\rsummary_slots\x18\x06 \x01(\x05\x12\x14\n\x0csummary_sink\x18\x07 \x01(\x05\x12\x16\n\x0esummary_window\x18\x08 \x01(\x05\"@\n\x11\x44raftBatchRequest\x12+\n\x06\x64rafts\x18\x01 \x03(\x0b\x32\x1b.sparsespec.v1.DraftRequest\"U\n\x0c\x44raftOutcome\x12(\n\x05reply\x18\x01 \x01(\x0b\x32\x19.sparsespec.v1.DraftReply\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"@\n\x0f\x44raftBatchReply\x12-\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1b.sparsespec.v1.DraftOutcome\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11\x43loseSessionReply2\xc3\x02\n\x07\x44rafter\x12Q\n\x0bOpenSession\x12!.sparsespec.v1.OpenSessionRequest\x1a\x1f.sparsespec.v1.OpenSessionReply\x12?\n\x05\x44raft\x12\x1b.sparsespec.v1.DraftRequest\x1a\x19.sparsespec.v1.DraftReply\x12N\n\nDraftBatch\x12 .sparsespec.v1.DraftBatchRequest\x1a\x1e.sparsespec.v1.DraftBatchReply\x12T\n\x0c\x43loseSession\x12\".sparsespec.v1.CloseSessionRequest\x1a .sparsespec.v1.CloseSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsparsespec/v1/drafter.proto\x12\rsparsespec.v1\x1a\x1asparsespec/v1/common.proto\"x\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.sparsespec.v1.SamplingParams\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\"\xbb\x01\n\x10OpenSessionReply\x12\x14\n\x0c\x64\x65vice_bytes\x18\x01 \x01(\x03\x12\x12\n\nhost_bytes\x18\x02 \x01(\x03\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x15\n\rsummary_slots\x18\x04 \x01(\x05\x12\x14\n\x0csummary_sink\x18\x05 \x01(\x05\x12\x16\n\x0esummary_window\x18\x06 \x01(\x05\x12%\n\x04\x66\x65\x65\x64\x18\x07 \x01(\x0b\x32\x17.sparsespec.v1.FeedSpec\"%\n\x07SparseQ\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xb3\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_len\x18\x02 \x01(\x03\x12\x0e\n\x06\x61ppend\x18\x03 \x03(\x05\x12\t\n\x01k\x18\x04 \x01(\x05\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.sparsespec.v1.SamplingParams\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x0f\n\x07summary\x18\x07 \x01(\x0c\x12\x11\n\tfeed_size\x18\x08 \x01(\x03\"\xe6\x01\n\nDraftReply\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12!\n\x01q\x18\x02 \x03(\x0b\x32\x16.sparsespec.v1.SparseQ\x12\x0f\n\x07\x64raft_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x65vice_bytes\x18\x04 \x01(\x03\x12\x12\n\nhost_bytes\x18\x05 \x01(\x03\x12\x15\n\rsummary_slots\x18\x06 \x01(\x05\x12\x14\n\x0csummary_sink\x18\x07 \x01(\x05\x12\x16\n\x0esummary_window\x18\x08 \x01(\x05\x12%\n\x04\x66\x65\x65\x64\x18\t \x01(\x0b\x32\x17.sparsespec.v1.FeedSpec\"\xa0\x01\n\x08\x46\x65\x65\x64Spec\x12\x11\n\tkv_source\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\x05\x12\x10\n\x08kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x05 \x01(\x05\x12\x0c\n\x04sink\x18\x06 \x01(\x05\x12\x0e\n\x06window\x18\x07 \x01(\x05\x12\r\n\x05\x63hunk\x18\x08 \x01(\x05\x12\x10\n\x08tail_cap\x18\t \x01(\x05\"(\n\tFeedChunk\x12\r\n\x05\x64raft\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"h\n\x11\x44raftBatchRequest\x12+\n\x06\x64rafts\x18\x01 \x03(\x0b\x32\x1b.sparsespec.v1.DraftRequest\x12&\n\x04\x66\x65\x65\x64\x18\x02 \x03(\x0b\x32\x18.sparsespec.v1.FeedChunk\"U\n\x0c\x44raftOutcome\x12(\n\x05reply\x18\x01 \x01(\x0b\x32\x19.sparsespec.v1.DraftReply\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"@\n\x0f\x44raftBatchReply\x12-\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1b.sparsespec.v1.DraftOutcome\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11\x43loseSessionReply2\xc5\x02\n\x07\x44rafter\x12Q\n\x0bOpenSession\x12!.sparsespec.v1.OpenSessionRequest\x1a\x1f.sparsespec.v1.OpenSessionReply\x12?\n\x05\x44raft\x12\x1b.sparsespec.v1.DraftRequest\x1a\x19.sparsespec.v1.DraftReply\x12P\n\nDraftBatch\x12 .sparsespec.v1.DraftBatchRequest\x1a\x1e.sparsespec.v1.DraftBatchReply(\x01\x12T\n\x0c\x43loseSession\x12\".sparsespec.v1.CloseSessionRequest\x1a .sparsespec.v1.CloseSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONREQUEST']._serialized_start=74
   _globals['_OPENSESSIONREQUEST']._serialized_end=194
   _globals['_OPENSESSIONREPLY']._serialized_start=197
-  _globals['_OPENSESSIONREPLY']._serialized_end=345
-  _globals['_SPARSEQ']._serialized_start=347
-  _globals['_SPARSEQ']._serialized_end=384
-  _globals['_DRAFTREQUEST']._serialized_start=387
-  _globals['_DRAFTREQUEST']._serialized_end=547
-  _globals['_DRAFTREPLY']._serialized_start=550
-  _globals['_DRAFTREPLY']._serialized_end=741
-  _globals['_DRAFTBATCHREQUEST']._serialized_start=743
-  _globals['_DRAFTBATCHREQUEST']._serialized_end=807
-  _globals['_DRAFTOUTCOME']._serialized_start=809
-  _globals['_DRAFTOUTCOME']._serialized_end=894
-  _globals['_DRAFTBATCHREPLY']._serialized_start=896
-  _globals['_DRAFTBATCHREPLY']._serialized_end=960
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=962
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1003
-  _globals['_CLOSESESSIONREPLY']._serialized_start=1005
-  _globals['_CLOSESESSIONREPLY']._serialized_end=1024
-  _globals['_DRAFTER']._serialized_start=1027
-  _globals['_DRAFTER']._serialized_end=1350
+  _globals['_OPENSESSIONREPLY']._serialized_end=384
+  _globals['_SPARSEQ']._serialized_start=386
+  _globals['_SPARSEQ']._serialized_end=423
+  _globals['_DRAFTREQUEST']._serialized_start=426
+  _globals['_DRAFTREQUEST']._serialized_end=605
+  _globals['_DRAFTREPLY']._serialized_start=608
+  _globals['_DRAFTREPLY']._serialized_end=838
+  _globals['_FEEDSPEC']._serialized_start=841
+  _globals['_FEEDSPEC']._serialized_end=1001
+  _globals['_FEEDCHUNK']._serialized_start=1003
+  _globals['_FEEDCHUNK']._serialized_end=1043
+  _globals['_DRAFTBATCHREQUEST']._serialized_start=1045
+  _globals['_DRAFTBATCHREQUEST']._serialized_end=1149
+  _globals['_DRAFTOUTCOME']._serialized_start=1151
+  _globals['_DRAFTOUTCOME']._serialized_end=1236
+  _globals['_DRAFTBATCHREPLY']._serialized_start=1238
+  _globals['_DRAFTBATCHREPLY']._serialized_end=1302
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1304
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1345
+  _globals['_CLOSESESSIONREPLY']._serialized_start=1347
+  _globals['_CLOSESESSIONREPLY']._serialized_end=1366
+  _globals['_DRAFTER']._serialized_start=1369
+  _globals['_DRAFTER']._serialized_end=1694
 # @@protoc_insertion_point(module_scope)

@@ -20,20 +20,22 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("device_bytes", "host_bytes", "prefill_s", "summary_slots", "summary_sink", "summary_window")
+    __slots__ = ("device_bytes", "host_bytes", "prefill_s", "summary_slots", "summary_sink", "summary_window", "feed")
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_SINK_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FEED_FIELD_NUMBER: _ClassVar[int]
     device_bytes: int
     host_bytes: int
     prefill_s: float
     summary_slots: int
     summary_sink: int
     summary_window: int
-    def __init__(self, device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., summary_slots: _Optional[int] = ..., summary_sink: _Optional[int] = ..., summary_window: _Optional[int] = ...) -> None: ...
+    feed: FeedSpec
+    def __init__(self, device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., summary_slots: _Optional[int] = ..., summary_sink: _Optional[int] = ..., summary_window: _Optional[int] = ..., feed: _Optional[_Union[FeedSpec, _Mapping]] = ...) -> None: ...
 
 class SparseQ(_message.Message):
     __slots__ = ("ids", "probs")
@@ -44,7 +46,7 @@ class SparseQ(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("session_id", "base_len", "append", "k", "sampling", "epoch", "summary")
+    __slots__ = ("session_id", "base_len", "append", "k", "sampling", "epoch", "summary", "feed_size")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +54,7 @@ class DraftRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    FEED_SIZE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     base_len: int
     append: _containers.RepeatedScalarFieldContainer[int]
@@ -59,10 +62,11 @@ class DraftRequest(_message.Message):
     sampling: _common_pb2.SamplingParams
     epoch: int
     summary: bytes
-    def __init__(self, session_id: _Optional[str] = ..., base_len: _Optional[int] = ..., append: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., epoch: _Optional[int] = ..., summary: _Optional[bytes] = ...) -> None: ...
+    feed_size: int
+    def __init__(self, session_id: _Optional[str] = ..., base_len: _Optional[int] = ..., append: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., epoch: _Optional[int] = ..., summary: _Optional[bytes] = ..., feed_size: _Optional[int] = ...) -> None: ...
 
 class DraftReply(_message.Message):
-    __slots__ = ("tokens", "q", "draft_s", "device_bytes", "host_bytes", "summary_slots", "summary_sink", "summary_window")
+    __slots__ = ("tokens", "q", "draft_s", "device_bytes", "host_bytes", "summary_slots", "summary_sink", "summary_window", "feed")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     DRAFT_S_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +75,7 @@ class DraftReply(_message.Message):
     SUMMARY_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_SINK_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FEED_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseQ]
     draft_s: float
@@ -79,13 +84,46 @@ class DraftReply(_message.Message):
     summary_slots: int
     summary_sink: int
     summary_window: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseQ, _Mapping]]] = ..., draft_s: _Optional[float] = ..., device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., summary_slots: _Optional[int] = ..., summary_sink: _Optional[int] = ..., summary_window: _Optional[int] = ...) -> None: ...
+    feed: FeedSpec
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseQ, _Mapping]]] = ..., draft_s: _Optional[float] = ..., device_bytes: _Optional[int] = ..., host_bytes: _Optional[int] = ..., summary_slots: _Optional[int] = ..., summary_sink: _Optional[int] = ..., summary_window: _Optional[int] = ..., feed: _Optional[_Union[FeedSpec, _Mapping]] = ...) -> None: ...
+
+class FeedSpec(_message.Message):
+    __slots__ = ("kv_source", "layers", "kv_heads", "head_dim", "budget", "sink", "window", "chunk", "tail_cap")
+    KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SINK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TAIL_CAP_FIELD_NUMBER: _ClassVar[int]
+    kv_source: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    budget: int
+    sink: int
+    window: int
+    chunk: int
+    tail_cap: int
+    def __init__(self, kv_source: _Optional[str] = ..., layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., budget: _Optional[int] = ..., sink: _Optional[int] = ..., window: _Optional[int] = ..., chunk: _Optional[int] = ..., tail_cap: _Optional[int] = ...) -> None: ...
+
+class FeedChunk(_message.Message):
+    __slots__ = ("draft", "data")
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    draft: int
+    data: bytes
+    def __init__(self, draft: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DraftBatchRequest(_message.Message):
-    __slots__ = ("drafts",)
+    __slots__ = ("drafts", "feed")
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    FEED_FIELD_NUMBER: _ClassVar[int]
     drafts: _containers.RepeatedCompositeFieldContainer[DraftRequest]
-    def __init__(self, drafts: _Optional[_Iterable[_Union[DraftRequest, _Mapping]]] = ...) -> None: ...
+    feed: _containers.RepeatedCompositeFieldContainer[FeedChunk]
+    def __init__(self, drafts: _Optional[_Iterable[_Union[DraftRequest, _Mapping]]] = ..., feed: _Optional[_Iterable[_Union[FeedChunk, _Mapping]]] = ...) -> None: ...
 
 class DraftOutcome(_message.Message):
     __slots__ = ("reply", "code", "error")

@@ -46,7 +46,7 @@ class DrafterStub:
                 request_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
                 response_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftReply.FromString,
                 _registered_method=True)
-        self.DraftBatch = channel.unary_unary(
+        self.DraftBatch = channel.stream_unary(
                 '/sparsespec.v1.Drafter/DraftBatch',
                 request_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchRequest.SerializeToString,
                 response_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchReply.FromString,
@@ -82,11 +82,13 @@ class DrafterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def DraftBatch(self, request, context):
+    def DraftBatch(self, request_iterator, context):
         """A round for many sessions: each is checked alone, then all are drafted together (one model
         forward per draft position). One outcome per request, in order: its reply, or the status
         that session alone met (codes as Draft's). The call itself fails only as a whole
         (UNAVAILABLE, DEADLINE_EXCEEDED) or for a batch it cannot read (INVALID_ARGUMENT).
+        Streamed: the round's drafts and their KV feeds arrive in pieces (FeedChunk) that each stay
+        under the message limit; the drafter drafts once the stream ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,7 +114,7 @@ def add_DrafterServicer_to_server(servicer, server):
                     request_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftRequest.FromString,
                     response_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftReply.SerializeToString,
             ),
-            'DraftBatch': grpc.unary_unary_rpc_method_handler(
+            'DraftBatch': grpc.stream_unary_rpc_method_handler(
                     servicer.DraftBatch,
                     request_deserializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchRequest.FromString,
                     response_serializer=sparsespec_dot_v1_dot_drafter__pb2.DraftBatchReply.SerializeToString,
@@ -190,7 +192,7 @@ class Drafter:
             _registered_method=True)
 
     @staticmethod
-    def DraftBatch(request,
+    def DraftBatch(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -200,8 +202,8 @@ class Drafter:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/sparsespec.v1.Drafter/DraftBatch',
             sparsespec_dot_v1_dot_drafter__pb2.DraftBatchRequest.SerializeToString,

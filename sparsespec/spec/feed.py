@@ -1,0 +1,138 @@
+"""Feeding a drafter: the verifier's side (kvstore/cache/feed.py has what a feed is).
+
+A `Feeder` per session mirrors what its fed drafter holds (the selection it was sent, where that
+selection was made, how far its K/V are exact) and makes each round's feed from the verifier's
+own cache: a block of the K/V committed since the last feed, or a new selection chosen by the
+"fed" policy over the verifier's exact keys and its real recent queries (QueryRecorder), carrying
+only the entries the drafter lacks. A selection goes out when the drafter's tail would not hold
+the round's block, pending token and drafts (the tail is exact, so a long one costs nothing but
+its slots), and early when the acceptance of the last rounds drops (FeedConfig). The mirror moves
+only when the drafter took the feed; any drafter failure resets it, and the re-open is fed a
+whole selection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kvstore.cache.feed import Feed, FeedWant, held
+from kvstore.cache.policies import SelectionContext, get_policy
+from kvstore.cache.policies.base import choose_view
+from sparsespec.errors import InvalidArgument
+
+WIRE_DTYPE = torch.bfloat16   # K/V on the wire (the drafter only proposes: its rounding never reaches an output)
+
+
+def feedable(want: FeedWant, model) -> str | None:
+    """Why `model` (the verifier) cannot feed a drafter that wants `want`; None if it can."""
+    cfg = model.cfg
+    if want.kv_source != model.kv_source:
+        return (f"the drafter's K/V come from other weights (kv_source {want.kv_source}, the verifier's "
+                f"{model.kv_source})")
+    if want.layers > cfg.num_layers or want.kv_heads != cfg.num_kv_heads or want.head_dim != cfg.head_dim:
+        return (f"the drafter's cache ({want.layers} layers x {want.kv_heads} KV heads x {want.head_dim}) "
+                f"does not fit the verifier's ({cfg.num_layers} x {cfg.num_kv_heads} x {cfg.head_dim})")
+    return None
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    """When a feeder re-selects early. Validated here; errors name the field."""
+
+    alpha_threshold: float = 0.5   # re-select when the alpha of the last alpha_window rounds drops below this
+    alpha_window: int = 4          # rounds, counted since the last selection
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha_threshold <= 1.0:
+            raise InvalidArgument("feed.alpha_threshold", f"must be in [0, 1], got {self.alpha_threshold}")
+        if isinstance(self.alpha_window, bool) or not isinstance(self.alpha_window, int) or self.alpha_window < 1:
+            raise InvalidArgument("feed.alpha_window", f"must be an integer >= 1, got {self.alpha_window!r}")
+
+
+@dataclass
+class Feeder:
+    want: FeedWant
+    config: FeedConfig = field(default_factory=FeedConfig)
+    selection: list[torch.Tensor] | None = None   # [layers] x [Hkv, m]: the drafter's selected positions
+    selected_at: int = 0                          # the length that selection was made at
+    fed: int = 0                                  # the drafter's exact length
+    sent: int = 0                                 # feeds delivered
+    bytes_sent: int = 0
+    selections: int = 0                           # of which selections
+    _next: tuple | None = None                    # the mirror after the feed in flight
+    _recent: deque = field(default_factory=deque)  # (drafted, accepted) since the last selection
+
+    def reset(self) -> None:
+        """The drafter lost the session (or never had it): the next feed is a whole selection."""
+        self.selection, self.selected_at, self.fed, self._next = None, 0, 0, None
+
+    def next(self, verifier, row: int, k: int) -> bytes:
+        """This round's feed for a draft of k tokens: everything committed but the pending token."""
+        length = verifier.length(row)
+        tail = length - self.selected_at
+        w = self.want
+        if self.selection is None or tail + k > w.tail_cap or self._dropping():
+            feed = self._select(verifier, row, length)
+            self._next = (list(feed.positions), length, length)
+        else:
+            feed = Feed(self.fed, length, block=verifier.kv_block(row, w.layers, self.fed, length))
+            self._next = (self.selection, self.selected_at, length)
+        return feed.encode(WIRE_DTYPE)
+
+    def delivered(self, data: bytes) -> None:
+        """The drafter took the feed in flight: the mirror moves to what it now holds."""
+        if self._next is None:
+            return
+        if self._next[0] is not self.selection:
+            self.selections += 1
+            self._recent.clear()
+        self.selection, self.selected_at, self.fed = self._next
+        self._next = None
+        self.sent += 1
+        self.bytes_sent += len(data)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """A round with drafts finished."""
+        self._recent.append((drafted, accepted))
+        while len(self._recent) > self.config.alpha_window:
+            self._recent.popleft()
+
+    def _dropping(self) -> bool:
+        """The selection no longer serves: the alpha of the last alpha_window rounds is low."""
+        if len(self._recent) < self.config.alpha_window:
+            return False
+        drafted = sum(d for d, _ in self._recent)
+        return drafted > 0 and sum(a for _, a in self._recent) / drafted < self.config.alpha_threshold
+
+    def _select(self, verifier, row: int, length: int) -> Feed:
+        w = self.want
+        policy = get_policy("fed")()
+        group = verifier.model.cfg.num_heads // w.kv_heads
+        positions, added_k, added_v = [], [], []
+        for layer in range(w.layers):
+            keys, values = verifier.kv(row, layer, length)                     # [Hkv, n, D] each
+
+            def context(lo: int, hi: int, m: int, layer=layer, keys=keys) -> SelectionContext:
+                q, qpos = verifier.recorder.queries(row, layer, length)        # [H, w, D], [w]
+                return SelectionContext(layer=layer, length=length, keys=keys, queries=q,
+                                        query_positions=qpos, group_size=group, chunk=w.chunk,
+                                        lo=lo, hi=hi, m=m)
+
+            pos = choose_view(policy, length, w.budget, w.sink, w.window, w.kv_heads, context)  # [Hkv, m]
+            missing = ~held(pos, self._holding(layer))
+            idx = pos.unsqueeze(-1).expand(-1, -1, keys.shape[-1])             # [Hkv, m, D]
+            added_k.append(keys.gather(1, idx)[missing])                       # [a, D]
+            added_v.append(values.gather(1, idx)[missing])
+            positions.append(pos)
+        added = torch.stack([torch.cat(added_k), torch.cat(added_v)])          # [2, A, D]
+        return Feed(self.fed, length, positions=torch.stack(positions), added=added)
+
+    def _holding(self, layer: int) -> torch.Tensor:
+        """[Hkv, c]: the positions the drafter holds below `fed` (its selection, then its exact tail)."""
+        if self.selection is None:
+            return torch.zeros(self.want.kv_heads, 0, dtype=torch.int64)
+        tail = torch.arange(self.selected_at, self.fed).expand(self.want.kv_heads, -1)
+        return torch.cat([self.selection[layer], tail], dim=1)
