@@ -77,6 +77,7 @@ class Job:
     req: GenerationRequest
     log_len: int                            # committed context length in the log at the start
     turn_id: str = ""                       # the turn's id in the log (the client's, if it sent one)
+    key: str = ""                           # hash of the API key its session is bound to ('' without keys)
     generated: list[int] = field(default_factory=list)   # durable tokens of this turn (mirror)
     result: GenerationResult | None = None
     error: BaseException | None = None
