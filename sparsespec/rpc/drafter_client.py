@@ -16,15 +16,18 @@ from sparsespec.rpc.convert import dist_from_proto, drafter_error, sampling_to_p
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.transport import DraftCall, DraftReply, DrafterClient
+from sparsespec.tls import ClientTLS, channel
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 
 class GrpcDrafterClient(DrafterClient):
     def __init__(self, address: str, timeout_s: float = 5.0, open_timeout_s: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, epoch: int = 0):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, epoch: int = 0,
+                 tls: ClientTLS | None = None):
         """timeout_s bounds a round's Draft; open_timeout_s (default 10x) a prefill (OpenSession,
-        or a Draft with base_len 0, which re-opens)."""
+        or a Draft with base_len 0, which re-opens). tls: a TLS channel (and a client certificate
+        for a drafter that requires one); None: plaintext."""
         if not timeout_s > 0:
             raise InvalidArgument("timeout_s", f"must be > 0, got {timeout_s}")
         if max_message_bytes < 1:
@@ -33,9 +36,8 @@ class GrpcDrafterClient(DrafterClient):
         self.timeout_s = timeout_s
         self.open_timeout_s = open_timeout_s if open_timeout_s is not None else 10 * timeout_s
         self.epoch = epoch
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        self.channel = channel(address, tls, [("grpc.max_receive_message_length", max_message_bytes),
+                                              ("grpc.max_send_message_length", max_message_bytes)])
         self.stub = drafter_pb2_grpc.DrafterStub(self.channel)
 
     def _call(self, method, request, timeout: float):
