@@ -66,12 +66,13 @@ class ServerConfig:
     workers: int = 8
     tls: ServerTLS | None = None            # serve over TLS; with tls.client_ca, verifiers need a certificate
     health_port: int | None = None          # plaintext grpc.health.v1 alone (probes without TLS)
+    metrics_port: int | None = None         # Prometheus /metrics over plain HTTP (0: a free port); None: off
 
     def __post_init__(self):
         for name in ("max_message_bytes", "workers"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("port", "health_port"):
+        for name in ("port", "health_port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise InvalidArgument(name.replace("_", "-"), f"must be in [0, 65535], got {value}")
@@ -218,6 +219,9 @@ def serve(cfg: ServerConfig, model=None, on_started: OnStarted | None = None) ->
              drafters.session_capacity, drafters.cost.device_bytes, drafters.cost.host_memory_bytes(model.device))
     server = DrafterServer(drafters, cfg.host, cfg.port, cfg.max_message_bytes, cfg.workers, cfg.tls,
                            cfg.health_port).start()
+    from sparsespec import telemetry
+    telemetry.watch_drafter(drafters)
+    server.metrics_port = telemetry.serve(cfg.host, cfg.metrics_port)
     if on_started is not None:
         try:
             undo = on_started(server.address)
@@ -262,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require client certificates signed by this CA (mTLS: only verifiers holding one)")
     p.add_argument("--health-port", type=int, default=None,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (probes without TLS)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics over plain HTTP on this port (0: a free one, printed)")
     return p
 
 
@@ -287,7 +293,7 @@ def main(argv=None) -> int:
                            host_memory_bytes=args.host_memory_bytes,
                            max_message_bytes=args.max_message_bytes, workers=args.workers,
                            tls=server_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
-                           health_port=args.health_port)
+                           health_port=args.health_port, metrics_port=args.metrics_port)
         server, _ = serve(cfg)
         if args.redis:
             from drafter_service.registry import register_worker
@@ -302,6 +308,8 @@ def main(argv=None) -> int:
     print(f"listening {server.address}", flush=True)
     if server.health_server is not None:
         print(f"health {cfg.host}:{server.health_port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
     done.wait()
     server.stop()
     return 0

@@ -266,6 +266,8 @@ def cmd_up(args) -> int:
         print(f"redis {cluster.redis.public_url} pid {cluster.redis.proc.pid}{secret}", flush=True)
         for proc in cluster.drafters + cluster.verifiers + cluster.gateways:    # gateway http://HOST:PORT
             print(f"{proc.name.rstrip('0123456789')} {proc.address} pid {proc.popen.pid}", flush=True)
+        for proc in cluster.drafters + cluster.verifiers:      # Prometheus; the gateway's is URL/metrics
+            print(f"metrics {proc.name} {proc.wait_metrics()}", flush=True)
         print(f"ready {cluster.address}", flush=True)
         ok = cluster.supervise(done, policy)
         print("stopping", flush=True)

@@ -38,6 +38,7 @@ class Proc:
     env: dict[str, str] | None = None
     started: float = field(default_factory=time.monotonic)
     address: str = ""
+    metrics_url: str = ""                  # its Prometheus /metrics, once it printed `metrics URL`
     output: list[str] = field(default_factory=list)
     _listening: threading.Event = field(default_factory=threading.Event, repr=False)
     _pump: threading.Thread | None = field(default=None, repr=False)
@@ -47,10 +48,19 @@ class Proc:
             line = line.rstrip("\n")
             self.output.append(line)
             del self.output[:-200]
+            if line.startswith("metrics ") and not self.metrics_url:     # printed right after `listening`
+                self.metrics_url = line.split()[1]
             if line.startswith("listening ") and not self._listening.is_set():
                 self.address = line.split()[1]
                 self._listening.set()
         self._listening.set()    # EOF: the process is gone
+
+    def wait_metrics(self, timeout: float = 10.0) -> str:
+        """Its /metrics URL (the line follows `listening`); "" if it prints none in time."""
+        deadline = time.monotonic() + timeout
+        while not self.metrics_url and self.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.metrics_url
 
     def wait_listening(self, timeout: float) -> bool:
         """True once it listens; False if it exited or stayed silent for `timeout` seconds."""
@@ -257,7 +267,7 @@ class LocalCluster:
     def add_drafter(self) -> Proc:
         c = self.cfg
         args = self._common() + ["--drafter", c.drafter, "--drafter-weights", c.drafter_weights,
-                                 "--policy", c.policy, "--budget", c.budget]
+                                 "--policy", c.policy, "--budget", c.budget, "--metrics-port", 0]
         if c.tls_cert:
             args += ["--tls-cert", c.tls_cert, "--tls-key", c.tls_key] + (["--tls-client-ca", c.tls_ca] if c.mtls else [])
         proc = start_service(f"drafter{len(self.drafters)}", "drafter_service", args, env=self._env)
@@ -266,7 +276,8 @@ class LocalCluster:
 
     def add_verifier(self) -> Proc:
         c = self.cfg
-        args = self._common() + ["--max-batch", c.max_batch, "-k", c.k, "--lease-ms", c.lease_ms] + self._keys()
+        args = self._common() + ["--max-batch", c.max_batch, "-k", c.k, "--lease-ms", c.lease_ms,
+                                 "--metrics-port", 0] + self._keys()
         if c.tls_cert:
             args += ["--tls-cert", c.tls_cert, "--tls-key", c.tls_key, "--drafter-tls-ca", c.tls_ca]
             if c.mtls:

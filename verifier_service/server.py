@@ -60,6 +60,7 @@ class VerifierConfig:
     tls: ServerTLS | None = None       # the Generation API over TLS; None: plaintext
     drafter_tls: ClientTLS | None = None   # TLS (and a client certificate for mTLS) to drafters
     health_port: int | None = None     # plaintext grpc.health.v1 alone, for probes without TLS
+    metrics_port: int | None = None    # Prometheus /metrics over plain HTTP (0: a free port); None: off
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "default_k", "lease_ms", "max_message_bytes"):
@@ -102,6 +103,9 @@ class VerifierServer:
                             summary=cfg.summaries, schedule=cfg.summary_schedule)
         self.sessions = DurableSessions(self.store, cfg.worker_id, cfg.lease_ms)
         self.scheduler = Scheduler(engine, self.sessions, cfg.max_queue)
+        from sparsespec import telemetry
+        telemetry.watch_verifier(self.scheduler, model.cfg.kv_bytes_per_token(model.dtype.itemsize))
+        self.metrics_port = telemetry.serve(cfg.host, cfg.metrics_port)
         info = dict(model=str(cfg.model), vocab_size=model.cfg.vocab_size, max_context=engine.max_context,
                     num_layers=model.cfg.num_layers, dtype=str(model.dtype).removeprefix("torch."))
         self.servicer = GenerationServicer(self.scheduler, self.sessions, tokenizer, info, cfg.default_k,
@@ -243,6 +247,8 @@ def add_security_flags(p: argparse.ArgumentParser) -> None:
                    help="the name drafters' certificates carry, when it is not the address dialled")
     p.add_argument("--health-port", type=int, default=None,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (probes without TLS)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics over plain HTTP on this port (0: a free one, printed)")
 
 
 def security_config(args) -> dict:
@@ -281,7 +287,7 @@ def main(argv=None) -> int:
                              max_batch=args.max_batch, max_queue=args.max_queue, default_k=args.k,
                              lease_ms=args.lease_ms,
                              drain_s=args.drain_s, summaries=summaries, summary_schedule=schedule,
-                             **security_config(args), **extra)
+                             metrics_port=args.metrics_port, **security_config(args), **extra)
         server = VerifierServer(cfg).start(scheduler_thread=False)
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -292,6 +298,8 @@ def main(argv=None) -> int:
     print(f"listening {server.address}", flush=True)
     if server.health_server is not None:
         print(f"health {cfg.host}:{server.health_port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
     scheduler = server.scheduler
     try:
         scheduler.run(until=done.is_set)                 # rounds run on the main thread

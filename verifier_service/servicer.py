@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import grpc
 
 from kvstore.coord.sessions import SessionBusy
+from sparsespec import telemetry
 from sparsespec.auth import ApiKeys, caller_hash
 from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError, shown
 from sparsespec.rpc.sparsespec.v1 import generation_pb2 as pb
@@ -168,6 +169,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 job.result = state.result()
                 return job, request.resume_offset
             job.req = state.spec.request(state.context + state.generated, max_tokens=remaining)
+            telemetry.RESUMES.inc()
             return self._submit(job, slot), request.resume_offset
 
     @contextmanager

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from sparsespec import telemetry
 from sparsespec.auth import HEADER, ApiKeys, bearer, load_api_keys
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.gateway import protocol as P
@@ -106,6 +107,7 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)     # like /health, without a key (scrapers)
         return app
 
     async def start(self) -> str:
@@ -135,7 +137,13 @@ class Gateway:
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         """Every error leaves as OpenAI's JSON; nothing a request does reaches the client as a
-        traceback or stops the server."""
+        traceback or stops the server. Each answer is counted by route and status (/metrics)."""
+        resp = await self._answer(request, handler)
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        telemetry.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
+        return resp
+
+    async def _answer(self, request: web.Request, handler):
         try:
             return await handler(request)
         except P.HTTPError as e:
@@ -216,6 +224,9 @@ class Gateway:
             card["max_model_len"] = self.limits.max_context
         return card
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=telemetry.exposition(), content_type="text/plain", charset="utf-8")
+
     async def health(self, request: web.Request) -> web.Response:
         ok, report = await self.pool.health()
         return _json(report, 200 if ok else 503)
@@ -244,9 +255,11 @@ class Gateway:
         session = uuid.uuid4().hex
         rid = ("chatcmpl-" if chat else "cmpl-") + session      # the id names the verifier session
         stream = client.stream(params.request, session_id=session)
+        t0 = time.monotonic()
         async with contextlib.aclosing(stream):
             try:
                 first = await anext(stream)     # refusals (400/429/503) arrive before any byte is sent
+                telemetry.HTTP_TTFT.observe(time.monotonic() - t0)
             except GenerationError as e:
                 raise P.from_verifier(e.code, e.message, params.prompt_field) from None
             if params.stream:

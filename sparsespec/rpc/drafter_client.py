@@ -8,9 +8,12 @@ RESOURCE_EXHAUSTED -> DrafterFull, anything else -> DrafterUnavailable.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from kvstore.cache.summary import SummaryWant
+from sparsespec import telemetry
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.rpc.convert import dist_from_proto, drafter_error, sampling_to_proto
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
@@ -41,6 +44,7 @@ class GrpcDrafterClient(DrafterClient):
         self.stub = drafter_pb2_grpc.DrafterStub(self.channel)
 
     def _call(self, method, request, timeout: float):
+        t0 = time.monotonic()
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -49,6 +53,9 @@ class GrpcDrafterClient(DrafterClient):
             raise drafter_error(code, f"drafter {self.address}: {details}") from None
         except ValueError as e:   # the channel was shut down
             raise drafter_error(grpc.StatusCode.UNAVAILABLE, f"drafter {self.address}: {e}") from None
+        finally:
+            if method in (self.stub.Draft, self.stub.DraftBatch):
+                telemetry.DRAFT_RPC.observe(time.monotonic() - t0)
 
     def open(self, session: str, tokens: list[int], params: SamplingParams) -> SummaryWant | None:
         reply = self._call(self.stub.OpenSession,
