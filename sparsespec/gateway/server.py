@@ -370,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "its tokenizer and chat template, and its id")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     p.add_argument("--verifier", action="append", default=[], help="HOST:PORT of a verifier (repeatable)")
-    p.add_argument("--redis", default=os.environ.get(REDIS_URL_ENV),
+    p.add_argument("--redis", default=None,
                    help=f"redis://[:PASSWORD@]HOST:PORT/DB: verifiers from the worker registry (default "
-                        f"${REDIS_URL_ENV})")
+                        f"${REDIS_URL_ENV} when no --verifier is given)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: pick a free port")
     p.add_argument("-k", type=int, default=0, help="default draft length (0: the verifier's default)")
@@ -405,7 +405,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("SPARSESPEC_LOG", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = GatewayConfig(model=args.model, verifiers=tuple(args.verifier), redis_url=args.redis,
+        redis_url = args.redis or (None if args.verifier else os.environ.get(REDIS_URL_ENV) or None)
+        cfg = GatewayConfig(model=args.model, verifiers=tuple(args.verifier), redis_url=redis_url,
                             served_model_name=args.served_model_name, host=args.host, port=args.port,
                             default_k=args.k, adaptive=args.adaptive,
                             reconnect_timeout_s=args.reconnect_timeout_s, max_body_bytes=args.max_body_bytes,
