@@ -26,9 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from drafter_service.servicer import SERVICE, DrafterServicer
 from sparsespec.build import EngineConfig, parse_budget, parse_dtype
 from sparsespec.errors import InvalidArgument, SparseSpecError
+from sparsespec.redis_server import REDIS_URL_ENV
 from sparsespec.rpc.strict import add_servicer
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig
 from sparsespec.spec.drafter_memory import available_host_bytes
+from sparsespec.tls import ServerTLS, health_only_server, server_tls
 
 log = logging.getLogger("drafter_service")
 
@@ -62,13 +64,18 @@ class ServerConfig:
     session_ttl_s: float = 600.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = 8
+    tls: ServerTLS | None = None            # serve over TLS; with tls.client_ca, verifiers need a certificate
+    health_port: int | None = None          # plaintext grpc.health.v1 alone (probes without TLS)
+    metrics_port: int | None = None         # Prometheus /metrics over plain HTTP (0: a free port); None: off
 
     def __post_init__(self):
         for name in ("max_message_bytes", "workers"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise InvalidArgument("port", f"must be in [0, 65535], got {self.port}")
+        for name in ("port", "health_port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise InvalidArgument(name.replace("_", "-"), f"must be in [0, 65535], got {value}")
         if self.max_context is not None and self.max_context < 1:
             raise InvalidArgument("max_context", f"must be >= 1, got {self.max_context}")
         hm = self.host_memory_bytes
@@ -88,7 +95,8 @@ class DrafterServer:
     """A started gRPC server around one drafter host; `stop` is graceful."""
 
     def __init__(self, drafter_host: DrafterHost, host: str = "127.0.0.1", port: int = 0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, workers: int = 8):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, workers: int = 8,
+                 tls: ServerTLS | None = None, health_port: int | None = None):
         self.drafter_host = drafter_host
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
@@ -99,18 +107,24 @@ class DrafterServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         try:
-            self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+            self.port = (self.grpc.add_secure_port(f"{host}:{port}", tls.credentials()) if tls is not None
+                         else self.grpc.add_insecure_port(f"{host}:{port}"))
         except RuntimeError as e:
             raise InvalidArgument("port", f"cannot listen on {host}:{port}: {e}") from None
         if self.port == 0:
             raise InvalidArgument("port", f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.health_server = None
+        if health_port is not None:
+            self.health_server, self.health_port = health_only_server(self.health, host, health_port)
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="drafter-ttl", daemon=True)
         self.on_stop: list[Callable[[], None]] = []
 
     def start(self) -> "DrafterServer":
         self.grpc.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self._reaper.start()
         for name in ("", SERVICE):   # the model is loaded: the host exists
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -128,6 +142,8 @@ class DrafterServer:
         self.health.enter_graceful_shutdown()
         self._stopping.set()
         self.grpc.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0)
         for hook in self.on_stop:
             try:
                 hook()
@@ -201,7 +217,11 @@ def serve(cfg: ServerConfig, model=None, on_started: OnStarted | None = None) ->
     log.info("budgets: device %s, host %s bytes: %s sessions of %s device / %s host bytes",
              drafters.config.memory_budget_bytes, drafters.config.host_memory_budget_bytes,
              drafters.session_capacity, drafters.cost.device_bytes, drafters.cost.host_memory_bytes(model.device))
-    server = DrafterServer(drafters, cfg.host, cfg.port, cfg.max_message_bytes, cfg.workers).start()
+    server = DrafterServer(drafters, cfg.host, cfg.port, cfg.max_message_bytes, cfg.workers, cfg.tls,
+                           cfg.health_port).start()
+    from sparsespec import telemetry
+    telemetry.watch_drafter(drafters)
+    server.metrics_port = telemetry.serve(cfg.host, cfg.metrics_port)
     if on_started is not None:
         try:
             undo = on_started(server.address)
@@ -238,8 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--redis", default=None, help="redis://HOST:PORT/DB: register in the worker registry")
+    p.add_argument("--redis", default=os.environ.get(REDIS_URL_ENV),
+                   help=f"redis://[:PASSWORD@]HOST:PORT/DB: register in the worker registry (default "
+                        f"${REDIS_URL_ENV})")
     p.add_argument("--worker-id", default=None)
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="require client certificates signed by this CA (mTLS: only verifiers holding one)")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (probes without TLS)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics over plain HTTP on this port (0: a free one, printed)")
     return p
 
 
@@ -263,7 +293,9 @@ def main(argv=None) -> int:
                            max_context=args.max_context, host=args.host, port=args.port,
                            memory_budget_bytes=args.memory_budget_bytes, session_ttl_s=args.session_ttl_s,
                            host_memory_bytes=args.host_memory_bytes,
-                           max_message_bytes=args.max_message_bytes, workers=args.workers)
+                           max_message_bytes=args.max_message_bytes, workers=args.workers,
+                           tls=server_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
+                           health_port=args.health_port, metrics_port=args.metrics_port)
         server, _ = serve(cfg)
         if args.redis:
             from drafter_service.registry import register_worker
@@ -276,6 +308,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"listening {server.address}", flush=True)
+    if server.health_server is not None:
+        print(f"health {cfg.host}:{server.health_port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
     done.wait()
     server.stop()
     return 0

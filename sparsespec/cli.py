@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="HOST:PORT of a verifier (repeatable: the SDK fails over between them)")
     gen.add_argument("--chat", action="store_true",
                      help="the prompt is a user message, sent through the model's chat template")
+    gen.add_argument("--api-key", default=None, help="with --server: the API key (default $SPARSESPEC_API_KEY)")
+    gen.add_argument("--tls-ca", default=None, help="with --server: TLS, verifying the verifier with this CA (PEM)")
+    gen.add_argument("--tls-server-name", default=None,
+                     help="with --tls-ca: the name the verifier's certificate carries, if not the address")
 
     serve = sub.add_parser("serve", help="run one service: serve verifier|drafter --help")
     serve.add_argument("role", choices=["verifier", "drafter"])
@@ -87,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=0,
                     help="port of the OpenAI-compatible HTTP gateway (default 0: pick a free one)")
     up.add_argument("--no-http", action="store_true", help="do not start the HTTP gateway")
+    up.add_argument("--api-keys", default=None, metavar="FILE",
+                    help="API keys (one per line) for the gRPC API and the gateway; sessions belong to their key")
+    up.add_argument("--tls-cert", default=None, help="PEM certificate of every service (TLS on every gRPC hop)")
+    up.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    up.add_argument("--tls-ca", default=None, help="the CA that signed --tls-cert (clients verify with it)")
+    up.add_argument("--mtls", action="store_true",
+                    help="the drafter requires the verifier's client certificate (--tls-cert, signed by --tls-ca)")
 
     models = sub.add_parser("models", help="named models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -204,10 +215,17 @@ def cmd_generate_remote(args) -> int:
     """The same flags and JSON as in-process, through the client SDK."""
     from sparsespec.client import GenerationError, SparseSpecClient
 
+    import os
+
+    from sparsespec.auth import ENV_CLIENT_KEY
+    from sparsespec.tls import client_tls
+
     prompt = _read_prompt(args)
     if not prompt:
         raise SparseSpecError("prompt: is empty")
-    with SparseSpecClient(args.server) as client:
+    tls = client_tls(args.tls_ca, server_name=args.tls_server_name)
+    with SparseSpecClient(args.server, api_key=args.api_key or os.environ.get(ENV_CLIENT_KEY) or None,
+                          root_certificates=tls.ca if tls else None, tls_server_name=args.tls_server_name) as client:
         try:
             opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), k=args.k, mode=args.mode,
@@ -240,14 +258,19 @@ def cmd_up(args) -> int:
     cfg = ClusterConfig(model=args.model, drafter=args.drafter, policy=args.policy, budget=args.budget,
                         drafter_weights=args.drafter_weights, dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, k=args.k,
                         redis_persistence=args.redis_persistence, redis_dir=args.redis_dir,
-                        http_port=None if args.no_http else args.http_port)
+                        http_port=None if args.no_http else args.http_port, api_keys=args.api_keys,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, mtls=args.mtls)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     with LocalCluster(cfg) as cluster:
-        print(f"redis {cluster.redis_url} pid {cluster.redis.proc.pid}", flush=True)
+        # The password is in a 0600 file, never on the terminal (or in a log that captures it).
+        secret = f" password-file {cluster.redis.password_file}" if cluster.redis.password else ""
+        print(f"redis {cluster.redis.public_url} pid {cluster.redis.proc.pid}{secret}", flush=True)
         for proc in cluster.drafters + cluster.verifiers + cluster.gateways:    # gateway http://HOST:PORT
             print(f"{proc.name.rstrip('0123456789')} {proc.address} pid {proc.popen.pid}", flush=True)
+        for proc in cluster.drafters + cluster.verifiers:      # Prometheus; the gateway's is URL/metrics
+            print(f"metrics {proc.name} {proc.wait_metrics()}", flush=True)
         print(f"ready {cluster.address}", flush=True)
         ok = cluster.supervise(done, policy)
         print("stopping", flush=True)

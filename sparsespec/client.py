@@ -9,6 +9,8 @@ verifier streams from the session's durable log, so nothing is lost or repeated.
     for chunk in client.stream("Once upon a time", max_tokens=64):
         print(chunk.text, end="", flush=True)
     reply = client.chat([{"role": "user", "content": "Hi!"}], max_tokens=64)   # the chat template
+
+    SparseSpecClient("verifier:50051", api_key="...", root_certificates=open("ca.pem", "rb").read())
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
+from sparsespec.auth import metadata
 from sparsespec.chat import chat_prompt_ids, load_chat_tokenizer
 from sparsespec.rpc.sparsespec.v1 import common_pb2, generation_pb2 as pb
 from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
+from sparsespec.tls import ClientTLS, channel as tls_channel
 
 # Codes after which the same request may succeed elsewhere or a moment later.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
@@ -105,14 +109,21 @@ def _options(max_message_bytes: int):
 
 
 class _Resumable:
-    """The exactly-once bookkeeping shared by the sync and async clients."""
+    """The exactly-once bookkeeping shared by the sync and async clients, and how they connect:
+    `api_key` goes with every call (`authorization: Bearer KEY`); `root_certificates` (PEM bytes)
+    or `tls=True` (the system's roots) make the channels TLS; `tls_server_name` is the name the
+    verifiers' certificate carries when it is not the address dialled."""
 
-    def __init__(self, addresses, reconnect_timeout_s: float):
+    def __init__(self, addresses, reconnect_timeout_s: float, api_key: str | None = None,
+                 root_certificates: bytes | None = None, tls: bool = False, tls_server_name: str | None = None):
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
             raise ValueError("addresses: need at least one verifier address")
         self.reconnect_timeout_s = reconnect_timeout_s
         self._current = 0
+        self._metadata = metadata(api_key)
+        self._tls = (ClientTLS(root_certificates, server_name=tls_server_name)
+                     if tls or root_certificates is not None else None)
 
     def _next_address(self) -> str:
         self._current = (self._current + 1) % len(self.addresses)
@@ -147,15 +158,16 @@ class _Resumable:
 
 class SparseSpecClient(_Resumable):
     def __init__(self, addresses: str | list[str], reconnect_timeout_s: float = 60.0,
-                 max_message_bytes: int = 16 << 20):
-        super().__init__(addresses, reconnect_timeout_s)
+                 max_message_bytes: int = 16 << 20, api_key: str | None = None,
+                 root_certificates: bytes | None = None, tls: bool = False, tls_server_name: str | None = None):
+        super().__init__(addresses, reconnect_timeout_s, api_key, root_certificates, tls, tls_server_name)
         self._options = _options(max_message_bytes)
         self._channels: dict[str, grpc.Channel] = {}
         self.reconnects = 0
 
     def _stub(self, address: str) -> pb_grpc.GenerationStub:
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address, options=self._options)
+            self._channels[address] = tls_channel(address, self._tls, self._options)
         return pb_grpc.GenerationStub(self._channels[address])
 
     def stream(self, prompt, session_id: str | None = None, **kwargs) -> Iterator[Chunk]:
@@ -168,7 +180,7 @@ class SparseSpecClient(_Resumable):
         offset, resume, deadline = 0, False, None
         address = self.addresses[self._current]
         while True:
-            call = self._stub(address).Generate(req.to_proto(session, turn, resume, offset))
+            call = self._stub(address).Generate(req.to_proto(session, turn, resume, offset), metadata=self._metadata)
             try:
                 for msg in call:
                     chunk = self._fresh(_chunk(msg), offset)
@@ -216,11 +228,14 @@ class SparseSpecClient(_Resumable):
         return tokenizer
 
     def model_info(self) -> dict:
-        info = self._stub(self.addresses[self._current]).GetModelInfo(pb.ModelInfoRequest())
+        info = self._stub(self.addresses[self._current]).GetModelInfo(pb.ModelInfoRequest(), metadata=self._metadata)
         return {f.name: v for f, v in info.ListFields()}
 
     def abort(self, session_id: str) -> bool:
-        return self._stub(self.addresses[self._current]).Abort(pb.AbortRequest(session_id=session_id)).aborted
+        """Cancel the session's running turn on the current verifier; NOT_FOUND (grpc.RpcError)
+        for a session this client's key does not own or Redis does not have."""
+        return self._stub(self.addresses[self._current]).Abort(pb.AbortRequest(session_id=session_id),
+                                                               metadata=self._metadata).aborted
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -238,17 +253,18 @@ class AsyncSparseSpecClient(_Resumable):
     """The same client on grpc.aio, for asyncio servers (e.g. an HTTP front end)."""
 
     def __init__(self, addresses: str | list[str], reconnect_timeout_s: float = 60.0,
-                 max_message_bytes: int = 16 << 20, channels: dict | None = None):
+                 max_message_bytes: int = 16 << 20, channels: dict | None = None, api_key: str | None = None,
+                 root_certificates: bytes | None = None, tls: bool = False, tls_server_name: str | None = None):
         """`channels`: an address -> grpc.aio.Channel dict shared with other clients (a server
         making one client per request); this client adds to it but does not close it."""
-        super().__init__(addresses, reconnect_timeout_s)
+        super().__init__(addresses, reconnect_timeout_s, api_key, root_certificates, tls, tls_server_name)
         self._options = _options(max_message_bytes)
         self._owns_channels = channels is None
         self._channels: dict[str, grpc.aio.Channel] = {} if channels is None else channels
 
     def _stub(self, address: str) -> pb_grpc.GenerationStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = tls_channel(address, self._tls, self._options, aio=True)
         return pb_grpc.GenerationStub(self._channels[address])
 
     async def stream(self, prompt, session_id: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
@@ -258,7 +274,7 @@ class AsyncSparseSpecClient(_Resumable):
         offset, resume, deadline = 0, False, None
         address = self.addresses[self._current]
         while True:
-            call = self._stub(address).Generate(req.to_proto(session, turn, resume, offset))
+            call = self._stub(address).Generate(req.to_proto(session, turn, resume, offset), metadata=self._metadata)
             try:
                 async for msg in call:
                     chunk = self._fresh(_chunk(msg), offset)
@@ -303,7 +319,8 @@ class AsyncSparseSpecClient(_Resumable):
         return tokenizer
 
     async def model_info(self) -> dict:
-        info = await self._stub(self.addresses[self._current]).GetModelInfo(pb.ModelInfoRequest())
+        info = await self._stub(self.addresses[self._current]).GetModelInfo(pb.ModelInfoRequest(),
+                                                                             metadata=self._metadata)
         return {f.name: v for f, v in info.ListFields()}
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ that exits, on the same port, and gives up on one that keeps crashing.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sparsespec.errors import InvalidArgument, SparseSpecError
-from sparsespec.redis_server import RedisServer, check_persistence, find_redis_server
+from sparsespec.redis_server import REDIS_URL_ENV, RedisServer, check_persistence, find_redis_server
 
 
 class ClusterError(SparseSpecError):
@@ -37,6 +38,7 @@ class Proc:
     env: dict[str, str] | None = None
     started: float = field(default_factory=time.monotonic)
     address: str = ""
+    metrics_url: str = ""                  # its Prometheus /metrics, once it printed `metrics URL`
     output: list[str] = field(default_factory=list)
     _listening: threading.Event = field(default_factory=threading.Event, repr=False)
     _pump: threading.Thread | None = field(default=None, repr=False)
@@ -46,10 +48,19 @@ class Proc:
             line = line.rstrip("\n")
             self.output.append(line)
             del self.output[:-200]
+            if line.startswith("metrics ") and not self.metrics_url:     # printed right after `listening`
+                self.metrics_url = line.split()[1]
             if line.startswith("listening ") and not self._listening.is_set():
                 self.address = line.split()[1]
                 self._listening.set()
         self._listening.set()    # EOF: the process is gone
+
+    def wait_metrics(self, timeout: float = 10.0) -> str:
+        """Its /metrics URL (the line follows `listening`); "" if it prints none in time."""
+        deadline = time.monotonic() + timeout
+        while not self.metrics_url and self.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.metrics_url
 
     def wait_listening(self, timeout: float) -> bool:
         """True once it listens; False if it exited or stayed silent for `timeout` seconds."""
@@ -107,9 +118,10 @@ def spawn_service(name: str, module: str, args: list, env: dict[str, str] | None
     return proc
 
 
-def start_service(name: str, module: str, args: list[str], timeout: float = 300.0) -> Proc:
+def start_service(name: str, module: str, args: list[str], timeout: float = 300.0,
+                  env: dict[str, str] | None = None) -> Proc:
     """Run `python -m module args...`, wait for its `listening HOST:PORT` line."""
-    proc = spawn_service(name, module, args)
+    proc = spawn_service(name, module, args, env)
     if not proc.wait_listening(timeout):
         proc.kill()
         tail = "\n".join(proc.output[-15:])
@@ -132,9 +144,26 @@ class ClusterConfig:
     redis_persistence: str = "everysec"   # sparsespec.redis_server.PERSISTENCE
     redis_dir: str | None = None          # None: a temp dir, removed when the cluster stops
     http_port: int | None = None          # the OpenAI HTTP gateway's port (0: pick one); None: no gateway
+    api_keys: str | None = None           # keys file of the verifier's gRPC API and the gateway (--api-keys)
+    tls_cert: str | None = None           # one certificate (and key) for every service: the public API, the
+    tls_key: str | None = None            #   drafter, and as the verifier's client certificate with mtls
+    tls_ca: str | None = None             # the CA that signed it: how the verifier and the gateway check peers
+    mtls: bool = False                    # the drafter requires the verifier's client certificate
 
     def __post_init__(self):
         check_persistence(self.redis_persistence, "redis-persistence")
+        from sparsespec.auth import load_api_keys
+        from sparsespec.tls import client_tls, server_tls
+        load_api_keys(self.api_keys)                         # a bad file: one line now, before anything starts
+        if server_tls(self.tls_cert, self.tls_key) is not None or self.tls_ca:
+            if not self.tls_ca:
+                raise InvalidArgument("tls-ca", "is required with --tls-cert (the verifier and the gateway "
+                                                "check the services' certificate with it)")
+            client_tls(self.tls_ca)
+            if not self.tls_cert:
+                raise InvalidArgument("tls-cert", "is required with --tls-ca")
+        if self.mtls and not self.tls_cert:
+            raise InvalidArgument("mtls", "needs --tls-cert, --tls-key and --tls-ca")
         from sparsespec.models.quant import check_drafter_weights   # torch: only once a cluster is configured
         check_drafter_weights(self.drafter_weights)
 
@@ -177,7 +206,9 @@ class LocalCluster:
     """Redis + one drafter + one verifier (more can be added), and the HTTP gateway when
     cfg.http_port is set, stopped together.
 
-    Pass `redis_url` to use a Redis someone else runs (the tests stop and restart theirs)."""
+    Pass `redis_url` to use a Redis someone else runs (the tests stop and restart theirs); the
+    cluster's own Redis gets a generated password. Services get the Redis URL (password included)
+    in their environment ($SPARSESPEC_REDIS_URL), never on their command line."""
 
     def __init__(self, cfg: ClusterConfig, redis_url: str | None = None):
         self.cfg = cfg
@@ -197,7 +228,8 @@ class LocalCluster:
                 exe = find_redis_server()
                 if exe is None:
                     raise ClusterError("redis: redis-server is not on PATH (apt-get install redis-server)")
-                self.redis = RedisServer(exe, persistence=self.cfg.redis_persistence, dir=self.cfg.redis_dir)
+                self.redis = RedisServer(exe, persistence=self.cfg.redis_persistence, dir=self.cfg.redis_dir,
+                                         password=secrets.token_urlsafe(24))
                 self.redis.start()
                 self._redis_started = time.monotonic()
                 self.redis_url = self.redis.url
@@ -220,31 +252,47 @@ class LocalCluster:
         return self.gateways[0].address if self.gateways else ""
 
     def _common(self) -> list:
-        args = ["--model", self.cfg.model, "--dtype", self.cfg.dtype, "--redis", self.redis_url]
+        args = ["--model", self.cfg.model, "--dtype", self.cfg.dtype]
         if self.cfg.max_context:
             args += ["--max-context", self.cfg.max_context]
         return args
 
+    @property
+    def _env(self) -> dict[str, str]:
+        return {REDIS_URL_ENV: self.redis_url}
+
+    def _keys(self) -> list:
+        return ["--api-keys", self.cfg.api_keys] if self.cfg.api_keys else []
+
     def add_drafter(self) -> Proc:
-        args = self._common() + ["--drafter", self.cfg.drafter, "--drafter-weights", self.cfg.drafter_weights,
-                                 *(["--policy", self.cfg.policy] if self.cfg.policy else []),
-                                 "--budget", self.cfg.budget]
-        proc = start_service(f"drafter{len(self.drafters)}", "drafter_service", args)
+        c = self.cfg
+        args = self._common() + ["--drafter", c.drafter, "--drafter-weights", c.drafter_weights,
+                                 *(["--policy", c.policy] if c.policy else []),
+                                 "--budget", c.budget, "--metrics-port", 0]
+        if c.tls_cert:
+            args += ["--tls-cert", c.tls_cert, "--tls-key", c.tls_key] + (["--tls-client-ca", c.tls_ca] if c.mtls else [])
+        proc = start_service(f"drafter{len(self.drafters)}", "drafter_service", args, env=self._env)
         self.drafters.append(proc)
         return proc
 
     def add_verifier(self) -> Proc:
-        args = self._common() + ["--max-batch", self.cfg.max_batch, "-k", self.cfg.k,
-                                 "--lease-ms", self.cfg.lease_ms]
-        proc = start_service(f"verifier{len(self.verifiers)}", "verifier_service", args)
+        c = self.cfg
+        args = self._common() + ["--max-batch", c.max_batch, "-k", c.k, "--lease-ms", c.lease_ms,
+                                 "--metrics-port", 0] + self._keys()
+        if c.tls_cert:
+            args += ["--tls-cert", c.tls_cert, "--tls-key", c.tls_key, "--drafter-tls-ca", c.tls_ca]
+            if c.mtls:
+                args += ["--drafter-tls-cert", c.tls_cert, "--drafter-tls-key", c.tls_key]
+        proc = start_service(f"verifier{len(self.verifiers)}", "verifier_service", args, env=self._env)
         self.verifiers.append(proc)
         return proc
 
     def add_gateway(self) -> Proc:
         """The OpenAI HTTP gateway; it finds the verifiers in the Redis registry."""
-        args = ["--model", self.cfg.model, "--redis", self.redis_url, "--port", self.cfg.http_port or 0,
-                "-k", self.cfg.k]
-        proc = start_service(f"gateway{len(self.gateways)}", "sparsespec.gateway", args)
+        args = ["--model", self.cfg.model, "--port", self.cfg.http_port or 0, "-k", self.cfg.k] + self._keys()
+        if self.cfg.tls_ca:
+            args += ["--verifier-tls-ca", self.cfg.tls_ca]
+        proc = start_service(f"gateway{len(self.gateways)}", "sparsespec.gateway", args, env=self._env)
         self.gateways.append(proc)
         return proc
 
@@ -322,7 +370,7 @@ class LocalCluster:
                 except RuntimeError as e:
                     log(f"up: {e}")
                     return False
-                log(f"up: redis restarted: {self.redis.url} pid {self.redis.proc.pid}")
+                log(f"up: redis restarted: {self.redis.public_url} pid {self.redis.proc.pid}")
                 return False
             for procs in (self.drafters, self.verifiers, self.gateways):
                 for i, proc in enumerate(procs):

@@ -4,11 +4,17 @@
 started again on the same port and data dir, which is how tests show that a client gets
 RedisUnavailable while Redis is down and works again once it is back, and that a restarted Redis
 still has every committed token (docs/deploy.md, "Durability").
+
+With a password (`sparsespec up` generates one), Redis refuses every command before AUTH, so a
+local process cannot rewrite a session's log behind the verifier's back. The password is in a
+0600 config file Redis reads (never in a command line, which any local user can list) and in
+`url`, which services get through the environment ($SPARSESPEC_REDIS_URL), not their argv.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +35,15 @@ PERSISTENCE = {
     "always": ("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
     "none": ("--appendonly", "no", "--save", ""),
 }
+
+
+REDIS_URL_ENV = "SPARSESPEC_REDIS_URL"   # a Redis URL with its password, kept out of argv and files
+PASSWORD_FILE = "password"               # in the data dir, mode 0600: for people joining a local cluster
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit for a log line: `redis://:***@HOST:PORT/DB`."""
+    return re.sub(r"^(\w+://)[^@/]*@", r"\1:***@", url)
 
 
 def check_persistence(mode: str, field: str = "persistence") -> str:
@@ -53,7 +68,10 @@ class RedisServer:
     dir is left in place, so the next server on it starts with its data."""
 
     def __init__(self, executable: str, port: int | None = None, persistence: str = "everysec",
-                 dir: str | None = None):
+                 dir: str | None = None, password: str | None = None):
+        if password is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", password):
+            raise InvalidArgument("redis-password", "must be 16 or more of A-Z a-z 0-9 _ - (it goes in a URL)")
+        self.password = password
         self.executable = executable
         self.port = port or free_port()
         self.persistence = check_persistence(persistence)
@@ -64,7 +82,31 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """What clients connect with (the password included: keep it out of logs and argv)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def public_url(self) -> str:
+        """The URL without the password, for logs."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def password_file(self) -> str:
+        return os.path.join(self.dir, PASSWORD_FILE) if self.password else ""
+
+    def _write_secrets(self) -> list[str]:
+        """The 0600 config file holding `requirepass` (redis-server's first argument), and the
+        password file; [] without a password."""
+        if not self.password:
+            return []
+        conf = os.path.join(self.dir, "redis.conf")
+        for path, text in ((conf, f"requirepass {self.password}\n"), (self.password_file, self.password + "\n")):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o600)
+        return [conf]
 
     @property
     def address(self) -> str:
@@ -80,7 +122,8 @@ class RedisServer:
             return
         log = open(os.path.join(self.dir, "redis.log"), "ab")
         self.proc = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", *PERSISTENCE[self.persistence],
+            [self.executable, *self._write_secrets(), "--port", str(self.port), "--bind", "127.0.0.1",
+             *PERSISTENCE[self.persistence],
              "--dir", self.dir, "--daemonize", "no"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -120,7 +163,11 @@ class RedisServer:
     def _pong(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                s.sendall(auth + b"PING\r\n")
+                f = s.makefile("rb")
+                if auth and not f.readline().startswith(b"+OK"):
+                    return False
+                return f.readline().startswith(b"+PONG")
         except OSError:
             return False

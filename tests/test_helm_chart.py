@@ -10,11 +10,13 @@ renders must start the real services, which then answer those probes.
 
 from __future__ import annotations
 
+import base64
 import copy
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -98,7 +100,8 @@ def test_probes_use_the_grpc_health_service(values_file):
     for pool, service in HEALTH.items():
         c = container(docs, pool)
         port = int(flag(c["args"], "--port"))
-        assert c["ports"] == [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+        assert c["ports"][0] == {"name": "grpc", "containerPort": port, "protocol": "TCP"}
+        assert [p["name"] for p in c["ports"][1:]] == ["metrics"]          # the probes never ask it
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert set(c[probe]) - {"periodSeconds", "failureThreshold"} == {"grpc"}, (pool, probe, c[probe])
             assert c[probe]["grpc"]["port"] == port
@@ -200,6 +203,14 @@ BAD = {
     "autoscaling min above max": ({**MODEL, "drafter": {"autoscaling": {"enabled": True, "minReplicas": 9,
                                                                          "maxReplicas": 2}}},
                                   "drafter.autoscaling.minReplicas (9) must be <= maxReplicas (2)"),
+    "api keys without keys": ({**MODEL, "apiKeys": {"enabled": True}},
+                              "apiKeys.keys or apiKeys.existingSecret is required"),
+    "a short api key": ({**MODEL, "apiKeys": {"enabled": True, "keys": ["short"]}}, "/apiKeys/keys/0"),
+    "tls without a secret": ({**MODEL, "tls": {"enabled": True}}, "tls.existingSecret is required"),
+    "tls flag in args": ({**MODEL, "verifier": {"args": {"tls-cert": "/x"}}}, "verifier.args.tls-cert is set by the chart"),
+    "health port on the serving port": ({**MODEL, "tls": {"enabled": True, "existingSecret": "t", "healthPort": 50051}},
+                                        "tls.healthPort (50051) must differ"),
+    "metrics on the serving port": ({**MODEL, "metrics": {"port": 50052}}, "metrics.port (50052) must differ"),
     "bad dtype": ({"model": {"path": "/m", "dtype": "float8"}}, "/model/dtype"),
     "bad redis persistence": ({**MODEL, "redis": {"persistence": {"mode": "no"}}}, "/redis/persistence/mode"),
 }
@@ -211,6 +222,70 @@ def test_bad_values_fail_at_render_time_with_the_field(case):
     with pytest.raises(helm.HelmError) as err:
         render(values)
     assert needle in str(err.value), str(err.value)
+
+
+KEYS_AND_TLS = {**MODEL, "apiKeys": {"enabled": True, "keys": ["k" * 20, "second-key-0123456789"]},
+                "tls": {"enabled": True, "existingSecret": "sparsespec-tls", "serverName": "sparsespec.ns.svc"}}
+
+
+@pytest.mark.parametrize("client_auth", [True, False], ids=["mtls", "tls"])
+def test_api_keys_and_tls_come_from_secrets_and_the_services_take_the_flags(client_auth):
+    values = copy.deepcopy(KEYS_AND_TLS)
+    values["tls"]["drafterClientAuth"] = client_auth
+    docs = render(values)
+    for doc in docs:
+        kv.validate(doc, KUBE_VERSIONS[0], strict=True)
+    secret = by_kind(docs, "Secret")["rel-sparsespec-api-keys"]
+    assert base64.b64decode(secret["data"]["api-keys"]).decode() == "k" * 20 + "\nsecond-key-0123456789"
+    assert "k" * 20 not in yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])   # only in the Secret
+    from drafter_service.server import build_parser as drafter_parser
+    from verifier_service.server import build_parser as verifier_parser
+    pods = by_kind(docs, "Deployment")
+    for pool, parser in (("verifier", verifier_parser), ("drafter", drafter_parser)):
+        c = container(docs, pool)
+        args = parser().parse_args(c["args"][2:])          # the service's own parser takes every flag
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pods[f"rel-sparsespec-{pool}"]["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "sparsespec-tls" and mounts["tls"] == "/etc/sparsespec/tls"
+        assert (args.tls_cert, args.tls_key, args.health_port) == ("/etc/sparsespec/tls/tls.crt",
+                                                                   "/etc/sparsespec/tls/tls.key", 8086)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):   # kubelet's probe has no TLS
+            assert c[probe]["grpc"]["port"] == 8086
+        if pool == "verifier":
+            assert args.api_keys == "/etc/sparsespec/api-keys/keys" and mounts["api-keys"] == "/etc/sparsespec/api-keys"
+            assert volumes["api-keys"]["secret"] == {"secretName": "rel-sparsespec-api-keys",
+                                                     "items": [{"key": "api-keys", "path": "keys"}]}
+            assert (args.drafter_tls_ca, args.drafter_tls_server_name) == ("/etc/sparsespec/tls/ca.crt",
+                                                                           "sparsespec.ns.svc")
+            assert args.drafter_tls_cert == ("/etc/sparsespec/tls/tls.crt" if client_auth else None)
+        else:
+            assert "api-keys" not in mounts and "--api-keys" not in c["args"]
+            assert args.tls_client_ca == ("/etc/sparsespec/tls/ca.crt" if client_auth else None)
+
+
+def test_metrics_port_on_every_pod_and_an_optional_service_monitor():
+    docs = render({**MODEL, "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    from drafter_service.server import build_parser as drafter_parser
+    from verifier_service.server import build_parser as verifier_parser
+    for pool, parser in (("verifier", verifier_parser), ("drafter", drafter_parser)):
+        c = container(docs, pool)
+        assert parser().parse_args(c["args"][2:]).metrics_port == 9090
+        assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
+        svc = by_kind(docs, "Service")[f"rel-sparsespec-{pool}-headless"]
+        assert {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP",
+                "appProtocol": "http"} in svc["spec"]["ports"]
+    for doc in docs:
+        if doc["kind"] != "ServiceMonitor":          # a CRD: no schema in kubernetes-validate
+            kv.validate(doc, KUBE_VERSIONS[0], strict=True)
+    sm = by_kind(docs, "ServiceMonitor")["rel-sparsespec"]
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    headless = [d for n, d in by_kind(docs, "Service").items() if n.endswith("-headless")]
+    assert all(set(sm["spec"]["selector"]["matchLabels"].items()) <= set(d["metadata"]["labels"].items())
+               for d in headless)
+    assert "ServiceMonitor" not in {d["kind"] for d in render(MODEL)}          # off by default
+    off = render({**MODEL, "metrics": {"enabled": False}})
+    assert "--metrics-port" not in container(off, "verifier")["args"]
 
 
 # ---- the rendered arguments start the real services, and the rendered probes pass ------------
@@ -227,6 +302,8 @@ def runnable(args: list[str], model_dir: Path, redis_url: str, port: int) -> lis
     out[out.index("--model") + 1] = str(model_dir)
     out[out.index("--redis") + 1] = redis_url
     out[out.index("--port") + 1] = str(port)
+    if "--metrics-port" in out:                    # each pod has its own IP; here they share one
+        out[out.index("--metrics-port") + 1] = "0"
     return out
 
 
@@ -260,6 +337,10 @@ def test_rendered_args_start_the_services_and_their_probes_pass(tmp_path, redis_
             while line and not line.startswith("listening "):
                 line = proc.stdout.readline()
             assert line.strip() == f"listening {address}", (pool, line, proc.poll())
+            metrics = proc.stdout.readline().split()            # the rendered --metrics-port serves
+            assert metrics[0] == "metrics", metrics
+            with urllib.request.urlopen(metrics[1], timeout=10) as r:
+                assert b"sparsespec:" in r.read()
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 service = c[probe]["grpc"]["service"]
                 deadline = time.monotonic() + 30

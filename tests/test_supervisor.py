@@ -46,7 +46,11 @@ class Up:
         threading.Thread(target=self._read, daemon=True).start()
         self.pids: set[int] = set()
         try:
-            self.redis_url, self.redis_pid = self.expect(r"^redis (\S+) pid (\d+)$").groups()
+            # `up` prints Redis' URL without its password, and the 0600 file that holds it
+            self.public_redis_url, self.redis_pid, secret = self.expect(
+                r"^redis (\S+) pid (\d+) password-file (\S+)$").groups()
+            with open(secret) as f:
+                self.redis_url = self.public_redis_url.replace("redis://", f"redis://:{f.read().strip()}@", 1)
             self.drafter, self.drafter_pid = self.expect(r"^drafter (\S+) pid (\d+)$").groups()
             self.verifier, self.verifier_pid = self.expect(r"^verifier (\S+) pid (\d+)$").groups()
             assert self.expect(r"^ready (\S+)$")[1] == self.verifier
@@ -118,7 +122,7 @@ def test_killed_children_come_back_on_their_address_and_sigterm_stops_all(model_
 
             up.kill_child(up.redis_pid)                      # its AOF keeps every committed token
             up.expect(r"^up: redis exited with code -9 \(SIGKILL\); restarting \(crash 1 of 3\)$")
-            up.expect(rf"^up: redis restarted: {re.escape(up.redis_url)} pid \d+$")
+            up.expect(rf"^up: redis restarted: {re.escape(up.public_redis_url)} pid \d+$")
             assert SessionStore(up.redis_url).context(first.session_id) == committed
             assert client.generate(PROMPT, max_tokens=16).token_ids == first.token_ids
 

@@ -3,12 +3,15 @@
 A verifier owns a session through a lease with an epoch; every append carries the epoch, so a
 verifier that lost the session (it stalled, another one took over) cannot write to it again.
 The turn's parameters are stored with the session, so any verifier can take a turn over from
-the log alone.
+the log alone. With API keys on, a session is bound to the hash of the key that created it:
+for any other key it does not exist (SessionGone, NOT_FOUND, the same answer as for an unknown
+id), so it can be neither resumed, read, extended nor aborted, and the refusal writes nothing.
 """
 
 from __future__ import annotations
 
 import uuid
+import hmac
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -69,26 +72,40 @@ class DurableSessions(CommitLog):
         self._epochs: dict[str, int] = {}     # sessions this verifier owns -> epoch
 
     def new_session(self, prompt: list[int], spec: TurnSpec, session: str | None = None,
-                    turn_id: str | None = None) -> tuple[str, list[int], int]:
+                    turn_id: str | None = None, key: str = "") -> tuple[str, list[int], int]:
         session = session or uuid.uuid4().hex
         rec = self.store.create(session, prompt, spec.to_dict(), owner=self.owner, lease_ttl_ms=self.lease_ms,
-                                turn_id=turn_id)
+                                turn_id=turn_id, key=key)
         self._epochs[session] = rec.epoch
         return session, list(prompt), rec.epoch
 
-    def new_turn(self, session: str, user_tokens: list[int], spec: TurnSpec,
-                 check: Callable[[list[int]], None], turn_id: str) -> tuple[list[int], int]:
-        """Continue a session with the user's tokens (creating it under this id if new).
-        Returns (the turn's full prompt context, epoch). `check(context)` sees the turn's whole
-        prompt context before anything is written, so a turn it refuses leaves no trace."""
+    def record(self, session: str, key: str = ""):
+        """The session's record if it exists for `key` (the caller's key hash), else SessionGone."""
         try:
             rec = self.store.get(session)
         except SessionNotFound:
+            raise SessionGone(f"session_id: {session!r} not found") from None
+        if not hmac.compare_digest(rec.key, key):
+            raise SessionGone(f"session_id: {session!r} not found")
+        return rec
+
+    def new_turn(self, session: str, user_tokens: list[int], spec: TurnSpec,
+                 check: Callable[[list[int]], None], turn_id: str, key: str = "") -> tuple[list[int], int]:
+        """Continue a session with the user's tokens (creating it under this id, bound to `key`,
+        if new). Returns (the turn's full prompt context, epoch). `check(context)` sees the turn's
+        whole prompt context before anything is written, so a turn it refuses leaves no trace."""
+        try:
+            rec = self.store.get(session)
+        except SessionNotFound:
+            rec = None
+        if rec is not None and not hmac.compare_digest(rec.key, key):
+            raise SessionGone(f"session_id: {session!r} not found")     # another key's: not there for this one
+        if rec is None:
             if not user_tokens:
                 raise SessionGone(f"session_id: {session!r} not found and the prompt is empty") from None
             check(list(user_tokens))
             try:
-                _, context, epoch = self.new_session(user_tokens, spec, session, turn_id)
+                _, context, epoch = self.new_session(user_tokens, spec, session, turn_id, key)
             except SessionExists:
                 raise SessionBusy(f"session_id: {session!r} was just created by another request") from None
             return context, epoch
@@ -102,18 +119,15 @@ class DurableSessions(CommitLog):
         self.store.begin_turn(session, epoch, len(stored), user_tokens, params=spec.to_dict(), turn_id=turn_id)
         return context, epoch
 
-    def latest_turn(self, session: str) -> str | None:
-        """The id of the session's latest turn; None if Redis has no such session."""
+    def latest_turn(self, session: str, key: str = "") -> str | None:
+        """The id of the session's latest turn; None if Redis has no such session for `key`."""
         try:
-            return self.store.get(session).turn_id
-        except SessionNotFound:
+            return self.record(session, key).turn_id
+        except SessionGone:
             return None
 
-    def take_over(self, session: str) -> TakeOver:
-        try:
-            rec = self.store.get(session)
-        except SessionNotFound:
-            raise SessionGone(f"session_id: {session!r} not found") from None
+    def take_over(self, session: str, key: str = "") -> TakeOver:
+        rec = self.record(session, key)
         finished = rec.state != "active"
         epoch = rec.epoch if finished else self._own(session, rec.epoch)
         ctx = self.store.context(session)

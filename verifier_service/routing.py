@@ -18,6 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
+from sparsespec import telemetry
 from sparsespec.spec.drafter import StateMismatch
 from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DraftReply, DrafterClient, DrafterUnavailable
 
@@ -75,7 +76,9 @@ class RoutingDrafterClient(DrafterClient):
         if base_len == 0 or session not in self._bound:
             # A re-open: bind a live drafter and send it the base_len-0 draft (it re-opens itself).
             self._unbind(session)              # the re-open throttle (_next_try) stays
-            return self._bind(session, lambda client: client.draft(session, 0, append, k, params, summary, feed))
+            reply = self._bind(session, lambda client: client.draft(session, 0, append, k, params, summary, feed))
+            telemetry.REBINDS.inc()
+            return reply
         address = self._bound[session]
         try:
             return self._client(address).draft(session, base_len, append, k, params, summary, feed)

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from kvstore.coord.sessions import RedisUnavailable, SessionBusy
-from sparsespec import failpoints
+from sparsespec import failpoints, telemetry
 from sparsespec.errors import SparseSpecError
 from sparsespec.spec.loop import GenerationRequest, GenerationResult, Run, SpecEngine
 from sparsespec.spec.metrics import RequestMetrics
@@ -77,6 +77,7 @@ class Job:
     req: GenerationRequest
     log_len: int                            # committed context length in the log at the start
     turn_id: str = ""                       # the turn's id in the log (the client's, if it sent one)
+    key: str = ""                           # hash of the API key its session is bound to ('' without keys)
     generated: list[int] = field(default_factory=list)   # durable tokens of this turn (mirror)
     result: GenerationResult | None = None
     error: BaseException | None = None
@@ -85,6 +86,10 @@ class Job:
     run: Run | None = None                  # the engine's run, while the turn holds a row
     watchers: int = 0                       # streams following it (the servicer counts them)
     changed: threading.Condition = field(default_factory=threading.Condition)
+    clock: telemetry.TokenClock | None = None   # TTFT and inter-token latency (/metrics)
+
+    def __post_init__(self):
+        self.clock = telemetry.TokenClock(fresh=not self.generated)
 
     @property
     def finished(self) -> bool:
@@ -96,6 +101,8 @@ class Job:
             self.changed.wait_for(lambda: len(self.generated) > offset or self.finished, timeout)
 
     def _update(self, tokens=(), result=None, error=None) -> None:
+        if tokens:
+            self.clock.tokens(len(tokens))
         with self.changed:
             self.generated.extend(tokens)
             if result is not None:
@@ -315,7 +322,10 @@ class Scheduler:
         runnable = sorted((job.run for job in jobs if not job.run.done and not job.backlog),
                           key=lambda r: r.row)
         try:
+            t0 = time.monotonic()
             committed = self.engine.step(runnable) if runnable else {}
+            if runnable:
+                telemetry.ROUND.observe(time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001 - a failed forward fails these jobs, not the server
             log.exception("round failed")
             for job in jobs:
@@ -377,6 +387,7 @@ class Scheduler:
         del self._active[job.session]
         self._forget(job)
         self._parked[job.session] = _Parked(run.row, list(run.tokens), run.drafter_base)
+        telemetry.turn_finished(result.metrics)
         job._update(result=result)
 
     def _drop(self, job: Job, error: BaseException) -> None:

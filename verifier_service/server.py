@@ -23,9 +23,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore.cache.summary import SummaryConfig
+from sparsespec.auth import ApiKeyInterceptor, ApiKeys, load_api_keys
 from sparsespec.spec.summaries import ScheduleConfig
 from sparsespec.errors import InvalidArgument, SparseSpecError
+from sparsespec.redis_server import REDIS_URL_ENV
 from sparsespec.rpc.strict import add_servicer
+from sparsespec.tls import ClientTLS, ServerTLS, client_tls, health_only_server, server_tls
 
 log = logging.getLogger("verifier_service")
 
@@ -53,13 +56,21 @@ class VerifierConfig:
     worker_id: str = field(default_factory=lambda: f"verifier-{uuid.uuid4().hex[:8]}")
     summaries: SummaryConfig = field(default_factory=SummaryConfig)   # KV summaries to drafters
     summary_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)   # and when they go
+    api_keys: ApiKeys | None = None    # the Generation API's keys (sparsespec.auth); None: open
+    tls: ServerTLS | None = None       # the Generation API over TLS; None: plaintext
+    drafter_tls: ClientTLS | None = None   # TLS (and a client certificate for mTLS) to drafters
+    health_port: int | None = None     # plaintext grpc.health.v1 alone, for probes without TLS
+    metrics_port: int | None = None    # Prometheus /metrics over plain HTTP (0: a free port); None: off
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "default_k", "lease_ms", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
         if not self.redis_url:
-            raise InvalidArgument("redis", "the verifier needs Redis (sessions and the commit log)")
+            raise InvalidArgument("redis", f"the verifier needs Redis (sessions and the commit log): "
+                                           f"--redis URL or ${REDIS_URL_ENV}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise InvalidArgument("health-port", f"must be in [0, 65535], got {self.health_port}")
 
 
 class VerifierServer:
@@ -84,7 +95,7 @@ class VerifierServer:
                      else RegistryDirectory(self.registry, None))
         drafters = RoutingDrafterClient(
             directory, lambda a: GrpcDrafterClient(a, timeout_s=cfg.draft_timeout_s,
-                                                   max_message_bytes=cfg.max_message_bytes))
+                                                   max_message_bytes=cfg.max_message_bytes, tls=cfg.drafter_tls))
         eos = set(model.cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -92,19 +103,30 @@ class VerifierServer:
                             summary=cfg.summaries, schedule=cfg.summary_schedule)
         self.sessions = DurableSessions(self.store, cfg.worker_id, cfg.lease_ms)
         self.scheduler = Scheduler(engine, self.sessions, cfg.max_queue)
+        from sparsespec import telemetry
+        telemetry.watch_verifier(self.scheduler, model.cfg.kv_bytes_per_token(model.dtype.itemsize))
+        self.metrics_port = telemetry.serve(cfg.host, cfg.metrics_port)
         info = dict(model=str(cfg.model), vocab_size=model.cfg.vocab_size, max_context=engine.max_context,
                     num_layers=model.cfg.num_layers, dtype=str(model.dtype).removeprefix("torch."))
-        self.servicer = GenerationServicer(self.scheduler, self.sessions, tokenizer, info, cfg.default_k)
+        self.servicer = GenerationServicer(self.scheduler, self.sessions, tokenizer, info, cfg.default_k,
+                                           cfg.api_keys)
         self.health = health.HealthServicer()
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes)]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4 * cfg.max_queue), options=opts)
+        interceptors = [ApiKeyInterceptor(cfg.api_keys)] if cfg.api_keys is not None else []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4 * cfg.max_queue), options=opts,
+                                  interceptors=interceptors)
         add_servicer(self.servicer, SERVICE, self.server)   # undecodable requests: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        where = f"{cfg.host}:{cfg.port}"
+        self.port = (self.server.add_secure_port(where, cfg.tls.credentials()) if cfg.tls is not None
+                     else self.server.add_insecure_port(where))
         if self.port == 0:
             raise SparseSpecError(f"port: cannot listen on {cfg.host}:{cfg.port}")
         self.address = f"{cfg.host}:{self.port}"
+        self.health_server = None
+        if cfg.health_port is not None:
+            self.health_server, self.health_port = health_only_server(self.health, cfg.host, cfg.health_port)
         self._stopping = threading.Event()
         self._watch = threading.Thread(target=self._watch_health, name="health", daemon=True)
 
@@ -115,6 +137,8 @@ class VerifierServer:
             self.scheduler.start()
         self._check_health()        # a probe right after `listening` gets an answer, not NOT_FOUND
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self._watch.start()
         info = WorkerInfo(self.cfg.worker_id, "verifier", self.address, str(self.cfg.model), self.cfg.max_batch)
         self.heartbeat = Heartbeat(self.registry, info, load=self.scheduler.load).start()
@@ -170,13 +194,17 @@ class VerifierServer:
         self._stopping.set()
         self.heartbeat.stop()
         self.server.stop(grace=1.0).wait()
+        if self.health_server is not None:
+            self.health_server.stop(grace=0)
         self.scheduler.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m verifier_service", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--redis", required=True, help="redis://HOST:PORT/DB")
+    p.add_argument("--redis", default=os.environ.get(REDIS_URL_ENV),
+                   help=f"redis://[:PASSWORD@]HOST:PORT/DB (default ${REDIS_URL_ENV}, which keeps a password "
+                        "out of the process list)")
     p.add_argument("--drafter-address", action="append", default=[],
                    help="HOST:PORT of a drafter (repeatable); default: drafters from the Redis registry")
     p.add_argument("--host", default="127.0.0.1")
@@ -195,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score attention and send KV summaries to drafters whose policy reads them")
     p.add_argument("--summary-layers", default=None, help="verifier layers scored, comma-separated "
                                                           "(default: 3 evenly spaced)")
+    add_security_flags(p)
     p.add_argument("--summary-every", type=int, default=ScheduleConfig.every_rounds,
                    help="send at least every R rounds")
     p.add_argument("--summary-alpha", type=float, default=ScheduleConfig.alpha_threshold,
@@ -202,6 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-growth", type=int, default=ScheduleConfig.growth,
                    help="send when the context grew by this many tokens")
     return p
+
+
+def add_security_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="API keys of the Generation API, one per line (default $SPARSESPEC_API_KEYS; "
+                        "neither: no keys); a session belongs to the key that created it")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve the Generation API over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="also require client certificates signed by this CA")
+    p.add_argument("--drafter-tls-ca", default=None, help="TLS to drafters, verified with this CA (PEM)")
+    p.add_argument("--drafter-tls-cert", default=None, help="client certificate for drafters that require one")
+    p.add_argument("--drafter-tls-key", default=None, help="private key of --drafter-tls-cert")
+    p.add_argument("--drafter-tls-server-name", default=None,
+                   help="the name drafters' certificates carry, when it is not the address dialled")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (probes without TLS)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics over plain HTTP on this port (0: a free one, printed)")
+
+
+def security_config(args) -> dict:
+    """--api-keys and the TLS flags -> VerifierConfig fields (files read and checked now)."""
+    return dict(api_keys=load_api_keys(args.api_keys),
+                tls=server_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
+                drafter_tls=client_tls(args.drafter_tls_ca, args.drafter_tls_cert, args.drafter_tls_key,
+                                       args.drafter_tls_server_name, prefix="drafter-tls"),
+                health_port=args.health_port)
 
 
 def summary_config(args) -> tuple[SummaryConfig, ScheduleConfig]:
@@ -225,12 +281,13 @@ def main(argv=None) -> int:
     try:
         extra = {"worker_id": args.worker_id} if args.worker_id else {}
         summaries, schedule = summary_config(args)
-        cfg = VerifierConfig(model=args.model, redis_url=args.redis, drafters=tuple(args.drafter_address),
+        cfg = VerifierConfig(model=args.model, redis_url=args.redis or "", drafters=tuple(args.drafter_address),
                              host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                              max_context=args.max_context,
                              max_batch=args.max_batch, max_queue=args.max_queue, default_k=args.k,
                              lease_ms=args.lease_ms,
-                             drain_s=args.drain_s, summaries=summaries, summary_schedule=schedule, **extra)
+                             drain_s=args.drain_s, summaries=summaries, summary_schedule=schedule,
+                             metrics_port=args.metrics_port, **security_config(args), **extra)
         server = VerifierServer(cfg).start(scheduler_thread=False)
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -239,6 +296,10 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     print(f"listening {server.address}", flush=True)
+    if server.health_server is not None:
+        print(f"health {cfg.host}:{server.health_port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
     scheduler = server.scheduler
     try:
         scheduler.run(until=done.is_set)                 # rounds run on the main thread

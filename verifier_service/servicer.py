@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import grpc
 
 from kvstore.coord.sessions import SessionBusy
+from sparsespec import telemetry
+from sparsespec.auth import ApiKeys, caller_hash
 from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError, shown
 from sparsespec.rpc.sparsespec.v1 import generation_pb2 as pb
 from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
@@ -61,7 +63,10 @@ class ResumeRace(SparseSpecError):
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, scheduler: Scheduler, sessions: DurableSessions, tokenizer, model_info: dict,
-                 default_k: int = 4):
+                 default_k: int = 4, api_keys: ApiKeys | None = None):
+        """api_keys: every call carries one of them (ApiKeyInterceptor refuses the others) and a
+        session belongs to the key that created it; None: no authentication."""
+        self.api_keys = api_keys
         self.scheduler = scheduler
         self.sessions = sessions
         self.tokenizer = tokenizer
@@ -76,12 +81,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def Generate(self, request, context):
         try:
-            job, offset = self._open(request)
+            job, offset = self._open(request, caller_hash(self.api_keys, context))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
             self._abort(context, e)
         yield from self._stream(job, offset, context)
 
     def Abort(self, request, context):
+        """NOT_FOUND for a session Redis does not have for this caller's key (another key's
+        session reads exactly as an unknown one); else whether a turn running here was cancelled."""
+        try:
+            if not request.session_id:
+                raise InvalidArgument("session_id", "is empty")
+            self.sessions.record(request.session_id, caller_hash(self.api_keys, context))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
+            self._abort(context, e)
         job = self.jobs.get(request.session_id)
         return pb.AbortReply(aborted=job is not None and self.scheduler.cancel(job))
 
@@ -97,15 +110,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             context.abort(code, f"internal error: {type(e).__name__}: {e}")
         context.abort(code, str(e))
 
-    def _open(self, request) -> tuple[Job, int]:
-        """Validate, then register the turn: nothing reaches Redis for a refused request."""
+    def _open(self, request, key: str) -> tuple[Job, int]:
+        """Validate, then register the turn: nothing reaches Redis for a refused request.
+        `key`: the caller's API key hash, which the session must be bound to."""
         if self.draining:
             raise Draining("verifier is draining; retry on another verifier")
         if request.resume:
-            return self._resume(request)
-        return self._new_turn(request), 0
+            return self._resume(request, key)
+        return self._new_turn(request, key), 0
 
-    def _new_turn(self, request) -> Job:
+    def _new_turn(self, request, key: str) -> Job:
         spec = self._turn_spec(request)
         prompt = self._prompt_ids(request)
         session = request.session_id or uuid.uuid4().hex
@@ -114,12 +128,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         def check(context: list[int]) -> None:         # the whole prompt, before any write
             self.scheduler.engine.check(spec.request(context))
 
-        with self._claim(session, SessionBusy), self.scheduler.reserve() as slot:
-            context, epoch = self.sessions.new_turn(session, prompt, spec, check, turn_id)
-            job = Job(session, epoch, spec.request(context), log_len=len(context), turn_id=turn_id)
+        with self._claim(session, SessionBusy, key), self.scheduler.reserve() as slot:
+            context, epoch = self.sessions.new_turn(session, prompt, spec, check, turn_id, key)
+            job = Job(session, epoch, spec.request(context), log_len=len(context), turn_id=turn_id, key=key)
             return self._submit(job, slot)
 
-    def _resume(self, request) -> tuple[Job, int]:
+    def _resume(self, request, key: str) -> tuple[Job, int]:
         """Re-attach to a turn: here if it runs here, else take the session over from the log.
 
         The log is the truth: a session Redis no longer has is not answered from memory. With
@@ -131,38 +145,42 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise InvalidArgument("session_id", "resume needs a session_id")
         if request.resume_offset < 0:
             raise InvalidArgument("resume_offset", f"must be >= 0, got {request.resume_offset}")
-        latest = self.sessions.latest_turn(session)
+        latest = self.sessions.latest_turn(session, key)
         if request.turn_id and latest != request.turn_id:
             if request.resume_offset == 0:
-                return self._new_turn(request), 0
+                return self._new_turn(request, key), 0
             raise SessionGone(f"turn_id: {shown(request.turn_id)} is no longer the latest turn of session "
                               f"{shown(session)}")
         job = self.jobs.get(session)
         if latest is None:
-            if job is not None:
+            if job is not None and job.key == key:      # not another key's running turn
                 self._forget(job)
             raise SessionGone(f"session_id: {shown(session)} not found")
         if job is not None and job.error is None and job.turn_id == latest:
             return job, request.resume_offset
-        with self._claim(session, ResumeRace), self.scheduler.reserve() as slot:
-            state = self.sessions.take_over(session)
+        with self._claim(session, ResumeRace, key), self.scheduler.reserve() as slot:
+            state = self.sessions.take_over(session, key)
             # The turn's prompt is state.context; the tokens it already generated are durable and
             # are this job's first tokens; the rest is generated from context + generated.
             job = Job(session, state.epoch, state.spec.request(state.context),
-                      log_len=len(state.context), generated=list(state.generated), turn_id=latest)
+                      log_len=len(state.context), generated=list(state.generated), turn_id=latest, key=key)
             remaining = state.spec.max_tokens - len(state.generated)
             if state.finished or remaining <= 0:
                 job.result = state.result()
                 return job, request.resume_offset
             job.req = state.spec.request(state.context + state.generated, max_tokens=remaining)
+            telemetry.RESUMES.inc()
             return self._submit(job, slot), request.resume_offset
 
     @contextmanager
-    def _claim(self, session: str, busy: type[SparseSpecError]):
+    def _claim(self, session: str, busy: type[SparseSpecError], key: str):
         """Check that no turn of `session` runs here and register one, as one step: of
-        concurrent turns of a session exactly one gets through, the others get `busy` at once."""
+        concurrent turns of a session exactly one gets through, the others get `busy` at once.
+        Another key's session is not there for this caller (SessionGone), busy or not."""
         with self._lock:
             running = self.jobs.get(session)
+            if running is not None and running.key != key:
+                raise SessionGone(f"session_id: {shown(session)} not found")
             if session in self._claimed or (running is not None and not running.finished):
                 raise busy(f"session_id: {shown(session)} has a turn running; resume it or wait "
                            "until it finishes")

@@ -7,7 +7,8 @@ none repeated (design invariant 2), and only the current owner can add to them (
 Keys of one session (the id sits in a hash tag, `{id}`, so a Redis Cluster keeps all of them on
 one slot and every Lua script below may touch them together):
 
-    {prefix}:session:{id}:meta     hash: epoch, owner, state, params (JSON), created_at, nonce, turn_id
+    {prefix}:session:{id}:meta     hash: epoch, owner, state, params (JSON), created_at, nonce, turn_id,
+                                   key (SHA-256 of the API key that created it; '' without keys)
     {prefix}:session:{id}:ctx      string: the whole committed context, uint32 little endian
     {prefix}:session:{id}:turns    list: user_start, gen_start per turn (flattened pairs)
     {prefix}:session:{id}:summary  string: the latest verifier -> drafter summary (opaque bytes)
@@ -122,7 +123,8 @@ local function check_epoch(meta, epoch)
 end
 """
 
-# KEYS meta ctx turns summary lease; ARGV prompt params created_at nonce owner ttl_ms
+# KEYS meta ctx turns summary lease; ARGV prompt params created_at nonce owner ttl_ms [key] (absent from a
+# caller of the version before keys, during a rolling upgrade: no key)
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'nonce') == ARGV[4] and redis.call('HGET', KEYS[1], 'owner') == ARGV[5] then
@@ -143,7 +145,7 @@ if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[5], 'PX', ARGV[6])
 end
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'owner', ARGV[5], 'state', 'active',
-           'params', ARGV[2], 'created_at', ARGV[3], 'nonce', ARGV[4], 'turn_id', ARGV[4])
+           'params', ARGV[2], 'created_at', ARGV[3], 'nonce', ARGV[4], 'turn_id', ARGV[4], 'key', ARGV[7] or '')
 return {0, epoch}
 """
 
@@ -289,6 +291,7 @@ class SessionRecord:
     created_at: float
     lease_ms_left: int    # 0 when no live lease
     turn_id: str = ""     # the latest turn's id (its client's, when it sent one)
+    key: str = ""         # hash of the API key the session is bound to (sparsespec.auth); set once, at create
 
     @property
     def generated_len(self) -> int:
@@ -352,7 +355,8 @@ class SessionStore(RedisBacked):
     # --- records -------------------------------------------------------------------------
 
     def create(self, session_id: str, prompt_ids: list[int], params: dict | None = None,
-               owner: str = "", lease_ttl_ms: int = 0, turn_id: str | None = None) -> SessionRecord:
+               owner: str = "", lease_ttl_ms: int = 0, turn_id: str | None = None,
+               key: str = "") -> SessionRecord:
         """A new session whose context is the prompt (turn 0, id `turn_id`). With `owner`, it is
         created already leased to it (epoch 1), in the same atomic step. Refuses an existing id,
         except a repeat of this very create (same turn_id: a retry after a lost reply)."""
@@ -364,12 +368,12 @@ class SessionStore(RedisBacked):
         created_at = time.time()
         turn_id = turn_id or uuid.uuid4().hex
         reply = self._run(self._create, session_id, ("meta", "ctx", "turns", "summary", "lease"),
-                          [prompt, params_json, repr(created_at), turn_id, owner, lease_ttl_ms])
+                          [prompt, params_json, repr(created_at), turn_id, owner, lease_ttl_ms, key])
         n = len(prompt_ids)
         return SessionRecord(session_id=session_id, prompt_ids=list(prompt_ids), params=json.loads(params_json),
                              epoch=int(reply[1]), owner=owner, state="active", ctx_len=n, turns=[Turn(0, n)],
                              created_at=created_at, lease_ms_left=lease_ttl_ms if owner else 0,
-                             turn_id=turn_id)
+                             turn_id=turn_id, key=key)
 
     def get(self, session_id: str) -> SessionRecord:
         _, meta, turns, ctx_len, prompt, pttl = self._run(self._get, session_id,
@@ -381,7 +385,7 @@ class SessionStore(RedisBacked):
                              state=m["state"].decode(), ctx_len=int(ctx_len),
                              turns=[Turn(t[i], t[i + 1]) for i in range(0, len(t), 2)],
                              created_at=float(m["created_at"]), lease_ms_left=max(0, int(pttl)),
-                             turn_id=m.get("turn_id", b"").decode())
+                             turn_id=m.get("turn_id", b"").decode(), key=m.get("key", b"").decode())
 
     # --- lease ---------------------------------------------------------------------------
 

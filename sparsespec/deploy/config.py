@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from sparsespec.errors import InvalidArgument
 
 ROLES = ("verifier", "drafter")
-REDIS_ENV = "SPARSESPEC_REDIS_URL"   # keeps a password out of the file
+from sparsespec.redis_server import REDIS_URL_ENV as REDIS_ENV   # keeps a password out of the file
 # Flags the deployment sets itself for every replica; a pool's `args` may not override them.
 MANAGED_FLAGS = ("model", "redis", "host", "port", "worker_id", "device")
 # Minimum replicas per role: no verifier means no generation at all, no drafter means plain

@@ -18,7 +18,7 @@ from sparsespec.client import Request
 from sparsespec.errors import InvalidArgument
 from sparsespec.spec.adaptive import MAX_K
 
-TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
          503: "service_unavailable_error"}
 
@@ -286,6 +286,8 @@ def from_verifier(code: grpc.StatusCode, message: str, prompt_field: str) -> HTT
         name = message.split(":", 1)[0].strip()
         param = _PARAMS.get(name, prompt_field if name in ("prompt", "text", "token_ids") else None)
         return HTTPError(400, message, param, "invalid_value")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return HTTPError(401, f"the verifier refused the API key ({message})", None, "invalid_api_key")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return HTTPError(429, f"the verifiers are at capacity, retry later ({message})", None, "overloaded")
     if code == grpc.StatusCode.NOT_FOUND:

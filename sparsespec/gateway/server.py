@@ -25,10 +25,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from sparsespec import telemetry
+from sparsespec.auth import HEADER, ApiKeys, bearer, load_api_keys
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.gateway import protocol as P
 from sparsespec.gateway.verifiers import VerifierPool
+from sparsespec.redis_server import REDIS_URL_ENV, redact
 from sparsespec.spec.adaptive import MAX_K
+from sparsespec.tls import ClientTLS, client_tls
 
 log = logging.getLogger("sparsespec.gateway")
 
@@ -45,6 +49,8 @@ class GatewayConfig:
     adaptive: bool = False
     reconnect_timeout_s: float = 10.0       # the SDK's failover window before a 503
     max_body_bytes: int = 4 << 20           # larger bodies: 413
+    api_keys: ApiKeys | None = None         # checked here (401) and passed on to the verifier; None: passed on only
+    verifier_tls: ClientTLS | None = None   # TLS to the verifiers; None: plaintext
 
     def __post_init__(self):
         if not self.model:
@@ -56,7 +62,7 @@ class GatewayConfig:
             if not host or not port.isdigit():
                 raise InvalidArgument("verifier", f"must be HOST:PORT, got {address!r:.80}")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidArgument("redis", f"must be a redis://HOST:PORT/DB URL, got {self.redis_url!r:.80}")
+            raise InvalidArgument("redis", f"must be a redis://HOST:PORT/DB URL, got {redact(self.redis_url)!r:.80}")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument("port", f"must be in [0, 65535], got {self.port}")
         if not 0 <= self.default_k <= MAX_K:
@@ -71,8 +77,8 @@ class GatewayConfig:
         return self.served_model_name or self.model
 
 
-def _json(obj, status: int = 200) -> web.Response:
-    return web.json_response(obj, status=status)
+def _json(obj, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.json_response(obj, status=status, headers=headers)
 
 
 def _sse(obj) -> bytes:
@@ -84,7 +90,8 @@ class Gateway:
         from sparsespec.chat import load_chat_tokenizer
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_chat_tokenizer(cfg.model)
-        self.pool = VerifierPool(cfg.verifiers, cfg.redis_url, cfg.model, cfg.reconnect_timeout_s)
+        self.pool = VerifierPool(cfg.verifiers, cfg.redis_url, cfg.model, cfg.reconnect_timeout_s,
+                                 tls=cfg.verifier_tls)
         self.defaults = P.Defaults(k=cfg.default_k, adaptive=cfg.adaptive)
         self.created = int(time.time())
         self.limits: P.ModelLimits | None = None
@@ -100,6 +107,7 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)     # like /health, without a key (scrapers)
         return app
 
     async def start(self) -> str:
@@ -129,11 +137,17 @@ class Gateway:
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         """Every error leaves as OpenAI's JSON; nothing a request does reaches the client as a
-        traceback or stops the server."""
+        traceback or stops the server. Each answer is counted by route and status (/metrics)."""
+        resp = await self._answer(request, handler)
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        telemetry.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
+        return resp
+
+    async def _answer(self, request: web.Request, handler):
         try:
             return await handler(request)
         except P.HTTPError as e:
-            return _json(e.body(), e.status)
+            return _json(e.body(), e.status, {"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
         except web.HTTPException as e:
             if e.status == 404:
                 err = P.HTTPError(404, f"no route {request.method} {request.path}", None, "not_found")
@@ -155,6 +169,15 @@ class Gateway:
             err = P.HTTPError(500, f"internal error: {type(e).__name__}", None, "internal_error")
             return _json(err.body(), 500)
 
+    def _api_key(self, request: web.Request) -> str | None:
+        """The caller's key (`Authorization: Bearer KEY`); 401 when this gateway has keys and it
+        is not one. It goes on to the verifier, which binds the session to it."""
+        key = bearer(request.headers.get(HEADER))
+        if self.cfg.api_keys is not None and self.cfg.api_keys.check(key) is None:
+            problem = "missing (send 'Authorization: Bearer KEY')" if key is None else "not valid"
+            raise P.HTTPError(401, f"api key: {problem}", None, "invalid_api_key")
+        return key
+
     async def _body(self, request: web.Request) -> dict:
         raw = await request.read()          # over client_max_size: HTTPRequestEntityTooLarge (413)
         try:
@@ -167,10 +190,10 @@ class Gateway:
         P.check_model(body, self.cfg.model_id)
         return body
 
-    async def _limits(self) -> P.ModelLimits | None:
+    async def _limits(self, api_key: str | None) -> P.ModelLimits | None:
         """The served model's vocabulary and context limit, asked of a verifier once."""
         if self.limits is None:
-            client = self.pool.client()
+            client = self.pool.client(api_key)
             if client is None:
                 return None
             try:
@@ -184,14 +207,15 @@ class Gateway:
     # --- routes ------------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        await self._limits()
+        await self._limits(self._api_key(request))
         return _json({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: web.Request) -> web.Response:
+        key = self._api_key(request)
         name = request.match_info["model"]
         if name != self.cfg.model_id:
             raise P.HTTPError(404, f"model: the model {name!r:.60} does not exist", "model", "model_not_found")
-        await self._limits()
+        await self._limits(key)
         return _json(self._model_card())
 
     def _model_card(self) -> dict:
@@ -200,35 +224,42 @@ class Gateway:
             card["max_model_len"] = self.limits.max_context
         return card
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=telemetry.exposition(), content_type="text/plain", charset="utf-8")
+
     async def health(self, request: web.Request) -> web.Response:
         ok, report = await self.pool.health()
         return _json(report, 200 if ok else 503)
 
     async def completions(self, request: web.Request):
+        key = self._api_key(request)
         body = await self._body(request)
-        params = P.parse_completion(body, self.tokenizer, await self._limits(), self.defaults)
-        return await self._generate(request, params, chat=False)
+        params = P.parse_completion(body, self.tokenizer, await self._limits(key), self.defaults)
+        return await self._generate(request, params, key, chat=False)
 
     async def chat_completions(self, request: web.Request):
+        key = self._api_key(request)
         body = await self._body(request)
-        params = P.parse_chat(body, self.tokenizer, await self._limits(), self.defaults)
-        return await self._generate(request, params, chat=True)
+        params = P.parse_chat(body, self.tokenizer, await self._limits(key), self.defaults)
+        return await self._generate(request, params, key, chat=True)
 
     # --- generation --------------------------------------------------------------------------
 
-    async def _generate(self, request: web.Request, params: P.GenParams, chat: bool):
+    async def _generate(self, request: web.Request, params: P.GenParams, api_key: str | None, chat: bool):
         from sparsespec.client import GenerationError
 
-        client = self.pool.client()
+        client = self.pool.client(api_key)
         if client is None:
             raise P.HTTPError(503, "no verifier is available" + (f" (none of model {self.cfg.model!r} is registered)"
                                                                  if self.cfg.redis_url else ""), None, "unavailable")
         session = uuid.uuid4().hex
         rid = ("chatcmpl-" if chat else "cmpl-") + session      # the id names the verifier session
         stream = client.stream(params.request, session_id=session)
+        t0 = time.monotonic()
         async with contextlib.aclosing(stream):
             try:
                 first = await anext(stream)     # refusals (400/429/503) arrive before any byte is sent
+                telemetry.HTTP_TTFT.observe(time.monotonic() - t0)
             except GenerationError as e:
                 raise P.from_verifier(e.code, e.message, params.prompt_field) from None
             if params.stream:
@@ -339,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "its tokenizer and chat template, and its id")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     p.add_argument("--verifier", action="append", default=[], help="HOST:PORT of a verifier (repeatable)")
-    p.add_argument("--redis", default=None, help="redis://HOST:PORT/DB: verifiers from the worker registry")
+    p.add_argument("--redis", default=None,
+                   help=f"redis://[:PASSWORD@]HOST:PORT/DB: verifiers from the worker registry (default "
+                        f"${REDIS_URL_ENV} when no --verifier is given)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: pick a free port")
     p.add_argument("-k", type=int, default=0, help="default draft length (0: the verifier's default)")
@@ -347,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconnect-timeout-s", type=float, default=GatewayConfig.reconnect_timeout_s,
                    help="how long a request fails over between verifiers before a 503")
     p.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
+    p.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="API keys, one per line (default $SPARSESPEC_API_KEYS): others get 401; a request's "
+                        "key goes on to the verifier either way")
+    p.add_argument("--verifier-tls-ca", default=None, help="TLS to the verifiers, verified with this CA (PEM)")
+    p.add_argument("--verifier-tls-server-name", default=None,
+                   help="the name the verifiers' certificate carries, when it is not the address dialled")
     return p
 
 
@@ -366,10 +405,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("SPARSESPEC_LOG", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = GatewayConfig(model=args.model, verifiers=tuple(args.verifier), redis_url=args.redis,
+        redis_url = args.redis or (None if args.verifier else os.environ.get(REDIS_URL_ENV) or None)
+        cfg = GatewayConfig(model=args.model, verifiers=tuple(args.verifier), redis_url=redis_url,
                             served_model_name=args.served_model_name, host=args.host, port=args.port,
                             default_k=args.k, adaptive=args.adaptive,
-                            reconnect_timeout_s=args.reconnect_timeout_s, max_body_bytes=args.max_body_bytes)
+                            reconnect_timeout_s=args.reconnect_timeout_s, max_body_bytes=args.max_body_bytes,
+                            api_keys=load_api_keys(args.api_keys),
+                            verifier_tls=client_tls(args.verifier_tls_ca, server_name=args.verifier_tls_server_name,
+                                                    prefix="verifier-tls"))
         asyncio.run(_serve(Gateway(cfg)))
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)

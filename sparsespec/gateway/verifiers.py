@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sparsespec.client import AsyncSparseSpecClient
+from sparsespec.tls import ClientTLS, channel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,9 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_sen
 
 class VerifierPool:
     def __init__(self, addresses: tuple[str, ...] = (), redis_url: str | None = None, model: str | None = None,
-                 reconnect_timeout_s: float = 10.0, health_timeout_s: float = 2.0):
+                 reconnect_timeout_s: float = 10.0, health_timeout_s: float = 2.0, tls: ClientTLS | None = None):
+        """tls: TLS to the verifiers (their CA, the name their certificate carries); None: plaintext."""
+        self.tls = tls
         self.redis_url = redis_url
         self.model = model                         # Redis mode: only verifiers started with this --model
         self.reconnect_timeout_s = reconnect_timeout_s
@@ -83,18 +86,22 @@ class VerifierPool:
 
     # --- requests --------------------------------------------------------------------------
 
-    def client(self) -> AsyncSparseSpecClient | None:
+    def client(self, api_key: str | None = None) -> AsyncSparseSpecClient | None:
         """An SDK client for one request, starting at the next verifier in turn (the list is
-        least loaded first in Redis mode); it fails over to the others. None: no verifier known."""
+        least loaded first in Redis mode); it fails over to the others. None: no verifier known.
+        `api_key`: the HTTP client's, passed on (the verifier binds the session to it)."""
         if not self.addresses:
             return None
         start = next(self._turn) % len(self.addresses)
         order = self.addresses[start:] + self.addresses[:start]
-        return AsyncSparseSpecClient(order, reconnect_timeout_s=self.reconnect_timeout_s, channels=self._channels)
+        tls = self.tls
+        return AsyncSparseSpecClient(order, reconnect_timeout_s=self.reconnect_timeout_s, channels=self._channels,
+                                     api_key=api_key, root_certificates=tls.ca if tls else None, tls=tls is not None,
+                                     tls_server_name=tls.server_name if tls else None)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel(address, self.tls, CHANNEL_OPTIONS, aio=True)
         return self._channels[address]
 
     # --- health ------------------------------------------------------------------------------

@@ -8,14 +8,18 @@ RESOURCE_EXHAUSTED -> DrafterFull, anything else -> DrafterUnavailable.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from kvstore.cache.summary import SummaryWant
+from sparsespec import telemetry
 from sparsespec.errors import InvalidArgument, SparseSpecError
 from sparsespec.rpc.convert import dist_from_proto, drafter_error, feed_spec_from_proto, sampling_to_proto
 from sparsespec.rpc.sparsespec.v1 import drafter_pb2, drafter_pb2_grpc
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.transport import DraftCall, DraftReply, DrafterClient, OpenReply
+from sparsespec.tls import ClientTLS, channel
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 FEED_CHUNK_BYTES = 1 << 20       # a feed travels in pieces this size, far under any message limit
@@ -23,9 +27,11 @@ FEED_CHUNK_BYTES = 1 << 20       # a feed travels in pieces this size, far under
 
 class GrpcDrafterClient(DrafterClient):
     def __init__(self, address: str, timeout_s: float = 5.0, open_timeout_s: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, epoch: int = 0):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, epoch: int = 0,
+                 tls: ClientTLS | None = None):
         """timeout_s bounds a round's Draft; open_timeout_s (default 10x) a prefill (OpenSession,
-        or a Draft with base_len 0, which re-opens)."""
+        or a Draft with base_len 0, which re-opens). tls: a TLS channel (and a client certificate
+        for a drafter that requires one); None: plaintext."""
         if not timeout_s > 0:
             raise InvalidArgument("timeout_s", f"must be > 0, got {timeout_s}")
         if max_message_bytes < 1:
@@ -34,12 +40,12 @@ class GrpcDrafterClient(DrafterClient):
         self.timeout_s = timeout_s
         self.open_timeout_s = open_timeout_s if open_timeout_s is not None else 10 * timeout_s
         self.epoch = epoch
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        self.channel = channel(address, tls, [("grpc.max_receive_message_length", max_message_bytes),
+                                              ("grpc.max_send_message_length", max_message_bytes)])
         self.stub = drafter_pb2_grpc.DrafterStub(self.channel)
 
     def _call(self, method, request, timeout: float):
+        t0 = time.monotonic()
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -48,6 +54,9 @@ class GrpcDrafterClient(DrafterClient):
             raise drafter_error(code, f"drafter {self.address}: {details}") from None
         except ValueError as e:   # the channel was shut down
             raise drafter_error(grpc.StatusCode.UNAVAILABLE, f"drafter {self.address}: {e}") from None
+        finally:
+            if method in (self.stub.Draft, self.stub.DraftBatch):
+                telemetry.DRAFT_RPC.observe(time.monotonic() - t0)
 
     def open(self, session: str, tokens: list[int], params: SamplingParams) -> OpenReply:
         reply = self._call(self.stub.OpenSession,

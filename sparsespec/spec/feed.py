@@ -64,6 +64,7 @@ class Feeder:
     selections: int = 0                           # of which selections
     _next: tuple | None = None                    # the mirror after the feed in flight
     _recent: deque = field(default_factory=deque)  # (drafted, accepted) since the last selection
+    _counted: tuple[int, int] = (0, 0)             # (sent, bytes_sent) at the last take_counts
 
     def reset(self) -> None:
         """The drafter lost the session (or never had it): the next feed is a whole selection."""
@@ -93,6 +94,12 @@ class Feeder:
         self._next = None
         self.sent += 1
         self.bytes_sent += len(data)
+
+    def take_counts(self) -> tuple[int, int]:
+        """(feeds, bytes) delivered since the last call: a turn's share (the feeder lives across turns)."""
+        counts = (self.sent - self._counted[0], self.bytes_sent - self._counted[1])
+        self._counted = (self.sent, self.bytes_sent)
+        return counts
 
     def observe(self, drafted: int, accepted: int) -> None:
         """A round with drafts finished."""

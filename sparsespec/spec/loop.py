@@ -252,7 +252,7 @@ class SpecEngine:
         if run.summary is not None:
             m.summaries_sent, m.summary_bytes = run.summary.sent, run.summary.bytes_sent
         if run.feeder is not None:
-            m.feeds_sent, m.feed_bytes = run.feeder.sent, run.feeder.bytes_sent
+            m.feeds_sent, m.feed_bytes = run.feeder.take_counts()
         self.verifier.commit(run.row, min(self.verifier.length(run.row), len(run.tokens) - 1))
         return GenerationResult(list(run.generated), run.stopper.final_text(), m)
 

@@ -32,6 +32,15 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the API keys (ours, from apiKeys.keys, or apiKeys.existingSecret). */}}
+{{- define "sparsespec.apiKeysSecret" -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- .Values.apiKeys.existingSecret -}}
+{{- else -}}
+{{- printf "%s-api-keys" (include "sparsespec.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* redis://[:$(REDIS_PASSWORD)@]HOST:PORT/DB; Kubernetes expands $(REDIS_PASSWORD) from the env. */}}
 {{- define "sparsespec.redisUrl" -}}
 {{- $r := .Values.redis -}}
@@ -59,8 +68,8 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- range $pool := splitList " " (include "sparsespec.pools" .) -}}
 {{- $p := index $.Values $pool -}}
 {{- range $flag, $_ := $p.args -}}
-{{- if has $flag (list "model" "redis" "host" "port" "worker-id" "device" "dtype" "max-context" "drain-s") -}}
-{{- fail (printf "%s.args.%s is set by the chart (model.*, redis.*, %s.port, %s.gpu, verifier.drainSeconds); remove it" $pool $flag $pool $pool) -}}
+{{- if has $flag (list "model" "redis" "host" "port" "worker-id" "device" "dtype" "max-context" "drain-s" "api-keys" "tls-cert" "tls-key" "tls-client-ca" "drafter-tls-ca" "drafter-tls-cert" "drafter-tls-key" "drafter-tls-server-name" "health-port" "metrics-port") -}}
+{{- fail (printf "%s.args.%s is set by the chart (model.*, redis.*, apiKeys.*, tls.*, metrics.*, %s.port, %s.gpu, verifier.drainSeconds); remove it" $pool $flag $pool $pool) -}}
 {{- end -}}
 {{- end -}}
 {{- if $p.autoscaling.enabled -}}
@@ -74,6 +83,18 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- end -}}
 {{- if lt (int .Values.verifier.autoscaling.minReplicas) 1 -}}
 {{- fail (printf "verifier.autoscaling.minReplicas must be >= 1, got %v" .Values.verifier.autoscaling.minReplicas) -}}
+{{- end -}}
+{{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) (not .Values.apiKeys.keys) -}}
+{{- fail "apiKeys.keys or apiKeys.existingSecret is required when apiKeys.enabled" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
+{{- fail "tls.existingSecret is required when tls.enabled (a Secret with tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (or (eq (int .Values.tls.healthPort) (int .Values.verifier.port)) (eq (int .Values.tls.healthPort) (int .Values.drafter.port))) -}}
+{{- fail (printf "tls.healthPort (%v) must differ from verifier.port and drafter.port" .Values.tls.healthPort) -}}
+{{- end -}}
+{{- if and .Values.metrics.enabled (has (int .Values.metrics.port) (list (int .Values.verifier.port) (int .Values.drafter.port) (int .Values.tls.healthPort))) -}}
+{{- fail (printf "metrics.port (%v) must differ from verifier.port, drafter.port and tls.healthPort" .Values.metrics.port) -}}
 {{- end -}}
 {{- if and .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) (not .Values.redis.auth.password) -}}
 {{- fail "redis.auth.password or redis.auth.existingSecret is required when redis.auth.enabled" -}}

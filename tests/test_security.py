@@ -1,0 +1,303 @@
+"""API keys, TLS and the bundled Redis' password (issue 15, items 4 and 5), against one real
+`sparsespec up --api-keys FILE --tls-cert ... --mtls` (redis-server, drafter, verifier and gateway
+processes; certificates made here): a session of key A is not there for key B over gRPC (resume,
+read, extend, abort: NOT_FOUND, worded as for an unknown id) and the refusal writes nothing; the
+HTTP gateway answers 401 in OpenAI's shape; a client without the CA cannot talk to the verifier,
+a verifier client without a certificate cannot talk to the drafter; Redis refuses clients
+without the password, which no process list or log line shows. Bad flags: one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+import openai
+import pytest
+import redis
+
+from certs import Certs, make_certs
+from sparsespec.client import GenerationError, SparseSpecClient
+from sparsespec.models.testing import save_random_model, tiny_config
+from sparsespec.redis_server import find_redis_server
+from sparsespec.rpc.drafter_client import GrpcDrafterClient
+from sparsespec.rpc.sparsespec.v1 import generation_pb2 as pb
+from sparsespec.spec.sampling import SamplingParams
+from sparsespec.spec.transport import DrafterUnavailable
+from sparsespec.tls import ClientTLS
+
+pytestmark = pytest.mark.skipif(find_redis_server() is None, reason="redis-server is not installed")
+
+PROMPT = "In the beginning God created the heaven and the earth. "
+KEY_A = "key-a-0123456789abcdef0123456789"
+KEY_B = "key-b-fedcba9876543210fedcba9876"
+
+
+@dataclass
+class Up:
+    model: str
+    proc: subprocess.Popen
+    lines: list[str]
+    redis_url: str          # with the password (read from the file `up` names)
+    public_redis_url: str
+    password: str
+    password_file: str
+    drafter: str
+    verifier: str
+    gateway: str
+    certs: Certs
+
+    def client(self, api_key=KEY_A, ca=True, **kw) -> SparseSpecClient:
+        roots = self.certs.ca.read_bytes() if ca is True else ca
+        return SparseSpecClient(self.verifier, api_key=api_key, root_certificates=roots, **kw)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("security")
+    model = save_random_model(tmp / "model", tiny_config(max_position_embeddings=1024, eos_token_ids=(),
+                                                          num_layers=2), seed=3)
+    certs = make_certs(tmp / "certs")
+    keys = tmp / "keys"
+    keys.write_text(f"# two clients\n{KEY_A}\n\n{KEY_B}\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SPARSESPEC_API_KEYS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sparsespec", "up", "--model", str(model), "--policy", "streaming",
+                             "--budget", "32", "-k", "4", "--max-batch", "2", "--redis-persistence", "none",
+                             "--api-keys", str(keys), "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
+                             "--tls-ca", str(certs.ca), "--mtls"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        seen, lines = {}, []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            name, _, rest = line.partition(" ")
+            seen.setdefault(name, rest.split())
+            if name == "ready":
+                break
+        assert "ready" in seen, "\n".join(lines)
+        threading.Thread(target=lambda: [lines.append(x.rstrip("\n")) for x in proc.stdout], daemon=True).start()
+        public, secret_file = seen["redis"][0], seen["redis"][4] if len(seen["redis"]) > 4 else ""
+        password = open(secret_file).read().strip() if secret_file else ""
+        yield Up(str(model), proc, lines, public.replace("redis://", f"redis://:{password}@", 1), public,
+                 password, secret_file, seen["drafter"][0], seen["verifier"][0], seen["gateway"][0], certs)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def snapshot(url: str) -> dict:
+    """Every key and value in Redis but the worker registry (heartbeats change it)."""
+    r = redis.Redis.from_url(url)
+    out = {}
+    for k in sorted(r.scan_iter()):
+        if b":session:" in k:
+            out[k] = r.dump(k)
+    r.close()
+    return out
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        call()
+    except GenerationError as e:
+        return e.code, e.message
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    raise AssertionError("the call succeeded")
+
+
+# --- API keys over gRPC -------------------------------------------------------------------------
+
+def test_grpc_needs_a_key_and_a_session_belongs_to_its_key(up):
+    for key in (None, "not-a-key-of-ours-0123456789"):
+        with up.client(api_key=key, reconnect_timeout_s=1) as c:
+            assert code_of(lambda: c.generate(PROMPT, max_tokens=4))[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(c.model_info)[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(lambda: c.abort("any"))[0] == grpc.StatusCode.UNAUTHENTICATED
+
+    with up.client(KEY_A) as a, up.client(KEY_B) as b:
+        done = a.generate(PROMPT, max_tokens=8)
+        assert len(done.token_ids) == 8 and done.metrics["drafted"] > 0   # the mTLS hop drafts
+        s = done.session_id
+        store = redis.Redis.from_url(up.redis_url)
+        meta = store.hgetall(f"sparsespec:session:{{{s}}}:meta")
+        assert meta[b"key"] == hashlib.sha256(KEY_A.encode()).hexdigest().encode()   # the hash, never the key
+        assert not any(KEY_A.encode() in (store.dump(k) or b"") for k in store.scan_iter())
+
+        before = snapshot(up.redis_url)
+        def refusals(client, session, extend=True):
+            """Resume (read the log), extend (a new turn), abort: each one's (code, message)."""
+            def resume():
+                st = client._stub(up.verifier)
+                return list(st.Generate(pb.GenerateRequest(session_id=session, resume=True, resume_offset=0,
+                                                           max_tokens=4), metadata=client._metadata))
+            calls = [resume] + ([lambda: client.generate(" And", session_id=session, max_tokens=4)] if extend else [])
+            return [code_of(c) for c in calls + [lambda: client.abort(session)]]
+
+        theirs = refusals(b, s)
+        assert [c for c, _ in theirs] == [grpc.StatusCode.NOT_FOUND] * 3, theirs
+        # worded as for an id nobody has (resume and abort; a new turn of an unknown id creates it)
+        unknown = "f" * len(s)
+        resume_unknown, abort_unknown = refusals(b, unknown, extend=False)
+        words = [m.replace(s, "ID") for _, m in theirs]
+        assert words == [m.replace(unknown, "ID") for _, m in (resume_unknown, resume_unknown, abort_unknown)]
+        assert snapshot(up.redis_url) == before                    # refused: nothing written
+
+        # the owner goes on; while its turn runs, B still finds nothing (not "busy")
+        running = a.stream(" And God said", session_id=s, max_tokens=400)
+        next(running)
+        theirs = refusals(b, s)
+        assert [c for c, _ in theirs] == [grpc.StatusCode.NOT_FOUND] * 3, theirs
+        assert a.abort(s) is True
+        running.close()
+        deadline = time.monotonic() + 10
+        while store.hget(f"sparsespec:session:{{{s}}}:meta", "state") == b"active":    # ends at the next round
+            assert time.monotonic() < deadline, "the aborted turn did not end"
+            time.sleep(0.05)
+        assert a.generate(" Let there be light", session_id=s, max_tokens=4).session_id == s
+        store.close()
+
+
+# --- API keys over HTTP -------------------------------------------------------------------------
+
+def test_http_answers_401_in_openai_shape_and_passes_the_key_on(up):
+    for key in ("", "wrong-key-0123456789abcdef"):
+        oai = openai.OpenAI(base_url=up.gateway + "/v1", api_key=key or "x", max_retries=0, timeout=60)
+        if not key:
+            oai = oai.with_options(default_headers={"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as e:
+            oai.completions.create(model=up.model, prompt=PROMPT, max_tokens=4)
+        assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+        assert set(e.value.body) == {"message", "type", "param", "code"}
+        with pytest.raises(openai.AuthenticationError):
+            oai.models.list()
+    req = urllib.request.Request(up.gateway + "/v1/chat/completions", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:                 # refused before the body is read
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+    with urllib.request.urlopen(up.gateway + "/health", timeout=30) as r:      # probes need no key
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+    oai = openai.OpenAI(base_url=up.gateway + "/v1", api_key=KEY_B, max_retries=0, timeout=60)
+    r = oai.completions.create(model=up.model, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert r.usage.completion_tokens == 6
+    session = r.id.removeprefix("cmpl-")
+    meta = redis.Redis.from_url(up.redis_url).hgetall(f"sparsespec:session:{{{session}}}:meta")
+    assert meta[b"key"] == hashlib.sha256(KEY_B.encode()).hexdigest().encode()   # bound to the caller's key
+    with up.client(KEY_A) as a:
+        assert code_of(lambda: a.generate(" And", session_id=session, max_tokens=4))[0] == grpc.StatusCode.NOT_FOUND
+    with up.client(KEY_B) as b:
+        assert len(b.generate(" And", session_id=session, max_tokens=4).token_ids) == 4
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+def test_tls_needs_the_ca_and_the_drafter_needs_a_client_certificate(up):
+    plain = SparseSpecClient(up.verifier, api_key=KEY_A, reconnect_timeout_s=1)
+    assert code_of(lambda: plain.generate(PROMPT, max_tokens=2))[0] == grpc.StatusCode.UNAVAILABLE
+    plain.close()
+    with up.client(ca=up.certs.other_ca.read_bytes(), reconnect_timeout_s=1) as wrong:
+        assert code_of(lambda: wrong.generate(PROMPT, max_tokens=2))[0] == grpc.StatusCode.UNAVAILABLE
+    with up.client() as right:
+        assert len(right.generate(PROMPT, max_tokens=2).token_ids) == 2
+
+    ca, cert, key = (p.read_bytes() for p in (up.certs.ca, up.certs.cert, up.certs.key))
+    for tls in (None, ClientTLS(ca)):             # plaintext, and TLS without a client certificate
+        d = GrpcDrafterClient(up.drafter, timeout_s=2, tls=tls)
+        with pytest.raises(DrafterUnavailable):
+            d.open("mtls-probe", [1, 2, 3], SamplingParams())
+        d.shutdown()
+    with GrpcDrafterClient(up.drafter, timeout_s=5, tls=ClientTLS(ca, cert, key)) as d:
+        d.open("mtls-probe", [1, 2, 3], SamplingParams())
+        d.close("mtls-probe")
+
+
+# --- the bundled Redis' password ------------------------------------------------------------------
+
+def _cmdlines(root_pid: int) -> list[str]:
+    """The command lines of `root_pid` and its descendants (what `ps` shows any local user)."""
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode())
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def test_redis_wants_the_password_which_no_command_line_or_log_shows(up):
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(up.public_redis_url).set("sparsespec:session:{x}:meta", "forged")
+    assert redis.Redis.from_url(up.redis_url).ping()
+    assert os.stat(up.password_file).st_mode & 0o077 == 0
+    lines = _cmdlines(up.proc.pid)
+    assert any("redis-server" in line for line in lines) and any("verifier_service" in line for line in lines)
+    assert not any(up.password in line for line in lines), lines
+    assert not any(up.password in line for line in up.lines)
+
+
+# --- bad flags: one line naming the flag, nothing started -----------------------------------------
+
+def test_bad_key_and_certificate_files_are_one_line_naming_the_flag(tmp_path, capsys):
+    from drafter_service.server import main as drafter_main
+    from sparsespec.cli import main as cli_main
+    from sparsespec.gateway.server import main as gateway_main
+    from verifier_service.server import main as verifier_main
+
+    short = tmp_path / "short"
+    short.write_text(f"{KEY_A}\nshort\n")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00")
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n\n")
+    not_pem = tmp_path / "cert.txt"
+    not_pem.write_text("hello")
+    missing = str(tmp_path / "missing.pem")
+    base = {"verifier": ["--model", str(tmp_path / "m"), "--redis", "redis://127.0.0.1:1/0"],
+            "gateway": ["--model", str(tmp_path / "m"), "--redis", "redis://127.0.0.1:1/0"],
+            "drafter": ["--model", str(tmp_path / "m")],
+            "up": ["up", "--model", str(tmp_path / "m")]}
+    mains = {"verifier": verifier_main, "gateway": gateway_main, "drafter": drafter_main, "up": cli_main}
+    cases = [
+        ("verifier", ["--api-keys", missing], "api-keys: cannot read"),
+        ("verifier", ["--api-keys", str(short)], f"api-keys: {short} line 2: a key must be at least 16"),
+        ("verifier", ["--api-keys", str(binary)], "api-keys: "),
+        ("verifier", ["--api-keys", str(empty)], "api-keys: "),
+        ("verifier", ["--tls-cert", missing, "--tls-key", missing], "tls-cert: cannot read"),
+        ("verifier", ["--tls-cert", str(not_pem), "--tls-key", missing], "tls-cert: "),
+        ("verifier", ["--tls-key", missing], "tls-cert: is required"),
+        ("verifier", ["--drafter-tls-ca", missing], "drafter-tls-ca: cannot read"),
+        ("verifier", ["--drafter-tls-cert", missing], "drafter-tls-cert: needs --drafter-tls-ca"),
+        ("gateway", ["--api-keys", str(short)], "api-keys: "),
+        ("gateway", ["--verifier-tls-ca", missing], "verifier-tls-ca: cannot read"),
+        ("drafter", ["--tls-cert", missing, "--tls-key", missing], "tls-cert: cannot read"),
+        ("drafter", ["--tls-client-ca", missing], "tls-client-ca: needs --tls-cert"),
+        ("up", ["--api-keys", missing], "api-keys: cannot read"),
+        ("up", ["--tls-cert", missing, "--tls-key", missing, "--tls-ca", missing], "tls-cert: cannot read"),
+        ("up", ["--mtls"], "mtls: "),
+    ]
+    for role, flags, expected in cases:
+        capsys.readouterr()
+        assert mains[role](base[role] + flags) == 2, (role, flags)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {expected}"), (role, flags, err)
+        assert "Traceback" not in err and KEY_A not in err
