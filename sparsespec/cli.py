@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="capacity: SxCONTEXT cells also run through the services (default 4x4096,8x8000; "
                             "'' for none)")
     bench.add_argument("--json", default=None, help="capacity: also write the records to this JSON file")
+    bench.add_argument("--device", default=None, help="capacity: cpu | cuda | cuda:N for the in-process cells (default cpu)")
     for module in EXTENSIONS.values():
         importlib.import_module(module).add_parser(sub)
     return parser

@@ -24,7 +24,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 @torch.inference_mode()
 def top2_gap(model, context: list[int]) -> float:
     cache = FullKVCache.for_model(model, len(context) + 1)
-    logits = model(torch.tensor([context]), cache, last_only=True)[0, -1]
+    logits = model(torch.tensor([context], device=model.device), cache, last_only=True)[0, -1]
     top = torch.topk(logits, 2).values
     return float(top[0] - top[1])
 

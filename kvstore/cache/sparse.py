@@ -297,6 +297,17 @@ class SparseKVCache(KVCache):
         """q: [1, H, T, D], k/v: [1, Hkv, T, D] (rotated) -> [1, H, T, D]."""
         if self._full is not None:
             return self._full.attend(layer, q, k, v)
+        keys, values = self.append(layer, q, k, v)
+        return attend(q, keys.unsqueeze(0), values.unsqueeze(0), self._mask, self._causal)
+
+    def decodes_from_view(self) -> bool:
+        """Whether this forward is a one-token step whose attention is plain softmax over the
+        keys `append` returns (no mask): what a batched decode kernel may take over."""
+        return self._full is None and self._t == 1 and self._mask is None and not self._causal
+
+    def append(self, layer, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's entries of `layer` (host tier, query ring, device view) and return
+        the keys / values [Hkv, S, D] it attends over; `attend` is this plus the attention."""
         if q.shape[0] != 1:
             raise ValueError(f"SparseKVCache holds one session; got batch {q.shape[0]}")
         t, start = self._t, self._length
@@ -326,7 +337,7 @@ class SparseKVCache(KVCache):
             dv[:, at:at + t] = v[0]
             self.dev_pos[layer][:, at:at + t] = torch.arange(start, end, device=self.device)
             keys, values = dk[:, :at + t], dv[:, :at + t]                       # [Hkv, S, D]
-        return attend(q, keys.unsqueeze(0), values.unsqueeze(0), self._mask, self._causal)
+        return keys, values
 
     def end_forward(self) -> None:
         if self._full is not None:

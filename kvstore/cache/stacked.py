@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from kvstore.cache.base import KVCache
+from kvstore.cache.sparse import SparseKVCache
+from sparsespec.kernels.attention import attend_rows, use_triton
 
 
 class StackedKVCache(KVCache):
@@ -24,7 +26,14 @@ class StackedKVCache(KVCache):
         return torch.cat([c.begin_forward(num_new) for c in self.caches])            # [S, T]
 
     def attend(self, layer, q, k, v):
-        """q: [S, H, T, D], k/v: [S, Hkv, T, D] -> [S, H, T, D]; row i attends over cache i."""
+        """q: [S, H, T, D], k/v: [S, Hkv, T, D] -> [S, H, T, D]; row i attends over cache i.
+
+        A decode step of sparse caches (the drafter's chain drafting) on the Triton backend is one
+        batched kernel over every row's device view (`attend_rows`), not S launches."""
+        if q.shape[2] == 1 and use_triton(q.device) and all(
+                isinstance(c, SparseKVCache) and c.decodes_from_view() for c in self.caches):
+            views = [c.append(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i, c in enumerate(self.caches)]
+            return attend_rows(q, [kv[0] for kv in views], [kv[1] for kv in views])
         return torch.cat([c.attend(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1])
                           for i, c in enumerate(self.caches)])
 

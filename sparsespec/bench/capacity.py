@@ -37,7 +37,7 @@ import torch
 from sparsespec.bench.acceptance import OWN_TAIL, adopting
 from sparsespec.bench.prompts import kjv_prompts
 from sparsespec.bench.report import replace_section
-from sparsespec.build import EngineConfig, load_verifier, make_drafter_model
+from sparsespec.build import EngineConfig, check_device, load_verifier, make_drafter_model
 from sparsespec.data import kjv
 from sparsespec.errors import InvalidArgument
 from sparsespec.models.quant import check_drafter_weights, drafter_weights
@@ -66,8 +66,14 @@ class CapacityConfig:
     drafter_weights: str = "int8"                # the low-memory drafter; "same" shares the verifier's
     service_cells: tuple[tuple[int, int], ...] = ((4, 4096), (8, 8000))   # (sessions, context)
     threads: int | None = None
+    device: str = "cpu"                          # in-process cells only (scripts/gpu_check.sh: cuda)
+    dtype: str = "float32"
 
     def __post_init__(self):
+        check_device(self.device)
+        if self.device != "cpu" and self.service_cells:
+            raise InvalidArgument("service_cells", f"the service cells run on the CPU; with --device {self.device} "
+                                                   "pass --service-cells ''")
         if not self.contexts or min(self.contexts) < OWN_TAIL + 2:
             raise InvalidArgument("contexts", f"need contexts of at least {OWN_TAIL + 2} tokens")
         if not self.sessions or min(self.sessions) < 1:
@@ -102,7 +108,8 @@ class Bench:
         self.cfg = cfg
         self.max_context = max(cfg.contexts) + cfg.max_tokens + 8
         engine_cfg = EngineConfig(model=cfg.model, drafter=cfg.drafter, policy=cfg.policy, budget=cfg.budget,
-                                  max_context=self.max_context, max_batch=cfg.num_prompts + 1)
+                                  max_context=self.max_context, max_batch=cfg.num_prompts + 1,
+                                  device=cfg.device, dtype=cfg.dtype)
         self.sparse = engine_cfg.sparse_config()
         self.verifier, self.tokenizer = load_verifier(engine_cfg)
         self.drafter_model = drafter_weights(make_drafter_model(self.verifier, cfg.drafter, engine_cfg),
@@ -366,7 +373,8 @@ def run_capacity(args) -> int:
                          max_tokens=args.max_tokens, k=args.k, policy=args.policy or CapacityConfig.policy,
                          budget=budget, drafter=args.drafter or CapacityConfig.drafter,
                          drafter_weights=args.drafter_weights or CapacityConfig.drafter_weights,
-                         service_cells=cells, threads=args.threads)
+                         service_cells=cells, threads=args.threads,
+                         device=getattr(args, "device", None) or "cpu", dtype=getattr(args, "dtype", None) or "float32")
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     bench = Bench(cfg)
     records = bench.run()
@@ -374,6 +382,7 @@ def run_capacity(args) -> int:
                         f"--sessions {','.join(map(str, cfg.sessions))}", f"--max-tokens {cfg.max_tokens}",
                         f"--policy {cfg.policy} --budget {cfg.budget}", f"--drafter-weights {cfg.drafter_weights}",
                         f"--service-cells {','.join(f'{s}x{c}' for s, c in cfg.service_cells)}"]
+                       + ([f"--device {cfg.device}"] if cfg.device != "cpu" else [])
                        + ([f"-k {cfg.k}"] if cfg.k else []))
     doc = {"command": command, "config": {**cfg.__dict__}, "threads": torch.get_num_threads(), "records": records}
     if args.json:

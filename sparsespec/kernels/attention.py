@@ -1,12 +1,51 @@
-"""Attention over gathered cache entries: the torch reference every cache uses, and the
-verify path that reads each row's past K/V once."""
+"""Attention over gathered cache entries: the torch reference every cache uses, the verify path
+that reads each row's past K/V once, and the one place that picks Triton or torch.
+
+Backend selection (`use_triton`): Triton kernels (triton_attention.py) for CUDA tensors when
+triton imports, the torch path everywhere else. SPARSESPEC_ATTENTION=torch|triton (or
+`set_backend`) forces one; Triton on CPU tensors needs TRITON_INTERPRET=1 (the CI tests). The
+caches call `attend`, `attend_block` and `attend_rows` and never see which one ran.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("SPARSESPEC_ATTENTION", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"SPARSESPEC_ATTENTION must be one of {', '.join(BACKENDS)}, got {_backend!r}")
+
+
+def set_backend(name: str) -> str:
+    """Force the attention backend ("auto": Triton on CUDA, torch elsewhere). Returns the old one."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    old, _backend = _backend, name
+    return old
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether attention on `device` runs the Triton kernels: the single switch."""
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        return True
+    return device.type == "cuda" and triton_available()
 
 
 def causal_block_mask(num_past: torch.Tensor, num_new: int, num_keys: int) -> torch.Tensor:
@@ -35,6 +74,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
+    if T == 1 and mask is None and not causal and use_triton(q.device):
+        from sparsespec.kernels.triton_attention import decode_views
+        return decode_views(q, list(k.unbind(0)), list(v.unbind(0)))
     if T == 1 and H != Hkv and not causal:
         out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)  # [B, Hkv, G, D]
         return out.reshape(B, H, 1, D)
@@ -53,8 +95,26 @@ def _future(t: int, device: torch.device) -> torch.Tensor:
 
 
 def block_supported(device: torch.device, num_new: int) -> bool:
-    """`attend_block` runs on CPU tensors (it needs the fused kernel's log-sum-exp)."""
+    """`attend_block` runs on CPU tensors (the torch path needs the fused CPU kernel's
+    log-sum-exp) for a verify (2..65 new tokens), and wherever Triton runs for 1..65 (the
+    split-K kernel also takes the verifier's AR step over rows of different lengths)."""
+    if use_triton(device):
+        return 1 <= num_new <= MAX_BLOCK
     return device.type == "cpu" and 1 < num_new <= MAX_BLOCK
+
+
+def attend_rows(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """A decode step of B sessions, each over its own view: q [B, H, 1, D]; keys[b], values[b]
+    [Hkv, n_b, D] (every entry visible). Returns [B, H, 1, D].
+
+    Triton: one launch for the batch when the views share a layout (the drafter's fixed-shape
+    device views do), reading them in place through a pointer table. Torch: one `attend` per row.
+    """
+    if use_triton(q.device) and len({(k.stride(), v.stride()) for k, v in zip(keys, values)}) == 1:
+        from sparsespec.kernels.triton_attention import decode_views
+        return decode_views(q, keys, values)
+    return torch.cat([attend(q[b:b + 1], k.unsqueeze(0), v.unsqueeze(0), None)
+                      for b, (k, v) in enumerate(zip(keys, values))])
 
 
 def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -70,6 +130,9 @@ def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     merged by their log-sum-exp. So a k-token verify reads each row's past K/V once, as an AR
     step does.
     """
+    if use_triton(q.device):
+        from sparsespec.kernels.triton_attention import verify
+        return verify(q, keys, values, past)
     B, H, T, D = q.shape
     Hkv = keys.shape[1]
     G = H // Hkv
