@@ -150,13 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
     bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services and verify")
     bench.add_argument("--reps", type=int, default=5, help="verify: timed forwards per cell")
-    bench.add_argument("--policy", default=None, help="capacity: the drafter's policy (default chunk_topk)")
+    bench.add_argument("--policy", default=None, help="capacity: the drafter's policy (default fed)")
     bench.add_argument("--budget", default=None, help="capacity: the drafter's budget (default 256)")
     bench.add_argument("--drafter", default=None, help="capacity: same | layers:N (default same)")
     bench.add_argument("--drafter-weights", default=None, help="capacity: same | bf16 | int8 | int4 (default int8)")
     bench.add_argument("--service-cells", default=None,
                        help="capacity: SxCONTEXT cells also run through the services (default 4x4096,8x8000; "
                             "'' for none)")
+    bench.add_argument("--ttft-contexts", default=None,
+                       help="capacity: contexts whose time to first token is measured through the services "
+                            "(default 4096; '' for none)")
     bench.add_argument("--json", default=None, help="capacity: also write the records to this JSON file")
     bench.add_argument("--device", default=None, help="capacity: cpu | cuda | cuda:N for the in-process cells (default cpu)")
     for module in EXTENSIONS.values():

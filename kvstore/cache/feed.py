@@ -160,20 +160,22 @@ class QueryRecorder:
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.window, self.cap = window, window + slack
         self.dtype, self.device = dtype, device
-        self._rings: dict[int, list[torch.Tensor]] = {}   # row -> [L] x [H, cap, D]
+        self._rings: dict[int, list[torch.Tensor]] = {}   # row -> [L] x [H, cap, D] (at most one per row)
+        self._on: set[int] = set()                         # rows being recorded
         self._rows: list[int] = []
         self._lengths: list[int] = []
 
     def record(self, row: int, on: bool) -> None:
-        """Record `row`'s queries from its next forward on (its prefill, normally)."""
+        """Record `row`'s queries from its next forward on (its prefill, normally), or stop. A
+        row that stops keeps what it recorded: the same context decoded again (a bench's AR run,
+        then its speculative one, over one prefill) finds its queries still there."""
         if on and row not in self._rings:
             self._rings[row] = [torch.zeros(self.num_heads, self.cap, self.head_dim, dtype=self.dtype,
                                             device=self.device) for _ in range(self.num_layers)]
-        elif not on:
-            self._rings.pop(row, None)
+        (self._on.add if on else self._on.discard)(row)
 
     def recording(self, row: int) -> bool:
-        return row in self._rings
+        return row in self._on
 
     def begin(self, rows: list[int], lengths: list[int]) -> None:
         self._rows, self._lengths = list(rows), list(lengths)
@@ -183,9 +185,9 @@ class QueryRecorder:
         t = q.shape[2]
         keep = min(t, self.cap)
         for i, row in enumerate(self._rows):
-            ring = self._rings.get(row)
-            if ring is None:
+            if row not in self._on:
                 continue
+            ring = self._rings[row]
             first = self._lengths[i] + t - keep
             slots = torch.arange(first, first + keep, device=q.device) % self.cap
             ring[layer][:, slots] = q[i, :, t - keep:]

@@ -41,7 +41,9 @@ from sparsespec.build import EngineConfig, check_device, load_verifier, make_dra
 from sparsespec.data import kjv
 from sparsespec.errors import InvalidArgument
 from sparsespec.models.quant import check_drafter_weights, drafter_weights
+from kvstore.cache.policies import get_policy
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
+from sparsespec.spec.feed import Feeder
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.transport import DraftCall
@@ -60,11 +62,12 @@ class CapacityConfig:
     max_tokens: int = 48
     k: int | None = None                         # None: chosen on the held-out prompt per context
     k_candidates: tuple[int, ...] = (1, 2, 3, 4)
-    policy: str = "chunk_topk"
+    policy: str = "fed"                          # the default drafter: the verifier's exact K/V (spec/feed.py)
     budget: int = 256
     drafter: str = "same"                        # same | layers:N (it must share the verifier's K/V)
     drafter_weights: str = "int8"                # the low-memory drafter; "same" shares the verifier's
     service_cells: tuple[tuple[int, int], ...] = ((4, 4096), (8, 8000))   # (sessions, context)
+    ttft_contexts: tuple[int, ...] = (4096,)     # time to first token through the services, AR vs spec
     threads: int | None = None
     device: str = "cpu"                          # in-process cells only (scripts/gpu_check.sh: cuda)
     dtype: str = "float32"
@@ -76,6 +79,9 @@ class CapacityConfig:
                                                    "pass --service-cells ''")
         if not self.contexts or min(self.contexts) < OWN_TAIL + 2:
             raise InvalidArgument("contexts", f"need contexts of at least {OWN_TAIL + 2} tokens")
+        if any(c not in self.contexts for c in self.ttft_contexts) or (self.ttft_contexts and 1 not in self.sessions):
+            raise InvalidArgument("ttft_contexts", f"{self.ttft_contexts} must be among --contexts "
+                                                   f"{self.contexts}, with 1 in --sessions")
         if not self.sessions or min(self.sessions) < 1:
             raise InvalidArgument("sessions", f"must be >= 1, got {self.sessions}")
         if self.max_tokens < 4:
@@ -87,6 +93,9 @@ class CapacityConfig:
         for s, c in self.service_cells:
             if s not in self.sessions or c not in self.contexts:
                 raise InvalidArgument("service_cells", f"{s}x{c} is not a cell of --sessions x --contexts")
+        if self.device != "cpu" and self.ttft_contexts:
+            raise InvalidArgument("ttft_contexts", f"the services run on the CPU; with --device {self.device} "
+                                                   "pass --ttft-contexts ''")
 
     @property
     def num_prompts(self) -> int:
@@ -124,10 +133,16 @@ class Bench:
 
     # --- in process ------------------------------------------------------------------------
 
+    @property
+    def fed(self) -> bool:
+        return get_policy(self.sparse.policy).fed
+
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> list[float]:
-        """Prefill each row once (the cells reuse it); seconds per prompt."""
+        """Prefill each row once (the cells reuse it); seconds per prompt. A fed drafter's
+        selection scores with the prefill's queries, so they are recorded."""
         out = []
         for row, ids in zip(rows, prompts):
+            self.engine.verifier.record(row, self.fed)
             t0 = time.perf_counter()
             self.engine.verifier.prefill(row, ids[:-1])
             out.append(time.perf_counter() - t0)
@@ -149,7 +164,7 @@ class Bench:
             e.drafter = LocalDrafterClient(host)
         runs = []
         for row, ids in zip(rows, prompts):
-            if host is not None:
+            if host is not None and not self.fed:   # a fed drafter is fed by the engine instead
                 host.start_session = self._adopt(row, len(ids) - OWN_TAIL)
             runs.append(e.start(GenerationRequest(ids, max_tokens, k=max(k, 1), mode=mode), row,
                                 session=f"row{row}", cached=len(ids) - 1))
@@ -201,16 +216,23 @@ class Bench:
             return med(times[1:])
 
         ar = verify(1)
+        v.commit(heldout_row, len(heldout) - 1)                 # the held-out decodes left their outputs there
         host = DrafterHost(self.drafter_model, DrafterHostConfig(self.sparse, self.max_context),
-                           start_session=self._adopt(heldout_row, len(heldout) - OWN_TAIL))
-        for i in range(len(rows)):
-            host.open(f"cost{i}", heldout, GREEDY)
+                           **({} if self.fed else {"start_session": self._adopt(heldout_row, len(heldout) - OWN_TAIL)}))
+        feeders = [Feeder(host.open(f"cost{i}", heldout, GREEDY).feed) for i in range(len(rows))] if self.fed else []
         k = max(self.cfg.k_candidates)
         times = []
-        for _ in range(reps + 1):
+        for _ in range(reps + 1):                              # the first (a fed drafter's selection) is a warm-up
+            feeds = [f.next(v, heldout_row, k) for f in feeders] or [None] * len(rows)
             t0 = time.perf_counter()
-            host.draft_many([DraftCall(f"cost{i}", len(heldout), [], k, GREEDY) for i in range(len(rows))])
+            replies = host.draft_many([DraftCall(f"cost{i}", len(heldout), [], k, GREEDY, feed=feeds[i])
+                                       for i in range(len(rows))])
             times.append(time.perf_counter() - t0)
+            failed = next((r for r in replies if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise RuntimeError(f"timing the drafter: {failed}")
+            for f, data in zip(feeders, feeds):
+                f.delivered(data)
         return {"ar_s": ar, "c_draft": med(times[1:]) / k / ar,
                 "c_verify": {kk: verify(kk + 1) / ar for kk in self.cfg.k_candidates}}
 
@@ -345,11 +367,52 @@ class Bench:
                 f"tau {rec['tau']:.2f}, TTFT median {rec['ttft_s']['median']:.1f} s, equal={equal}")
         return records
 
+    def run_ttft(self, log) -> list[dict]:
+        """Time to first token through the services, one session at a time on an idle cluster:
+        the first streamed chunk of AR, of speculation with this bench's drafter, and (when that
+        drafter is fed) of one that keeps its own KV (chunk_topk: it prefills the prompt itself
+        once the verifier has). Fresh sessions, 3 prompts, every output checked against AR."""
+        from sparsespec.client import SparseSpecClient
+        from sparsespec.cluster import ClusterConfig, LocalCluster
+
+        cfg = self.cfg
+        policies = [cfg.policy] + (["chunk_topk"] if self.fed else [])
+        records = []
+        for context in cfg.ttft_contexts:
+            prompts = self.prompts[context][:3]
+            ar_out = [self.ar_tokens[(context, i)][:8] for i in range(len(prompts))]
+            times: dict[str, list[float]] = {}
+            equal = True
+            for policy in policies:
+                ccfg = ClusterConfig(model=cfg.model, drafter=cfg.drafter, policy=policy, budget=str(cfg.budget),
+                                     max_context=self.max_context, max_batch=2, k=self.k_of[(context, 1)],
+                                     drafter_weights=cfg.drafter_weights)
+                log(f"TTFT context {context}: a cluster with policy {policy}")
+                with LocalCluster(ccfg) as cluster, SparseSpecClient(cluster.address) as c:
+                    c.generate(prompts[0][:64], max_tokens=4)                     # warm-up
+                    for mode in (["ar"] if policy == cfg.policy else []) + ["spec"]:
+                        label = "ar" if mode == "ar" else f"spec-{policy}"
+                        for i, ids in enumerate(prompts):
+                            t0, first, got = time.perf_counter(), None, []
+                            for chunk in c.stream(ids, max_tokens=8, mode=mode, k=self.k_of[(context, 1)]):
+                                first = first or time.perf_counter() - t0
+                                got += chunk.token_ids
+                            times.setdefault(label, []).append(first)
+                            equal &= got == ar_out[i]
+            ar = statistics.median(times["ar"])
+            for label, ts in times.items():
+                rec = {"mode": f"ttft-{label}", "sessions": 1, "context": context, "ttft_s": _spread(ts),
+                       "ttft_vs_ar": statistics.median(ts) / ar, "outputs_equal_ar": equal}
+                records.append(rec)
+                log(f"  TTFT {label}: median {rec['ttft_s']['median']:.2f} s ({rec['ttft_vs_ar']:.2f}x AR)")
+        return records
+
     def run(self, log=print) -> list[dict]:
         self.records = []
         for context in self.cfg.contexts:
             self.records += self.run_context(context, log)
         self.records += self.run_services(log)
+        self.ttft = self.run_ttft(log)
         return self.records
 
 
@@ -374,6 +437,8 @@ def run_capacity(args) -> int:
                          budget=budget, drafter=args.drafter or CapacityConfig.drafter,
                          drafter_weights=args.drafter_weights or CapacityConfig.drafter_weights,
                          service_cells=cells, threads=args.threads,
+                         ttft_contexts=(CapacityConfig.ttft_contexts if args.ttft_contexts is None
+                                        else _ints("ttft_contexts", args.ttft_contexts) if args.ttft_contexts else ()),
                          device=getattr(args, "device", None) or "cpu", dtype=getattr(args, "dtype", None) or "float32")
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     bench = Bench(cfg)
@@ -381,26 +446,28 @@ def run_capacity(args) -> int:
     command = " ".join(["sparsespec bench capacity", f"--contexts {','.join(map(str, cfg.contexts))}",
                         f"--sessions {','.join(map(str, cfg.sessions))}", f"--max-tokens {cfg.max_tokens}",
                         f"--policy {cfg.policy} --budget {cfg.budget}", f"--drafter-weights {cfg.drafter_weights}",
-                        f"--service-cells {','.join(f'{s}x{c}' for s, c in cfg.service_cells)}"]
+                        f"--service-cells {','.join(f'{s}x{c}' for s, c in cfg.service_cells)}",
+                        f"--ttft-contexts {','.join(map(str, cfg.ttft_contexts))}"]
                        + ([f"--device {cfg.device}"] if cfg.device != "cpu" else [])
                        + ([f"-k {cfg.k}"] if cfg.k else []))
-    doc = {"command": command, "config": {**cfg.__dict__}, "threads": torch.get_num_threads(), "records": records}
+    doc = {"command": command, "config": {**cfg.__dict__}, "threads": torch.get_num_threads(), "records": records,
+           "ttft": bench.ttft}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     out = Path(args.out)
     (out / "bench").mkdir(parents=True, exist_ok=True)
     (out / "bench" / "capacity.json").write_text(json.dumps(doc, indent=1) + "\n")
-    _write_markdown(out, records, command)
+    _write_markdown(out, records, command, bench.ttft)
     _plot(out, records)
-    bad = [r for r in records if not r["outputs_equal_ar"]]
+    bad = [r for r in records + bench.ttft if not r["outputs_equal_ar"]]
     if bad:
         print(f"error: {len(bad)} cells with outputs that differ from AR")
         return 1
     return 0
 
 
-def _write_markdown(out: Path, records: list[dict], command: str) -> None:
+def _write_markdown(out: Path, records: list[dict], command: str, ttft: list[dict] = ()) -> None:
     lines = ["| context | S | mode | k | decode tok/s (aggregate) | spread [min, median, max] | vs AR | tau | alpha "
              "| c_draft / c_verify (AR steps) | model | drafter KV bytes | prefill / TTFT s | = AR |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -423,8 +490,21 @@ def _write_markdown(out: Path, records: list[dict], command: str) -> None:
         "tok/s = tokens generated by all sessions / decode wall time. Spread: over 3 prompts (S = 1) or "
         "over the sessions' own rates (S > 1). c_draft = one draft position's time / an AR step, "
         "c_verify = a (k+1)-token verify / an AR step, both at the same S; model = tau / (k c_draft + "
-        "c_verify).", "", *lines, END])
+        "c_verify).", "", *lines, *_ttft_lines(ttft), END])
     replace_section(out / "benchmarks.md", BEGIN, END, section)
+
+
+def _ttft_lines(ttft: list[dict]) -> list[str]:
+    """Time to first token through the services, as its own small table."""
+    if not ttft:
+        return []
+    rows = [f"| {r['context']} | {r['mode'][5:]} | {r['ttft_s']['median']:.2f} | [{r['ttft_s']['min']:.2f}, "
+            f"{r['ttft_s']['max']:.2f}] | {r['ttft_vs_ar']:.2f}x | {'yes' if r['outputs_equal_ar'] else '**no**'} |"
+            for r in ttft]
+    return ["", "Time to first token through the services (the first streamed chunk; one session at a time on "
+            "an idle cluster, 3 prompts; spec-fed: the drafter is fed the verifier's K/V and does no prefill; "
+            "spec-chunk_topk: it keeps its own KV, so it prefills the prompt itself):", "",
+            "| context | run | TTFT s (median) | [min, max] | vs AR | = AR |", "|---|---|---|---|---|---|", *rows]
 
 
 def _plot(out: Path, records: list[dict]) -> None:
