@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="long-context speculative generation on real text, AR vs speculative")
     demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--context", type=int, default=3500)
+    demo.add_argument("--context", type=int, default=7800)
     demo.add_argument("--max-tokens", type=int, default=96)
     demo.add_argument("--policy", default=None, help="the drafter's policy (default: fed where it can be)")
     demo.add_argument("--budget", default="256")

@@ -1,6 +1,6 @@
 """The main job: long-context speculative generation on real text, against AR in the same run.
 
-Fetches SmolLM2-135M (once), takes ~3.5K tokens of the King James Bible as the prompt, and
+Fetches SmolLM2-135M (once), takes ~7.8K tokens of the King James Bible as the prompt, and
 decodes it greedily twice: with the verifier alone (AR) and with the sparse-budget drafter
 (spec). By default both go through the disaggregated system: a local cluster (redis-server, a
 drafter process, a verifier process, gRPC on 127.0.0.1) and the client SDK, streaming the

@@ -7,12 +7,7 @@ dashboard in deploy/ parses and names only metrics the services export.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from up_process import running_up
 from sparsespec.client import SparseSpecClient
 from sparsespec.models.testing import save_random_model, tiny_config
 from sparsespec.redis_server import find_redis_server
@@ -34,32 +30,19 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "sparse
 def up(tmp_path_factory):
     model = save_random_model(tmp_path_factory.mktemp("metrics") / "model",
                               tiny_config(max_position_embeddings=1024, eos_token_ids=(), num_layers=2), seed=7)
-    proc = subprocess.Popen([sys.executable, "-m", "sparsespec", "up", "--model", str(model), "--policy", "streaming",
-                             "--budget", "32", "-k", "4", "--redis-persistence", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True)
-    try:
-        seen, lines = {}, []
-        for line in proc.stdout:
-            lines.append(line)
+    with running_up("--model", model, "--policy", "streaming", "--budget", 32, "-k", 4,
+                    "--redis-persistence", "none") as up:
+        seen = {}
+        for line in up.lines:
             words = line.split()
-            if words[0] == "metrics":
+            if words and words[0] == "metrics":
                 seen[words[1].rstrip("0123456789")] = words[2]
-            elif words[0] in ("verifier", "gateway", "ready"):
-                seen.setdefault(words[0] + "_address", words[1])
-            if words[0] == "ready":
-                break
-        assert {"drafter", "verifier", "ready_address"} <= set(seen), "".join(lines)
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        assert {"drafter", "verifier"} <= set(seen), "\n".join(up.lines)
+        seen["verifier_address"], seen["ready_address"] = up.word("verifier"), up.word("ready")
+        seen["gateway_address"] = up.word("gateway")
         seen["gateway"] = seen["gateway_address"] + "/metrics"
         seen["model"] = str(model)
         yield seen
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def scrape(url: str) -> dict:

@@ -10,11 +10,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +22,7 @@ from equality import assert_greedy_equal
 from kvstore.coord.sessions import SessionStore
 from sparsespec.chat import chat_prompt_ids
 from sparsespec.cli import main as cli_main
+from up_process import running_up
 from sparsespec.client import AsyncSparseSpecClient, SparseSpecClient
 from sparsespec.cluster import ClusterConfig, LocalCluster, spawn_service
 from sparsespec.gateway import GatewayConfig, GatewayThread
@@ -84,30 +80,12 @@ class Up:
 @pytest.fixture(scope="module")
 def cluster(model_dir):
     """A real `sparsespec up`; its lines name every child, the gateway's URL beside the verifier."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "sparsespec", "up", "--model", str(model_dir), "--policy",
-                             "streaming", "--budget", "32", "-k", "4", "--max-batch", "2",
-                             "--redis-persistence", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        seen, lines = {}, []
-        for line in proc.stdout:
-            lines.append(line)
-            name, _, rest = line.partition(" ")
-            seen.setdefault(name, rest.split()[0] if rest.split() else "")
-            if name == "ready":
-                break
-        assert "ready" in seen and seen["gateway"].startswith("http://127.0.0.1:"), "".join(lines)
-        assert seen["ready"] == seen["verifier"]
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()   # keep draining
-        yield Up(str(model_dir), seen["redis"], seen["drafter"], seen["verifier"], seen["gateway"])
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with running_up("--model", model_dir, "--policy", "streaming", "--budget", 32, "-k", 4, "--max-batch", 2,
+                    "--redis-persistence", "none") as up:
+        gateway = up.word("gateway")
+        assert gateway.startswith("http://127.0.0.1:"), "\n".join(up.lines)
+        assert up.word("ready") == up.word("verifier")
+        yield Up(str(model_dir), up.word("redis"), up.word("drafter"), up.word("verifier"), gateway)
 
 
 @pytest.fixture(scope="module")

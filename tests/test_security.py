@@ -12,10 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +24,7 @@ import pytest
 import redis
 
 from certs import Certs, make_certs
+from up_process import running_up
 from sparsespec.client import GenerationError, SparseSpecClient
 from sparsespec.models.testing import save_random_model, tiny_config
 from sparsespec.redis_server import find_redis_server
@@ -70,34 +68,14 @@ def up(tmp_path_factory):
     certs = make_certs(tmp / "certs")
     keys = tmp / "keys"
     keys.write_text(f"# two clients\n{KEY_A}\n\n{KEY_B}\n")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("SPARSESPEC_API_KEYS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "sparsespec", "up", "--model", str(model), "--policy", "streaming",
-                             "--budget", "32", "-k", "4", "--max-batch", "2", "--redis-persistence", "none",
-                             "--api-keys", str(keys), "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-                             "--tls-ca", str(certs.ca), "--mtls"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        seen, lines = {}, []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            name, _, rest = line.partition(" ")
-            seen.setdefault(name, rest.split())
-            if name == "ready":
-                break
-        assert "ready" in seen, "\n".join(lines)
-        threading.Thread(target=lambda: [lines.append(x.rstrip("\n")) for x in proc.stdout], daemon=True).start()
-        public, secret_file = seen["redis"][0], seen["redis"][4] if len(seen["redis"]) > 4 else ""
+    with running_up("--model", model, "--policy", "streaming", "--budget", 32, "-k", 4, "--max-batch", 2,
+                    "--redis-persistence", "none", "--api-keys", keys, "--tls-cert", certs.cert,
+                    "--tls-key", certs.key, "--tls-ca", certs.ca, "--mtls", unset=("SPARSESPEC_API_KEYS",)) as up:
+        redis_words = up.first["redis"]
+        public, secret_file = redis_words[0], redis_words[4] if len(redis_words) > 4 else ""
         password = open(secret_file).read().strip() if secret_file else ""
-        yield Up(str(model), proc, lines, public.replace("redis://", f"redis://:{password}@", 1), public,
-                 password, secret_file, seen["drafter"][0], seen["verifier"][0], seen["gateway"][0], certs)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        yield Up(str(model), up.proc, up.lines, public.replace("redis://", f"redis://:{password}@", 1), public,
+                 password, secret_file, up.word("drafter"), up.word("verifier"), up.word("gateway"), certs)
 
 
 def snapshot(url: str) -> dict:
