@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls-server-name", default=None,
                      help="with --tls-ca: the name the verifier's certificate carries, if not the address")
 
-    serve = sub.add_parser("serve", help="run one service: serve verifier|drafter --help")
-    serve.add_argument("role", choices=["verifier", "drafter"])
+    serve = sub.add_parser("serve", help="run one service: serve verifier|drafter|gateway --help")
+    serve.add_argument("role", choices=["verifier", "drafter", "gateway"])
     serve.add_argument("service_args", nargs=argparse.REMAINDER)
 
     from sparsespec.cluster import RestartPolicy
@@ -284,6 +284,8 @@ def cmd_up(args) -> int:
 def cmd_serve(args) -> int:
     if args.role == "verifier":
         from verifier_service.server import main as serve
+    elif args.role == "gateway":
+        from sparsespec.gateway.server import main as serve
     else:
         from drafter_service.server import main as serve
     return serve(args.service_args)

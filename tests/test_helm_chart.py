@@ -126,6 +126,7 @@ def test_gpu_pools_land_on_their_own_nodes():
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert c["image"] == "sparsespec:0.1.0-cuda"
     assert flag(d["args"], "--device") == "cuda" and flag(d["args"], "--drafter") == "layers:8"
+    assert flag(v["args"], "--device") == "cuda"          # each pool computes on the GPU it requests
     assert d["args"][:2] == ["serve", "drafter"] and v["args"][:2] == ["serve", "verifier"]
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
     assert sorted(hpas) == ["rel-sparsespec-drafter", "rel-sparsespec-verifier"]
@@ -261,6 +262,14 @@ def test_api_keys_and_tls_come_from_secrets_and_the_services_take_the_flags(clie
         else:
             assert "api-keys" not in mounts and "--api-keys" not in c["args"]
             assert args.tls_client_ca == ("/etc/sparsespec/tls/ca.crt" if client_auth else None)
+    # The HTTP gateway takes the same keys (401 without one) and dials the verifiers with the CA.
+    from sparsespec.gateway.server import build_parser as gateway_parser
+    c = container(docs, "gateway")
+    args = gateway_parser().parse_args(c["args"][2:])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert (args.api_keys, args.verifier_tls_ca, args.verifier_tls_server_name) == (
+        "/etc/sparsespec/api-keys/keys", "/etc/sparsespec/tls/ca.crt", "sparsespec.ns.svc")
+    assert mounts["api-keys"] == "/etc/sparsespec/api-keys" and mounts["tls"] == "/etc/sparsespec/tls"
 
 
 def test_metrics_port_on_every_pod_and_an_optional_service_monitor():
@@ -302,6 +311,7 @@ def runnable(args: list[str], model_dir: Path, redis_url: str, port: int) -> lis
     out[out.index("--model") + 1] = str(model_dir)
     out[out.index("--redis") + 1] = redis_url
     out[out.index("--port") + 1] = str(port)
+    out[out.index("--host") + 1] = "127.0.0.1"      # the gateway binds every interface of its pod
     if "--metrics-port" in out:                    # each pod has its own IP; here they share one
         out[out.index("--metrics-port") + 1] = "0"
     return out
@@ -327,11 +337,12 @@ def test_rendered_args_start_the_services_and_their_probes_pass(tmp_path, redis_
     assert flag(container(docs, "drafter")["args"], "--drafter-weights") == "same"   # started below as-is
     procs = {}
     try:
-        for pool in ("drafter", "verifier"):
+        for pool in ("drafter", "verifier", "gateway"):
             c, port = container(docs, pool), free_port()
             cmd = [sys.executable, "-m", "sparsespec", *runnable(c["args"], model_dir, redis_url, port)]
             procs[pool] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                            f"127.0.0.1:{port}", c)
+        gateway = procs.pop("gateway")
         for pool, (proc, address, c) in procs.items():
             line = proc.stdout.readline()
             while line and not line.startswith("listening "):
@@ -355,6 +366,24 @@ def test_rendered_args_start_the_services_and_their_probes_pass(tmp_path, redis_
         with pytest.raises(grpc.RpcError) as err:
             health(procs["verifier"][1], "sparsespec.v1.Nope")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # The gateway, started from its rendered args, finds the verifier through Redis: its
+        # readiness probe (/health, the data path) passes.
+        proc, address, c = procs["gateway"] = gateway
+        line = proc.stdout.readline()
+        while line and not line.startswith("listening "):
+            line = proc.stdout.readline()
+        assert line.strip() == f"listening http://{address}", (line, proc.poll())
+        probe = c["readinessProbe"]["httpGet"]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{address}{probe['path']}", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the gateway's /health never passed"
+            time.sleep(0.3)
     finally:
         for proc, _, _ in procs.values():
             proc.terminate()

@@ -111,12 +111,13 @@ class LlamaModel(nn.Module):
         """The identity of the weights this model's K/V come from: a hash of what layer 0's K/V
         depend on (embedding, k/v projections, rotary settings). A `layers:N` cut or a
         --drafter-weights copy keeps its source's, so the verifier knows it may feed that drafter
-        its own K/V (kvstore/cache/feed.py); a separately trained drafter has its own."""
+        its own K/V (kvstore/cache/feed.py); a separately trained drafter has its own. Hashed at
+        bf16 precision, so the same weights loaded as fp32 on one side and bf16 on the other agree."""
         if self._kv_source is None:
             attn, cfg = self.layers[0].self_attn, self.cfg
             h = hashlib.sha256(repr((cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)).encode())
             for t in (self.embed_tokens.weight[:256], attn.k_proj.weight, attn.v_proj.weight):
-                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+                h.update(t.detach().to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
             self._kv_source = h.hexdigest()[:16]
         return self._kv_source
 
