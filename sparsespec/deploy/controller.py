@@ -185,7 +185,7 @@ class PoolController:
                  "--worker-id", worker_id, "--port", str(p.cfg.port)]
         if self.cfg.max_context:
             flags += ["--max-context", str(self.cfg.max_context)]
-        if role == "drafter" and p.cfg.gpus > 0:
+        if p.cfg.gpus > 0:             # a pool that asks Ray for GPUs computes on one (both services take --device)
             flags += ["--device", "cuda"]
         flags += p.cfg.service_flags()
         actor = ray.remote(ServiceReplica).options(name=name, namespace=self.namespace, max_restarts=0,
