@@ -85,7 +85,7 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 export SPARSESPEC_TEST_DEVICE="$DEVICE" PYTHONWARNINGS=ignore
 step kernels "${LIMITS[0]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py "${KERNELS[@]}"
 step lossless "${LIMITS[1]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_device_equality.py
-step capacity "${LIMITS[2]}" "$PY" -m sparsespec bench capacity "${CAPACITY[@]}" --service-cells "" \
+step capacity "${LIMITS[2]}" "$PY" -m sparsespec bench capacity "${CAPACITY[@]}" --service-cells "" --ttft-contexts "" \
   --out "$WORK/bench" --json "$WORK/capacity.json"
 if [ -f "$WORK/bench/benchmarks.md" ]; then
   { echo "== capacity table"; cat "$WORK/bench/benchmarks.md"; echo; } >> "$OUT"

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OpenAI HTTP gateway; a child that exits is restarted on its port")
     _add_engine_flags(up)
     up.add_argument("--max-batch", type=int, default=8)
+    up.add_argument("--cohorts", type=int, default=1,
+                    help="2: the verifier overlaps rounds, drafting one half of the sessions while verifying the other")
     up.add_argument("-k", type=int, default=4, help="the verifier's default draft length")
     up.add_argument("--redis-persistence", default="everysec", choices=list(PERSISTENCE),
                     help="Redis append-only file fsync: everysec (a machine crash loses <= ~1 s), always, "
@@ -118,12 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: speed (docs/benchmarks.md) or the acceptance study "
                                           "(docs/acceptance.md)")
-    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance", "verify", "capacity"],
+    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance", "verify", "capacity", "cohorts"],
                        help="speed: AR vs speculative vs transformers; acceptance: tau per policy, "
                             "budget and context, with KV summaries; verify: a (k+1)-token verify "
                             "forward against an AR step (c_verify of the cost model); capacity: aggregate "
                             "decode tok/s, AR vs speculation, over sessions x context, in process and "
-                            "through the services")
+                            "through the services; cohorts: overlapped rounds (--cohorts 2) through the services, "
+                            "verifier and drafter pinned to separate cores")
     bench.add_argument("--quick", action="store_true", help="a small grid, for smoke runs")
     bench.add_argument("--out", default="docs", help="directory for the markdown, JSON and plots")
     bench.add_argument("--model", default="smollm2-135m")
@@ -260,7 +263,7 @@ def cmd_up(args) -> int:
     parse_budget(args.budget)  # validate before starting anything
     policy = RestartPolicy(max_crashes=args.max_crashes)
     cfg = ClusterConfig(model=args.model, drafter=args.drafter, policy=args.policy, budget=args.budget,
-                        drafter_weights=args.drafter_weights, dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, k=args.k,
+                        drafter_weights=args.drafter_weights, dtype=args.dtype, max_context=args.max_context, max_batch=args.max_batch, cohorts=args.cohorts, k=args.k,
                         redis_persistence=args.redis_persistence, redis_dir=args.redis_dir,
                         http_port=None if args.no_http else args.http_port, api_keys=args.api_keys,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, mtls=args.mtls)
@@ -317,7 +320,15 @@ def cmd_bench(args) -> int:
         if args.quick:
             args.contexts, args.sessions, args.max_tokens = args.contexts or "512", "1,2", 12
             args.service_cells = "2x512" if args.service_cells is None else args.service_cells
+            args.ttft_contexts = "512" if args.ttft_contexts is None else args.ttft_contexts
         return run_capacity(args)
+    if args.suite == "cohorts":
+        from sparsespec.bench.cohorts import run_cohorts
+        if args.quick:
+            args.contexts, args.sessions, args.max_tokens = args.contexts or "512", "2", 12
+        elif "," in (args.sessions or ""):          # the suites' default list: this one takes one S
+            args.sessions = None
+        return run_cohorts(args)
     if args.suite == "acceptance":
         from sparsespec.bench.acceptance import run_acceptance
         args.contexts = args.contexts or "2048,4096,8000"

@@ -139,6 +139,7 @@ class ClusterConfig:
     dtype: str = "float32"
     max_context: int | None = None
     max_batch: int = 8
+    cohorts: int = 1                      # the verifier's --cohorts (2: overlapped rounds)
     k: int = 4
     lease_ms: int = 3000
     redis_persistence: str = "everysec"   # sparsespec.redis_server.PERSISTENCE
@@ -277,7 +278,7 @@ class LocalCluster:
 
     def add_verifier(self) -> Proc:
         c = self.cfg
-        args = self._common() + ["--max-batch", c.max_batch, "-k", c.k, "--lease-ms", c.lease_ms,
+        args = self._common() + ["--max-batch", c.max_batch, "--cohorts", c.cohorts, "-k", c.k, "--lease-ms", c.lease_ms,
                                  "--metrics-port", 0] + self._keys()
         if c.tls_cert:
             args += ["--tls-cert", c.tls_cert, "--tls-key", c.tls_key, "--drafter-tls-ca", c.tls_ca]

@@ -47,6 +47,7 @@ class VerifierConfig:
     device: str = "cpu"                # where the verifier model and its full KV live (cuda, cuda:1)
     max_context: int | None = None
     max_batch: int = 8
+    cohorts: int = 1                   # 2: overlapped rounds, the drafter drafts one cohort while the other verifies
     max_queue: int = 64
     default_k: int = 4
     draft_timeout_s: float = 5.0
@@ -66,6 +67,9 @@ class VerifierConfig:
         for name in ("max_batch", "max_queue", "default_k", "lease_ms", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+        from sparsespec.spec.loop import COHORTS   # torch: only once a verifier is configured
+        if self.cohorts not in COHORTS:
+            raise InvalidArgument("cohorts", f"must be one of {COHORTS}, got {self.cohorts}")
         if not self.redis_url:
             raise InvalidArgument("redis", f"the verifier needs Redis (sessions and the commit log): "
                                            f"--redis URL or ${REDIS_URL_ENV}")
@@ -100,7 +104,7 @@ class VerifierServer:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         engine = SpecEngine(model, drafters, tokenizer, cfg.max_context, cfg.max_batch, sorted(eos),
-                            summary=cfg.summaries, schedule=cfg.summary_schedule)
+                            summary=cfg.summaries, schedule=cfg.summary_schedule, cohorts=cfg.cohorts)
         self.sessions = DurableSessions(self.store, cfg.worker_id, cfg.lease_ms)
         self.scheduler = Scheduler(engine, self.sessions, cfg.max_queue)
         from sparsespec import telemetry
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=8, help="cache rows: sessions verified together")
+    p.add_argument("--cohorts", type=int, default=VerifierConfig.cohorts,
+                   help="2: overlap rounds, drafting one half of the sessions while verifying the other")
     p.add_argument("--max-queue", type=int, default=VerifierConfig.max_queue,
                    help="turns queued or running; more are refused with RESOURCE_EXHAUSTED")
     p.add_argument("-k", type=int, default=4, help="default draft length")
@@ -284,7 +290,8 @@ def main(argv=None) -> int:
         cfg = VerifierConfig(model=args.model, redis_url=args.redis or "", drafters=tuple(args.drafter_address),
                              host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                              max_context=args.max_context,
-                             max_batch=args.max_batch, max_queue=args.max_queue, default_k=args.k,
+                             max_batch=args.max_batch, cohorts=args.cohorts, max_queue=args.max_queue,
+                             default_k=args.k,
                              lease_ms=args.lease_ms,
                              drain_s=args.drain_s, summaries=summaries, summary_schedule=schedule,
                              metrics_port=args.metrics_port, **security_config(args), **extra)

@@ -302,7 +302,6 @@ class Bench:
     # --- through the services ----------------------------------------------------------------
 
     def run_services(self, log) -> list[dict]:
-        from sparsespec.client import SparseSpecClient
         from sparsespec.cluster import ClusterConfig, LocalCluster
 
         cfg = self.cfg
@@ -318,36 +317,7 @@ class Bench:
             ar = [self.ar_tokens[(context, i)] for i in range(s)]
             log(f"services S={s} context {context}: starting a cluster")
             with LocalCluster(ccfg) as cluster:
-                with SparseSpecClient(cluster.address) as c:       # warm-up
-                    c.generate(prompts[0][:64], max_tokens=4, mode="spec", k=k)
-                first: list = [None] * s
-                second: list = [None] * s
-                errors: list = []
-                barrier = threading.Barrier(s + 1)
-
-                def one(i):
-                    try:
-                        with SparseSpecClient(cluster.address) as c:
-                            t0 = time.perf_counter()
-                            first[i] = (c.generate(prompts[i], max_tokens=1, mode="spec", k=k),
-                                        time.perf_counter() - t0)
-                            barrier.wait()
-                            second[i] = c.generate([ar[i][1]], session_id=first[i][0].session_id,
-                                                   max_tokens=cfg.max_tokens - 2, mode="spec", k=k)
-                    except Exception as e:  # noqa: BLE001 - reported below
-                        errors.append(e)
-                        barrier.abort()
-
-                threads = [threading.Thread(target=one, args=(i,)) for i in range(s)]
-                for t in threads:
-                    t.start()
-                barrier.wait()
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - t0
-                if errors:
-                    raise errors[0]
+                first, second, wall = concurrent_turns(cluster.address, prompts, ar, k, cfg.max_tokens)
             equal = all(f[0].token_ids == a[:1] and r.token_ids == a[2:] for f, r, a in zip(first, second, ar))
             generated = sum(len(r.token_ids) for r in second)
             in_process_ar = next(r for r in self.records if r["mode"] == "ar" and r["sessions"] == s
@@ -414,6 +384,47 @@ class Bench:
         self.records += self.run_services(log)
         self.ttft = self.run_ttft(log)
         return self.records
+
+
+def concurrent_turns(address: str, prompts: list[list[int]], ar: list[list[int]], k: int, max_tokens: int,
+                     mode: str = "spec") -> tuple[list, list, float]:
+    """S sessions through the SDK at once, decode timed apart from prefill: each session's first
+    turn is its prompt and one token (its prefill: (reply, seconds)); once all have one, each
+    sends its AR second token as a second turn of max_tokens - 2 more, and the wall time of that
+    is the decode. Returns (first turns, second turns, decode wall seconds)."""
+    from sparsespec.client import SparseSpecClient
+
+    s = len(prompts)
+    with SparseSpecClient(address) as c:                   # warm-up
+        c.generate(prompts[0][:64], max_tokens=4, mode=mode, k=k)
+    first: list = [None] * s
+    second: list = [None] * s
+    errors: list = []
+    barrier = threading.Barrier(s + 1)
+
+    def one(i):
+        try:
+            with SparseSpecClient(address) as c:
+                t0 = time.perf_counter()
+                first[i] = (c.generate(prompts[i], max_tokens=1, mode=mode, k=k), time.perf_counter() - t0)
+                barrier.wait()
+                second[i] = c.generate([ar[i][1]], session_id=first[i][0].session_id,
+                                       max_tokens=max_tokens - 2, mode=mode, k=k)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(s)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return first, second, wall
 
 
 def _ints(field: str, text: str, sep: str = ",") -> tuple[int, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,8 @@ from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient
 from sparsespec.spec.verifier import Verifier
 
 MODES = ("spec", "ar")
+COHORTS = (1, 2)
+NO_DRAFT: tuple[list[int], None, float] = ([], None, 0.0)   # a run that takes a plain step this round
 
 log = logging.getLogger("sparsespec.engine")
 
@@ -70,6 +73,15 @@ class GenerationResult:
 
 
 @dataclass
+class _InFlight:
+    """One cohort's drafts being made on the drafting thread (cohorts 2)."""
+    cohort: int
+    runs: set[int]                 # id() of the runs asked for
+    asked: list[tuple]             # what _ask made, for _take
+    replies: Future                # of _send(calls)
+
+
+@dataclass
 class Run:
     """One session's turn inside the loop. The engine owns it; callers read it."""
     session: str
@@ -84,6 +96,7 @@ class Run:
     summary: SummarySchedule | None = None  # KV summaries for this session's drafter (spec, summaries on)
     feeder: Feeder | None = None            # feeds for this session's drafter (a fed drafter)
     can_draft: bool = True                  # False: its drafter wants feeds this verifier cannot give
+    cohort: int = 0                         # with cohorts 2: which of the two groups its rounds are in
     done: bool = False
     started_at: float = 0.0                 # perf_counter() after the prefill
     finished_at: float = 0.0                # perf_counter() when the run stopped
@@ -104,9 +117,11 @@ class SpecEngine:
     def __init__(self, verifier_model, drafter: DrafterClient | None = None, tokenizer=None,
                  max_context: int | None = None, max_batch: int = 8, eos_ids=None,
                  summary: SummaryConfig | None = SummaryConfig(), schedule: ScheduleConfig = ScheduleConfig(),
-                 feed: bool = True):
+                 feed: bool = True, cohorts: int = 1):
         """feed: feed drafters that can be fed (the verifier's exact K/V, sparsespec/spec/feed.py);
-        a drafter that is not fed keeps its own KV either way."""
+        a drafter that is not fed keeps its own KV either way. cohorts 2: overlapped rounds (`step`)."""
+        if cohorts not in COHORTS:
+            raise InvalidArgument("cohorts", f"must be one of {COHORTS}, got {cohorts!r}")
         self.model = verifier_model
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -121,6 +136,11 @@ class SpecEngine:
         self.feed = feed
         self._feeders: dict[str, Feeder] = {}   # session -> its fed drafter's mirror (across turns)
         self._feed_want: FeedWant | None = None  # the last fed drafter's want: a re-open after a failed open
+        self.cohorts = cohorts
+        self._next_cohort = 0                    # cohorts are assigned in turn as runs start
+        self._turn = 0                           # the cohort the next overlapped step verifies
+        self._inflight: _InFlight | None = None  # the other cohort's drafts, being made
+        self._pool: ThreadPoolExecutor | None = None
         self.summary = summary if summary is not None and summary.enabled else None
         self.schedule = schedule            # when each session's drafter gets a summary
 
@@ -188,9 +208,10 @@ class SpecEngine:
                               self.max_context - len(prompt), self.tokenizer)
         gen = None if req.sampling.greedy else req.sampling.generator()
         schedule = SummarySchedule(self.schedule, want=want, latest=summary) if spec_summaries else None
+        cohort, self._next_cohort = self._next_cohort, (self._next_cohort + 1) % self.cohorts
         return Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
                    gen, drafter_base=drafter_base, summary=schedule, feeder=feeder, can_draft=can_draft,
-                   started_at=time.perf_counter())
+                   cohort=cohort, started_at=time.perf_counter())
 
     def _open_drafter(self, session: str, tokens: list[int], req: GenerationRequest) -> tuple[int, OpenReply]:
         """(committed tokens the drafter now holds, what its summaries and feeds take)."""
@@ -265,19 +286,29 @@ class SpecEngine:
     def _draft(self, active: list[Run]) -> list[tuple[list[int], list | None, float]]:
         """This round's drafts for every run, in one request to the drafter (which drafts them
         together); a run whose drafting fails costs one plain step. Per run: (drafts, qs, s)."""
-        planned: list[tuple[list[int], list | None, float]] = [([], None, 0.0)] * len(active)
+        asked, calls = self._ask(active)
+        taken = self._take(asked, self._send(calls))
+        return [taken.get(id(r), NO_DRAFT) for r in active]
+
+    def _ask(self, active: list[Run]) -> tuple[list[tuple], list[DraftCall]]:
+        """The round's draft calls (k, summaries, feeds), made on the loop's thread."""
         asked, calls = [], []
-        for i, r in enumerate(active):
+        for r in active:
             k = self._plan_k(r)
             if k == 0:
                 continue
             summary, fresh = self._summary_for(r)
             feed = self._feed_for(r, k)
-            asked.append((i, r, summary, fresh, feed))
+            asked.append((r, summary, fresh, feed))
             calls.append(DraftCall(r.session, r.drafter_base, r.tokens[r.drafter_base:], k, r.req.sampling,
                                    summary, feed))
-        # Re-opens (base_len 0: a prefill each) go in their own request, so the time the others'
-        # round took (what adaptive k weighs) does not include somebody else's prefill.
+        return asked, calls
+
+    def _send(self, calls: list[DraftCall]) -> dict[int, tuple[object, float]]:
+        """The drafter's replies, call index -> (reply or failure, seconds). Touches only the
+        drafter client, so it may run on another thread while the verifier verifies (cohorts).
+        Re-opens (base_len 0: a prefill each) go in their own request, so the time the others'
+        round took (what adaptive k weighs) does not include somebody else's prefill."""
         timed: dict[int, tuple[object, float]] = {}
         for reopen in (False, True):
             group = [j for j, c in enumerate(calls) if (c.base_len == 0) == reopen]
@@ -286,7 +317,12 @@ class SpecEngine:
                 replies = self.drafter.draft_many([calls[j] for j in group])
                 elapsed = time.perf_counter() - t0
                 timed.update((j, (reply, elapsed)) for j, reply in zip(group, replies))
-        for j, (i, r, summary, fresh, feed) in enumerate(asked):
+        return timed
+
+    def _take(self, asked: list[tuple], timed: dict[int, tuple[object, float]]) -> dict[int, tuple]:
+        """The replies into the runs' state, on the loop's thread: id(run) -> (drafts, qs, s)."""
+        planned = {}
+        for j, (r, summary, fresh, feed) in enumerate(asked):
             reply, elapsed = timed[j]
             m = r.metrics
             if isinstance(reply, BaseException):
@@ -294,7 +330,7 @@ class SpecEngine:
                 if r.feeder is not None:
                     r.feeder.reset()    # ... and feed the re-open a whole selection
                 m.drafter_failures += 1
-                planned[i] = ([], None, elapsed)
+                planned[id(r)] = ([], None, elapsed)
                 continue
             if feed is not None:
                 r.feeder.delivered(feed)
@@ -309,7 +345,7 @@ class SpecEngine:
             r.drafter_base = len(r.tokens)
             m.drafter_kv_device_bytes = max(m.drafter_kv_device_bytes, reply.device_bytes)
             m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
-            planned[i] = (reply.tokens, reply.qs, elapsed)
+            planned[id(r)] = (reply.tokens, reply.qs, elapsed)
         return planned
 
     def _feed_for(self, r: Run, k: int) -> bytes | None:
@@ -340,8 +376,45 @@ class SpecEngine:
         """One round for every active run: draft, one batched verify, accept, commit.
 
         Returns the tokens each session committed this round (session -> tokens, in order).
+        With cohorts 2 it is one round of one cohort instead (`_overlapped_step`).
         """
-        planned = self._draft(active)
+        if self.cohorts == 2 and self.drafter is not None:
+            return self._overlapped_step(active)
+        return self._round(active, self._draft(active))
+
+    def _overlapped_step(self, active: list[Run]) -> dict[str, list[int]]:
+        """One round of one cohort, while the drafter drafts the other (on a thread waiting on it).
+
+        A cohort is verified with the drafts made while the other one was verified, then its
+        next drafts are asked for while the other one is verified: so a session's round is still
+        draft -> verify -> commit, only different sessions' rounds overlap, and the drafter and
+        the verifier (separate processes, on a fleet separate devices) both stay busy. Runs that
+        joined since their cohort's drafts were asked for are drafted now; drafts for runs that
+        left are dropped (the drafter state they advanced is the run's, released with it).
+        """
+        inflight, self._inflight = self._inflight, None
+        c = inflight.cohort if inflight is not None else (
+            self._turn if any(r.cohort == self._turn for r in active) else 1 - self._turn)
+        now = [r for r in active if r.cohort == c]
+        other = [r for r in active if r.cohort != c]
+        ready = self._take(inflight.asked, inflight.replies.result()) if inflight is not None else {}
+        late = [r for r in now if inflight is None or id(r) not in inflight.runs]
+        ready.update(zip(map(id, late), self._draft(late)))
+        if other:
+            asked, calls = self._ask(other)
+            self._inflight = _InFlight(1 - c, {id(r) for r in other}, asked, self._threads().submit(self._send, calls))
+        self._turn = 1 - c
+        if not now:
+            return {}
+        return self._round(now, [ready.get(id(r), NO_DRAFT) for r in now])
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-draft")
+        return self._pool
+
+    def _round(self, active: list[Run], planned: list[tuple]) -> dict[str, list[int]]:
+        """Verify every run's drafts in one forward, accept, commit."""
         t0 = time.perf_counter()
         logits = self.verifier.verify([r.row for r in active],
                                       [[r.tokens[-1]] + d for r, (d, _, _) in zip(active, planned)])
