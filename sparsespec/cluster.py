@@ -153,6 +153,9 @@ class ClusterConfig:
 
     def __post_init__(self):
         check_persistence(self.redis_persistence, "redis-persistence")
+        from sparsespec.spec.loop import COHORTS        # torch: only once a cluster is configured
+        if self.cohorts not in COHORTS:
+            raise InvalidArgument("cohorts", f"must be one of {COHORTS}, got {self.cohorts}")
         from sparsespec.auth import load_api_keys
         from sparsespec.tls import client_tls, server_tls
         load_api_keys(self.api_keys)                         # a bad file: one line now, before anything starts

@@ -94,6 +94,7 @@ def test_bad_input_is_one_line(model_dir, tmp_path, case):
     (["--contexts", "4k"], "contexts"),
     (["--drafter-weights", "int3"], "drafter_weights"),
     (["--drafter", "/some/dir"], "drafter"),
+    (["--ttft-contexts", "1234"], "ttft_contexts"),
 ])
 def test_bench_capacity_bad_flags_are_one_line_before_any_model_loads(tmp_path, args, needle):
     proc = sparsespec("bench", "capacity", "--out", tmp_path, *args, timeout=120)
@@ -102,3 +103,15 @@ def test_bench_capacity_bad_flags_are_one_line_before_any_model_loads(tmp_path, 
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
     assert not any(tmp_path.iterdir())          # a refused run writes nothing
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["up", "--model", "smollm2-135m", "--cohorts", "3"], "cohorts"),
+    (["bench", "cohorts", "--sessions", "1"], "sessions"),
+])
+def test_bad_cohorts_flags_are_one_line_before_anything_starts(tmp_path, args, needle):
+    proc = sparsespec(*args, "--out", tmp_path, timeout=120) if args[0] == "bench" else sparsespec(*args, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: {needle}: "), lines[0]

@@ -15,6 +15,7 @@ from equality import assert_greedy_equal
 from kvstore.cache.feed import Feed, FeedWant, held
 from kvstore.cache.full import FullKVCache
 from kvstore.cache.sparse import SparseConfig, SparseKVCache
+from kvstore.cache.stacked import StackedKVCache
 from sparsespec.errors import InvalidArgument
 from sparsespec.models.quant import drafter_weights
 from sparsespec.models.truncate import layer_truncated
@@ -67,7 +68,7 @@ def test_fed_drafter_does_no_prefill(tiny_model, prompt, monkeypatch):
     forward = type(tiny_model).forward
 
     def spy(self, ids, cache, last_only=False):
-        if isinstance(cache, SparseKVCache) or type(cache).__name__ == "StackedKVCache":
+        if isinstance(cache, (SparseKVCache, StackedKVCache)):
             widths.append(ids.shape[1])
         return forward(self, ids, cache, last_only)
     monkeypatch.setattr(type(tiny_model), "forward", spy)

@@ -162,8 +162,7 @@ class QueryRecorder:
         self.dtype, self.device = dtype, device
         self._rings: dict[int, list[torch.Tensor]] = {}   # row -> [L] x [H, cap, D] (at most one per row)
         self._on: set[int] = set()                         # rows being recorded
-        self._rows: list[int] = []
-        self._lengths: list[int] = []
+        self._writes: list[tuple] = []        # this forward's (row index, ring, slots [keep], first query)
 
     def record(self, row: int, on: bool) -> None:
         """Record `row`'s queries from its next forward on (its prefill, normally), or stop. A
@@ -177,23 +176,21 @@ class QueryRecorder:
     def recording(self, row: int) -> bool:
         return row in self._on
 
-    def begin(self, rows: list[int], lengths: list[int]) -> None:
-        self._rows, self._lengths = list(rows), list(lengths)
+    def begin(self, rows: list[int], lengths: list[int], num_new: int) -> None:
+        """A forward of num_new tokens over `rows` (lengths: their entries before it) starts:
+        where each recorded row's last queries go, once for all layers."""
+        keep = min(num_new, self.cap)
+        self._writes = [(i, self._rings[row], torch.arange(n + num_new - keep, n + num_new, device=self.device)
+                         % self.cap, num_new - keep)
+                        for i, (row, n) in enumerate(zip(rows, lengths)) if row in self._on]
 
     def observe(self, layer: int, q: torch.Tensor, keys, mask, lengths) -> None:
         """q: [R, H, T, D] of the forward's rows (in begin's order)."""
-        t = q.shape[2]
-        keep = min(t, self.cap)
-        for i, row in enumerate(self._rows):
-            if row not in self._on:
-                continue
-            ring = self._rings[row]
-            first = self._lengths[i] + t - keep
-            slots = torch.arange(first, first + keep, device=q.device) % self.cap
-            ring[layer][:, slots] = q[i, :, t - keep:]
+        for i, ring, slots, first in self._writes:
+            ring[layer][:, slots] = q[i, :, first:]
 
     def end(self) -> None:
-        self._rows, self._lengths = [], []
+        self._writes = []
 
     def queries(self, row: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(queries [H, w, D], positions [w]) of the last w <= window positions before `length`."""

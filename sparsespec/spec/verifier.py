@@ -68,7 +68,7 @@ class Verifier:
             lengths = self.cache.lengths[rows].tolist() if any(tracked) else [0] * len(rows)
             tracker.begin(rows, tracked, lengths)
         if recorder is not None:
-            recorder.begin(rows, self.cache.lengths[rows].tolist())
+            recorder.begin(rows, self.cache.lengths[rows].tolist(), ids.shape[1])
         self.cache.set_active(rows)
         try:
             return self.model(ids, self.cache, last_only=last_only)
