@@ -150,7 +150,7 @@ class QueryRecorder:
     feed's selection scores with (the real queries, not the drafter's approximations).
 
     An observer of FullKVCache (`cache.observers.append(recorder.observe)`), bracketed by
-    `begin(rows)` / `end()`. Slots are indexed by position (mod the ring), so a round's rejected
+    `begin(rows, lengths, num_new)` / `end()`. Slots are indexed by position (mod the ring), so a round's rejected
     drafts are simply overwritten by the next round's committed tokens; the ring is `slack`
     deeper than the window so that never happens to a position still inside it.
     """
@@ -172,9 +172,6 @@ class QueryRecorder:
             self._rings[row] = [torch.zeros(self.num_heads, self.cap, self.head_dim, dtype=self.dtype,
                                             device=self.device) for _ in range(self.num_layers)]
         (self._on.add if on else self._on.discard)(row)
-
-    def recording(self, row: int) -> bool:
-        return row in self._on
 
     def begin(self, rows: list[int], lengths: list[int], num_new: int) -> None:
         """A forward of num_new tokens over `rows` (lengths: their entries before it) starts:
