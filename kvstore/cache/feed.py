@@ -150,9 +150,9 @@ class QueryRecorder:
     feed's selection scores with (the real queries, not the drafter's approximations).
 
     An observer of FullKVCache (`cache.observers.append(recorder.observe)`), bracketed by
-    `begin(rows, lengths, num_new)` / `end()`. Slots are indexed by position (mod the ring), so a round's rejected
-    drafts are simply overwritten by the next round's committed tokens; the ring is `slack`
-    deeper than the window so that never happens to a position still inside it.
+    `begin(rows, lengths, num_new)` / `end()`. Slots are indexed by position (mod the ring), so
+    a round's rejected drafts are simply overwritten by the next round's committed tokens; the
+    ring is `slack` deeper than the window so that never happens to a position still inside it.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, window: int, slack: int,
