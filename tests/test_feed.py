@@ -7,6 +7,8 @@ covers the context; a malformed feed is refused naming the field, alone, and the
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
@@ -92,7 +94,7 @@ def test_mirror_equals_what_the_drafter_holds(tiny_model):
             f, cache = r.feeder, engine.drafter.host.drafter(r.session).cache
             assert cache.fed_length == f.fed < engine.verifier.length(r.row)   # fed before this round's commit
             for layer in range(cache.num_layers):
-                view = cache.view_positions(layer)[:, :cache._kept(f.fed)]
+                view = cache.view_positions(layer)[:, :cache._kept(layer, f.fed)]
                 assert torch.equal(view, f._holding(layer)), f"layer {layer}"
             selections = max(selections, f.selections)
     assert selections >= 2
@@ -167,23 +169,27 @@ BAD = {
     "position-outside-context": (lambda good: _edit(good, last_position=10_000), "feed.positions"),
     "not-increasing": (lambda good: _edit(good, first_position=39), "feed.positions"),
     "added-count": (lambda good: _edit(good, drop_added=1), "feed.added"),
+    "counts-disagree": (lambda good: good[:48] + struct.pack("<i", 999) + good[52:], "feed.positions"),
+    "over-budget": (lambda good: _edit(good, widen=1), "feed.positions"),
     "dtype": (lambda good: good[:5] + b"\x09" + good[6:], "feed.dtype"),
 }
 
 
-def _edit(good: bytes, layers=None, last_position=None, first_position=None, drop_added=0) -> bytes:
+def _edit(good: bytes, layers=None, last_position=None, first_position=None, drop_added=0, widen=0) -> bytes:
     f = Feed.decode(good)
-    pos, added = f.positions.clone(), f.added
+    pos, added = [p.clone() for p in f.positions], f.added
     if layers is not None:
-        keep = pos.shape[0] // 2 or 1
-        missing_per_layer = added.shape[1] // pos.shape[0]
+        keep = len(pos) // 2 or 1
+        missing_per_layer = added.shape[1] // len(pos)
         pos, added = pos[:keep], added[:, :missing_per_layer * keep]
     if last_position is not None:
-        pos[0, 0, -1] = last_position
+        pos[0][0, -1] = last_position
     if first_position is not None:
-        pos[0, 0, 0] = first_position
+        pos[0][0, 0] = first_position
     if drop_added:
         added = added[:, drop_added:]
+    if widen:                       # layer 0 selects one position more than its budget holds
+        pos[0] = torch.arange(pos[0].shape[1] + widen).expand(pos[0].shape[0], -1)
     return Feed(f.start, f.length, positions=pos, added=added).encode()
 
 

@@ -457,3 +457,51 @@ def test_model_decodes_under_a_small_budget(policy):
         check_invariant(a)
         assert torch.isfinite(logits).all()
     assert a.length == 140
+
+
+# --- local (sliding window) layers --------------------------------------------------------------
+
+def _windowed_reference(s: Stream, layer: int, start: int, t: int, window: int | None) -> torch.Tensor:
+    """Dense attention of the queries at [start, start + t) over every earlier key, masked to
+    the layer's sliding window (None: causal only)."""
+    from sparsespec.kernels.attention import attend, sliding_mask
+    end = start + t
+    mask = sliding_mask(start, t, 0, end, window or end)
+    return attend(s.q[layer, :, start:end][None], s.k[layer, :, :end][None], s.v[layer, :, :end][None], mask)
+
+
+@pytest.mark.parametrize("policy,budget", [("streaming", 12), ("chunk_topk", 24)])
+def test_local_layers_keep_their_window_exactly_under_any_budget(policy, budget):
+    """A local layer's view is its window, whatever the budget: its attention equals the dense
+    windowed reference exactly through prefill, decode, multi-token forwards, re-selections and a
+    rollback; the budget (and the policy) shape only the global layer."""
+    windows = (5, None)
+    cache = SparseKVCache(L, H, HKV, D, 256, SparseConfig(policy=policy, budget=budget,
+                                                          reselect_interval=4, max_draft=8),
+                          layer_windows=windows)
+    s = Stream(200, seed=3)
+    worst = [0.0, 0.0]
+    n = 0
+    for step, t in enumerate([30, 1, 1, 3, 1, 1, 1, 5, 1, 2, 1, 1, 4, 1, 1]):
+        cache.upkeep()
+        for layer, out in enumerate(feed(cache, s, t)):
+            ref = _windowed_reference(s, layer, n, t, windows[layer])
+            worst[layer] = max(worst[layer], (out - ref).abs().max().item())
+        n += t
+        if step == 4:                       # a rejected draft of 2
+            cache.truncate(n - 2)
+            n -= 2
+    assert worst[0] < 1e-5, worst                     # the local layer: exact
+    if policy == "full":
+        assert worst[1] < 1e-5
+    else:
+        assert worst[1] > 1e-3                          # the global layer is budgeted (not exact)
+        assert cache.device_entries(0) <= 5 + cache.tail_cap
+        assert cache.device_entries(1) <= budget + cache.tail_cap
+
+
+def test_layer_windows_are_validated():
+    with pytest.raises(InvalidArgument, match="^layer_windows: "):
+        SparseKVCache(L, H, HKV, D, 64, SparseConfig(policy="streaming", budget=16), layer_windows=(4,))
+    with pytest.raises(InvalidArgument, match="^layer_windows: "):
+        SparseKVCache(L, H, HKV, D, 64, SparseConfig(policy="streaming", budget=16), layer_windows=(0, None))

@@ -16,10 +16,11 @@ Either way the drafter's entries at positions >= `start` are dropped first and, 
 and its drafts. Which positions the drafter "holds" is computed the same way on both sides
 (`held`), so `added` carries each missing entry once and nothing else.
 
-Wire format v1 (little endian): the header below, then either the block
-[layers, 2, kv_heads, length - start, head_dim] or the selection's positions int32
-[layers, kv_heads, selected] followed by `added` [2, count, head_dim], in (layer, head,
-position) order; K/V in a 16-bit dtype (bf16 by default: half the bytes of fp32, and the drafter
+Wire format v2 (little endian): the header below, then either the block
+[layers, 2, kv_heads, length - start, head_dim] or a selection: its per-layer counts int32
+[layers] (a local layer keeps its window, a global one the budget: they differ), each layer's
+positions int32 [kv_heads, count], then `added` [2, A, head_dim] in (layer, head, position)
+order; K/V in a 16-bit dtype (bf16 by default: half the bytes of fp32, and the drafter
 only proposes, so its rounding never reaches an output).
 
 The verifier's side (what it records to choose, when it feeds) is QueryRecorder below and
@@ -37,9 +38,9 @@ import torch
 from sparsespec.errors import InvalidArgument
 
 MAGIC = b"SSFD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<4sBB2xqqiiiiq")   # magic, version, dtype, start, length, layers, kv_heads,
-                                            # head_dim, selected (-1: a block), added
+                                            # head_dim, selected (sum of the counts; -1: a block), added
 WIRE_DTYPES = {1: torch.bfloat16, 2: torch.float16, 3: torch.float32}
 _CODES = {v: k for k, v in WIRE_DTYPES.items()}
 MAX_FEED_BYTES = 1 << 30                    # a selection of 1024 entries x 64 layers x 8 heads x 128 dims fits
@@ -68,8 +69,12 @@ class Feed:
     start: int                           # the drafter's exact length this feed follows
     length: int                          # exact length after it
     block: torch.Tensor | None = None    # [L, 2, Hkv, length - start, D]: K/V of [start, length)
-    positions: torch.Tensor | None = None  # [L, Hkv, m] int64: a re-selection over [0, length)
+    positions: tuple[torch.Tensor, ...] | None = None  # L x [Hkv, m_l] int64: a re-selection over [0, length)
     added: torch.Tensor | None = None    # [2, A, D]: K/V of the selected positions not held
+
+    def __post_init__(self):
+        if self.positions is not None:   # a stacked [L, Hkv, m] tensor is taken too
+            object.__setattr__(self, "positions", tuple(self.positions))
 
     @property
     def is_selection(self) -> bool:
@@ -79,9 +84,10 @@ class Feed:
         if dtype not in _CODES:
             raise InvalidArgument("feed.dtype", f"must be one of {list(_CODES)}, got {dtype}")
         if self.is_selection:
-            layers, kv_heads, m = self.positions.shape
-            head_dim, count = self.added.shape[-1], self.added.shape[1]
-            body = [_raw(self.positions.to(torch.int32)), _raw(self.added.to(dtype))]
+            layers, kv_heads = len(self.positions), self.positions[0].shape[0]
+            counts = torch.tensor([p.shape[1] for p in self.positions], dtype=torch.int32)
+            head_dim, count, m = self.added.shape[-1], self.added.shape[1], int(counts.sum())
+            body = [_raw(counts), *(_raw(p.to(torch.int32)) for p in self.positions), _raw(self.added.to(dtype))]
         else:
             layers, _, kv_heads, _, head_dim = self.block.shape
             m, count = -1, 0
@@ -118,18 +124,26 @@ class Feed:
             _expect(data, _HEADER.size + math.prod(shape) * item)
             block = _tensor(data, _HEADER.size, dtype, shape)
             return cls(start, length, block=block)
-        if m > length:
-            raise InvalidArgument("feed.positions", f"{m} selected per head out of a context of {length}")
-        pshape, ashape = (layers, kv_heads, m), (2, count, head_dim)
-        at = _HEADER.size + math.prod(pshape) * 4
-        _expect(data, at + math.prod(ashape) * item)
-        positions = _tensor(data, _HEADER.size, torch.int32, pshape).to(torch.int64)
-        if m and (int(positions.min()) < 0 or int(positions.max()) >= length):
-            raise InvalidArgument("feed.positions", f"positions must lie in [0, {length}), got "
-                                                    f"[{int(positions.min())}, {int(positions.max())}]")
-        if m > 1 and not bool((positions.diff(dim=-1) > 0).all()):
-            raise InvalidArgument("feed.positions", "must be strictly increasing per layer and head")
-        return cls(start, length, positions=positions, added=_tensor(data, at, dtype, ashape))
+        at = _HEADER.size + layers * 4
+        if len(data) < at:
+            raise InvalidArgument("feed", f"is {len(data)} bytes, too short for {layers} layer counts")
+        counts = _tensor(data, _HEADER.size, torch.int32, (layers,)).tolist()
+        if min(counts) < 0 or max(counts) > length or sum(counts) != m:
+            raise InvalidArgument("feed.positions", f"per-layer counts {counts} must lie in [0, {length}] "
+                                                    f"and sum to the header's {m}")
+        ashape = (2, count, head_dim)
+        _expect(data, at + kv_heads * m * 4 + math.prod(ashape) * item)
+        positions = []
+        for c in counts:
+            p = _tensor(data, at, torch.int32, (kv_heads, c)).to(torch.int64)    # [Hkv, c]
+            at += kv_heads * c * 4
+            if c and (int(p.min()) < 0 or int(p.max()) >= length):
+                raise InvalidArgument("feed.positions", f"positions must lie in [0, {length}), got "
+                                                        f"[{int(p.min())}, {int(p.max())}]")
+            if c > 1 and not bool((p.diff(dim=-1) > 0).all()):
+                raise InvalidArgument("feed.positions", "must be strictly increasing per layer and head")
+            positions.append(p)
+        return cls(start, length, positions=tuple(positions), added=_tensor(data, at, dtype, ashape))
 
 
 def held(positions: torch.Tensor, have: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,9 @@ class FullKVCache(KVCache):
     block_verify = True   # verifies through attend_block; False: the masked reference (the bench compares)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 batch: int = 1, dtype=torch.float32, device="cpu"):
+                 batch: int = 1, dtype=torch.float32, device="cpu", windows=None):
+        if windows is not None and any(w is not None for w in windows):
+            raise NotImplementedError("local (sliding window) layers in FullKVCache")
         shape = (batch, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -17,6 +17,11 @@ tokens. Invariant 5 (docs/design.md): device entries <= budget + tail_cap at all
 
 Policy "full" (budget None) keeps every entry on the device, with no host tier.
 
+Local layers (a sliding window W, `layer_windows`; Gemma 3) are not budgeted: a query there
+never sees more than its window, so such a layer's selection is simply the last W positions (its
+view is W + tail_cap entries, exact) and its attention is masked to the window. The budget, and
+the policy, apply to the global layers only.
+
 Policy "fed" has no host tier either and never selects by itself: the verifier sends it the
 selection and the exact K/V of every committed token (`apply_feed`, kvstore/cache/feed.py); what
 it computes itself is only the current round's pending token and drafts, in the tail.
@@ -34,7 +39,7 @@ from kvstore.cache.full import FullKVCache
 from kvstore.cache.policies import Policy, SelectionContext, get_policy
 from kvstore.cache.policies.base import choose_view
 from sparsespec.errors import ContextOverflow, InvalidArgument
-from sparsespec.kernels.attention import attend, causal_block_mask
+from sparsespec.kernels.attention import attend, attend_sliding, causal_block_mask
 
 DEFAULT_SINK = 4
 DEFAULT_WINDOW = 64
@@ -120,12 +125,23 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise InvalidArgument(name, f"must be >= {minimum}")
 
 
+def _check_windows(windows, num_layers: int) -> tuple[int | None, ...]:
+    if windows is None:
+        return (None,) * num_layers
+    windows = tuple(windows)
+    if len(windows) != num_layers or any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1)
+                                         for w in windows):
+        raise InvalidArgument("layer_windows", f"need {num_layers} entries, each None or an integer >= 1, "
+                                               f"got {windows}")
+    return windows
+
+
 class SparseKVCache(KVCache):
     """The drafter's KV cache for one session (batch 1) under `config.budget` entries per layer."""
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  capacity: int, config: SparseConfig, dtype=torch.float32, device="cpu",
-                 host_device="cpu"):
+                 host_device="cpu", layer_windows: tuple[int | None, ...] | None = None):
         if not isinstance(config, SparseConfig):
             raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
         _check_int("capacity", capacity, 1)
@@ -136,6 +152,8 @@ class SparseKVCache(KVCache):
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
         self.group_size = num_heads // num_kv_heads
         self.capacity = capacity
+        self.layer_windows = _check_windows(layer_windows, num_layers)
+        self._global = [i for i, w in enumerate(self.layer_windows) if w is None]   # budgeted layers
         self.device = torch.device(device)
         self.host_device = torch.device(host_device)
         self.dtype = dtype
@@ -149,14 +167,15 @@ class SparseKVCache(KVCache):
 
         if config.keeps_all:
             self._full: FullKVCache | None = FullKVCache(num_layers, num_kv_heads, head_dim, capacity,
-                                                         1, dtype, device)
+                                                         1, dtype, device, windows=self.layer_windows)
             self.budget = None
             self.tail_cap = 0
             return
         self._full = None
         self.budget: int | None = config.budget
         self.tail_cap = config.tail_cap
-        rows = self.budget + self.tail_cap
+        # Entries a selection keeps per layer: the budget, or a local layer's window.
+        self.keeps = [self.budget if w is None else w for w in self.layer_windows]
         pin = self.device.type == "cuda" and self.host_device.type == "cpu"
         self._copy_async = pin
 
@@ -166,14 +185,14 @@ class SparseKVCache(KVCache):
         tier = 0 if self.fed else num_layers
         self.host_k = [host() for _ in range(tier)]                            # [Hkv, capacity, D]
         self.host_v = [host() for _ in range(tier)]
-        self.dev_k = [torch.zeros(num_kv_heads, rows, head_dim, dtype=dtype, device=device)
-                      for _ in range(num_layers)]                               # [Hkv, budget + tail_cap, D]
+        self.dev_k = [torch.zeros(num_kv_heads, keep + self.tail_cap, head_dim, dtype=dtype, device=device)
+                      for keep in self.keeps]                                   # [Hkv, keep + tail_cap, D]
         self.dev_v = [torch.zeros_like(t) for t in self.dev_k]
-        self.dev_pos = [torch.zeros(num_kv_heads, rows, dtype=torch.int64, device=device)
-                        for _ in range(num_layers)]                             # [Hkv, budget + tail_cap]
+        self.dev_pos = [torch.zeros(num_kv_heads, keep + self.tail_cap, dtype=torch.int64, device=device)
+                        for keep in self.keeps]                                 # [Hkv, keep + tail_cap]
         self._length = 0
         self._sel_length: int | None = None   # length at the last selection; None = never selected
-        self._num_sel = 0                     # selected entries per head (same for all layers/heads)
+        self._num_sel = [0] * num_layers      # selected entries per head, per layer
         # Recent queries per layer, a ring [H, obs_cap, D]: position p lives in slot p % obs_cap.
         # The recorded positions are always [length - obs_count, length) (every appended token
         # is recorded, a rollback drops a suffix), so no positions need storing. Kept
@@ -187,7 +206,7 @@ class SparseKVCache(KVCache):
     def for_model(cls, model, capacity: int, config: SparseConfig) -> "SparseKVCache":
         c = model.cfg
         return cls(c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, capacity, config,
-                   model.dtype, model.device)
+                   model.dtype, model.device, layer_windows=c.layer_windows)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -223,14 +242,17 @@ class SparseKVCache(KVCache):
             free = min(free, self.tail_cap - self.tail_length)
         return free
 
-    def device_entries(self) -> int:
-        """Entries resident in the device view per layer (the same for every layer and head).
+    def device_entries(self, layer: int | None = None) -> int:
+        """Entries resident in `layer`'s device view (the same for every head, and for every
+        layer but local ones); None: the most of any layer.
 
         0 before the first selection: the prefill attends over the host tier. "full": the length.
         """
         if self._full is not None:
             return self.length
-        return self._num_sel + self.tail_length if self.selected else 0
+        if not self.selected:
+            return 0
+        return (max(self._num_sel) if layer is None else self._num_sel[layer]) + self.tail_length
 
     def selected_positions(self, layer: int) -> torch.Tensor:
         """[Hkv, n] int64: positions chosen at the last selection, per KV head, increasing.
@@ -239,19 +261,19 @@ class SparseKVCache(KVCache):
         """
         if not self.selected:
             return torch.arange(self.length).expand(self.num_kv_heads, self.length)
-        return self.dev_pos[layer][:, :self._num_sel].cpu()
+        return self.dev_pos[layer][:, :self._num_sel[layer]].cpu()
 
     def view_positions(self, layer: int) -> torch.Tensor:
         """[Hkv, n] int64: positions of every entry the next forward attends to (selected + tail)."""
         if not self.selected:
             return self.selected_positions(layer)
-        return self.dev_pos[layer][:, :self.device_entries()].cpu()
+        return self.dev_pos[layer][:, :self.device_entries(layer)].cpu()
 
     def device_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K [Hkv, n, D], V [Hkv, n, D], positions [Hkv, n]) of the device view (after a selection)."""
         if not self.selected:
             raise RuntimeError("no device view before the first selection (call upkeep())")
-        n = self.device_entries()
+        n = self.device_entries(layer)
         return self.dev_k[layer][:, :n], self.dev_v[layer][:, :n], self.dev_pos[layer][:, :n]
 
     def device_bytes(self) -> int:
@@ -287,7 +309,8 @@ class SparseKVCache(KVCache):
             raise RuntimeError(f"sparse KV tail full ({self.tail_length} + {num_new} > {self.tail_cap}): "
                                f"call upkeep() first (room() = {self.room()})")
         self._t = num_new
-        past = self._num_sel + self.tail_length if self.selected else n
+        # The causal mask of the budgeted (global) layers; local layers mask to their window.
+        past = self._num_sel[self._global[0]] + self.tail_length if self.selected and self._global else n
         self._causal = n == 0 and num_new > 1                # prefill of an empty cache
         self._mask = None if num_new == 1 or self._causal else causal_block_mask(
             torch.tensor([past], device=self.device), num_new, past + num_new)
@@ -298,6 +321,11 @@ class SparseKVCache(KVCache):
         if self._full is not None:
             return self._full.attend(layer, q, k, v)
         keys, values = self.append(layer, q, k, v)
+        window = self.layer_windows[layer]
+        if window is not None:          # keys[:, 0] is at position start + T - S: the view is consecutive
+            start = self._length
+            return attend_sliding(q, keys.unsqueeze(0), values.unsqueeze(0), start,
+                                  start + self._t - keys.shape[1], window)
         return attend(q, keys.unsqueeze(0), values.unsqueeze(0), self._mask, self._causal)
 
     def decodes_from_view(self) -> bool:
@@ -307,7 +335,8 @@ class SparseKVCache(KVCache):
 
     def append(self, layer, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's entries of `layer` (host tier, query ring, device view) and return
-        the keys / values [Hkv, S, D] it attends over; `attend` is this plus the attention."""
+        the keys / values [Hkv, S, D] it attends over; `attend` is this plus the attention. A local
+        layer's keys start at its first query's window, so a decode step over them is unmasked."""
         if q.shape[0] != 1:
             raise ValueError(f"SparseKVCache holds one session; got batch {q.shape[0]}")
         t, start = self._t, self._length
@@ -331,12 +360,16 @@ class SparseKVCache(KVCache):
                 keys = torch.cat([hk[:, :start].to(self.device, non_blocking=True), k[0]], dim=1)
                 values = torch.cat([hv[:, :start].to(self.device, non_blocking=True), v[0]], dim=1)
         else:
-            at = self._num_sel + self.tail_length
+            at = self._num_sel[layer] + self.tail_length
             dk, dv = self.dev_k[layer], self.dev_v[layer]
             dk[:, at:at + t] = k[0]
             dv[:, at:at + t] = v[0]
             self.dev_pos[layer][:, at:at + t] = torch.arange(start, end, device=self.device)
             keys, values = dk[:, :at + t], dv[:, :at + t]                       # [Hkv, S, D]
+        window = self.layer_windows[layer]
+        if window is not None:                   # a local layer's view is consecutive positions
+            skip = max(0, start - window + 1 - (end - keys.shape[1]))
+            keys, values = keys[:, skip:], values[:, skip:]
         return keys, values
 
     def end_forward(self) -> None:
@@ -403,7 +436,7 @@ class SparseKVCache(KVCache):
             self._fed_len = 0
         if self.selected and n < self._sel_length:
             if n == 0:
-                self._sel_length, self._num_sel = None, 0
+                self._sel_length, self._num_sel = None, [0] * self.num_layers
             else:
                 self._select()
 
@@ -425,15 +458,16 @@ class SparseKVCache(KVCache):
             torch.cuda.synchronize(self.device)   # async device->host writes must land first
         n, cfg = self._length, self.config
         hd = self.host_device
-        for layer in range(self.num_layers):
-            pos = choose_view(self.policy, n, self.budget, cfg.sink, cfg.window, self.num_kv_heads,
+        for layer, keep in enumerate(self.keeps):
+            sink, window = (cfg.sink, cfg.window) if self.layer_windows[layer] is None else (0, keep)
+            pos = choose_view(self.policy, n, keep, sink, window, self.num_kv_heads,
                               lambda lo, hi, m: self._context(layer, n, lo, hi, m), hd)   # [Hkv, count]
             count = pos.shape[1]
             idx = pos.unsqueeze(-1).expand(-1, -1, self.head_dim)               # [Hkv, count, D]
             self.dev_k[layer][:, :count] = self.host_k[layer][:, :n].gather(1, idx).to(self.device)
             self.dev_v[layer][:, :count] = self.host_v[layer][:, :n].gather(1, idx).to(self.device)
             self.dev_pos[layer][:, :count] = pos.to(self.device)
-        self._num_sel = min(n, self.budget)
+        self._num_sel = [min(n, keep) for keep in self.keeps]
         self._sel_length = n
         self.selections += 1
 
@@ -463,7 +497,7 @@ class SparseKVCache(KVCache):
         the caller's: Drafter raises StateMismatch)."""
         if not self.fed:
             raise InvalidArgument("feed", f"policy {self.policy.name!r} keeps its own KV: send no feed")
-        layers, heads, dim = ((feed.positions.shape[0], feed.positions.shape[1], feed.added.shape[-1])
+        layers, heads, dim = ((len(feed.positions), feed.positions[0].shape[0], feed.added.shape[-1])
                               if feed.is_selection else
                               (feed.block.shape[0], feed.block.shape[2], feed.block.shape[-1]))
         for name, got, have in (("layers", layers, self.num_layers), ("kv_heads", heads, self.num_kv_heads),
@@ -481,17 +515,19 @@ class SparseKVCache(KVCache):
             self._take_block(feed)
         self._length = self._fed_len = feed.length
 
-    def _kept(self, start: int) -> int:
-        """Entries of the device view at positions < start (the view is increasing per head)."""
-        return self._num_sel + (start - self._sel_length) if self.selected else 0
+    def _kept(self, layer: int, start: int) -> int:
+        """Entries of `layer`'s device view at positions < start (the view is increasing per head)."""
+        return self._num_sel[layer] + (start - self._sel_length) if self.selected else 0
 
     def _take_selection(self, feed: Feed) -> None:
-        m = feed.positions.shape[2]
-        if m > self.budget:
-            raise InvalidArgument("feed.positions", f"{m} entries per head exceed the budget {self.budget}")
-        kept = self._kept(feed.start)
-        holds = [held(feed.positions[layer], self.dev_pos[layer][:, :kept].cpu())
-                 for layer in range(self.num_layers)]                          # [L] x [Hkv, m]
+        for layer, (pos, keep) in enumerate(zip(feed.positions, self.keeps)):
+            if pos.shape[1] > keep:
+                what = "budget" if self.layer_windows[layer] is None else "local window"
+                raise InvalidArgument("feed.positions", f"layer {layer}: {pos.shape[1]} entries per head "
+                                                        f"exceed its {what} {keep}")
+        kept = [self._kept(layer, feed.start) for layer in range(self.num_layers)]
+        holds = [held(feed.positions[layer], self.dev_pos[layer][:, :kept[layer]].cpu())
+                 for layer in range(self.num_layers)]                          # [L] x [Hkv, m_l]
         missing = sum(int((~h).sum()) for h in holds)
         if missing != feed.added.shape[1]:
             raise InvalidArgument("feed.added", f"carries {feed.added.shape[1]} entries; the drafter "
@@ -499,31 +535,33 @@ class SparseKVCache(KVCache):
         at = 0
         for layer, have in enumerate(holds):
             pos = feed.positions[layer].to(self.device).contiguous()           # [Hkv, m]
+            m, kept_l = pos.shape[1], kept[layer]
             have = have.to(self.device)
             n_new = int((~have).sum())
-            idx = torch.searchsorted(self.dev_pos[layer][:, :kept].contiguous(), pos).clamp_(max=max(kept - 1, 0))
+            idx = torch.searchsorted(self.dev_pos[layer][:, :kept_l].contiguous(), pos).clamp_(max=max(kept_l - 1, 0))
             idx = idx.unsqueeze(-1).expand(-1, -1, self.head_dim)               # [Hkv, m, D]
             for side, dst in enumerate((self.dev_k[layer], self.dev_v[layer])):
                 rows = torch.empty(self.num_kv_heads, m, self.head_dim, dtype=self.dtype, device=self.device)
-                if kept:
-                    rows[have] = dst[:, :kept].gather(1, idx)[have]
+                if kept_l:
+                    rows[have] = dst[:, :kept_l].gather(1, idx)[have]
                 rows[~have] = feed.added[side, at:at + n_new].to(rows)
                 dst[:, :m] = rows
             self.dev_pos[layer][:, :m] = pos
+            self._num_sel[layer] = m
             at += n_new
-        self._num_sel, self._sel_length = m, feed.length
+        self._sel_length = feed.length
         self.selections += 1
 
     def _take_block(self, feed: Feed) -> None:
         if not self.selected:
             raise InvalidArgument("feed", "a session's first feed must be a selection, not a block")
         n = feed.length - feed.start
-        at = self._kept(feed.start)
         if (feed.length - self._sel_length) + 1 > self.tail_cap:
             raise InvalidArgument("feed.length", f"a block to {feed.length} overflows the drafter's tail "
                                                  f"({self.tail_cap} entries after the selection at "
                                                  f"{self._sel_length}): send a selection")
         for layer in range(self.num_layers):
+            at = self._kept(layer, feed.start)
             self.dev_k[layer][:, at:at + n] = feed.block[layer, 0]
             self.dev_v[layer][:, at:at + n] = feed.block[layer, 1]
             self.dev_pos[layer][:, at:at + n] = torch.arange(feed.start, feed.length, device=self.device)

@@ -167,3 +167,32 @@ def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out_p = torch.where(w_p.unsqueeze(-1) > 0, out_p.float(), 0.0)   # a fully masked past may hold NaN
     out = (out_p * w_p.unsqueeze(-1) + out_b * w_b.unsqueeze(-1)) / (w_p + w_b).unsqueeze(-1)
     return out.to(q.dtype)
+
+
+def sliding_mask(q_start: int, num_new: int, k_start: int, num_keys: int, window: int,
+                 device=None) -> torch.Tensor:
+    """bool [1, 1, T, S]: query t (position q_start + t) sees key j (position k_start + j) iff
+    q - window < k <= q, the sliding window of a local attention layer (Gemma 3)."""
+    qp = torch.arange(q_start, q_start + num_new, device=device).view(-1, 1)   # [T, 1]
+    kp = torch.arange(k_start, k_start + num_keys, device=device).view(1, -1)  # [1, S]
+    return ((kp <= qp) & (kp > qp - window)).view(1, 1, num_new, num_keys)
+
+
+def attend_sliding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                   window: int) -> torch.Tensor:
+    """A local layer's attention over keys at consecutive positions.
+
+    q: [B, H, T, D] at positions q_start.. (the same for every row); k, v: [B, Hkv, S, D] at
+    positions k_start..k_start + S - 1, covering at least the first query's window and ending at
+    the last query. Queries go in blocks of `window`, each over only the <= 2 * window keys it can
+    see, so a 16K-token prefill never builds a T x S mask. Returns [B, H, T, D].
+    """
+    T = q.shape[2]
+    out = []
+    for a in range(0, T, max(window, 1)):
+        b = min(T, a + window)
+        lo = max(0, q_start + a - window + 1 - k_start)                      # first key block a sees
+        hi = q_start + b - k_start                                            # one past its last
+        mask = None if b - a == 1 else sliding_mask(q_start + a, b - a, k_start + lo, hi - lo, window, q.device)
+        out.append(attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], mask))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)

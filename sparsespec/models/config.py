@@ -57,6 +57,12 @@ class ModelConfig:
         """Query heads per KV head (GQA)."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer: the sliding window W of a local attention layer (the query at p sees keys
+        (p - W, p]), None for a global one. The caches read this; Llama-family layers are global."""
+        return (None,) * self.num_layers
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of K and V for one token across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

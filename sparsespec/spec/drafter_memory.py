@@ -35,9 +35,10 @@ def session_cost(cfg: ModelConfig, dtype: torch.dtype, capacity: int, sparse: Sp
     L, H, Hkv, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if sparse.keeps_all:                                      # FullKVCache, batch 1, no host tier
         return SessionCost(device_bytes=2 * L * Hkv * capacity * D * item, host_bytes=0)
-    rows = sparse.budget + sparse.tail_cap
-    kv = 2 * L * Hkv * rows * D * item                        # dev_k, dev_v [Hkv, rows, D]
-    pos = L * Hkv * rows * 8                                  # dev_pos [Hkv, rows] int64
+    # Per layer keep + tail_cap rows: keep is the budget, or a local layer's window.
+    rows = sum((sparse.budget if w is None else w) + sparse.tail_cap for w in cfg.layer_windows)
+    kv = 2 * Hkv * rows * D * item                            # dev_k, dev_v [Hkv, rows_l, D] per layer
+    pos = Hkv * rows * 8                                      # dev_pos [Hkv, rows_l] int64 per layer
     obs = 0
     if get_policy(sparse.policy)(sparse).needs_queries:              # query rings [H, obs_window + tail_cap, D]
         obs = L * H * (sparse.obs_window + sparse.tail_cap) * D * item

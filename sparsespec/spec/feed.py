@@ -118,6 +118,7 @@ class Feeder:
         w = self.want
         policy = get_policy("fed")()
         group = verifier.model.cfg.num_heads // w.kv_heads
+        windows = verifier.model.cfg.layer_windows       # the drafter's layers are the verifier's first ones
         positions, added_k, added_v = [], [], []
         for layer in range(w.layers):
             keys, values = verifier.kv(row, layer, length)                     # [Hkv, n, D] each
@@ -128,14 +129,16 @@ class Feeder:
                                         query_positions=qpos, group_size=group, chunk=w.chunk,
                                         lo=lo, hi=hi, m=m)
 
-            pos = choose_view(policy, length, w.budget, w.sink, w.window, w.kv_heads, context)  # [Hkv, m]
+            local = windows[layer]     # a local layer keeps its window (kvstore/cache/sparse.py)
+            pos = choose_view(policy, length, *((w.budget, w.sink, w.window) if local is None else (local, 0, local)),
+                              w.kv_heads, context)                              # [Hkv, m]
             missing = ~held(pos, self._holding(layer))
             idx = pos.unsqueeze(-1).expand(-1, -1, keys.shape[-1])             # [Hkv, m, D]
             added_k.append(keys.gather(1, idx)[missing])                       # [a, D]
             added_v.append(values.gather(1, idx)[missing])
             positions.append(pos)
         added = torch.stack([torch.cat(added_k), torch.cat(added_v)])          # [2, A, D]
-        return Feed(self.fed, length, positions=torch.stack(positions), added=added)
+        return Feed(self.fed, length, positions=tuple(positions), added=added)
 
     def _holding(self, layer: int) -> torch.Tensor:
         """[Hkv, c]: the positions the drafter holds below `fed` (its selection, then its exact tail)."""
