@@ -2,8 +2,9 @@
 
 Every half second it reconciles: a replica whose actor or service died is replaced, a pool
 below its replica count gets new replicas, one above it loses its least loaded ones (stopped
-gracefully: a drafter deregisters, a verifier drains its running turns). Every
-`autoscale.interval_s` an autoscaled pool's count follows the load its workers report in Redis.
+gracefully: a drafter deregisters, a verifier drains its running turns, a gateway stops
+listening). Every `autoscale.interval_s` an autoscaled verifier or drafter pool's count follows
+the load its workers report in Redis (gateways register none).
 
 Losing a replica never loses a token: a session whose drafter goes away decodes alone and
 re-binds to another drafter from the registry; a verifier that is drained finishes its turns,
