@@ -352,18 +352,6 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
     for name in ("gcs_server", "raylet", "-m verifier_service", "-m drafter_service", "-m sparsespec.gateway"):
         assert name in running, (name, running)
 
-    # 0. The gateway pool's replica: the real openai client gets the gRPC path's greedy text
-    # (which the SDK runs below check against AR), with the drafters drafting.
-    t_http = time.monotonic()
-    with SparseSpecClient(verifiers) as sdk:
-        ref = sdk.generate(PROMPTS[0], max_tokens=24, k=4)
-    oai = openai.OpenAI(base_url=http[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
-    r = oai.completions.create(model=str(model_dir), prompt=PROMPTS[0], max_tokens=24, temperature=0,
-                               extra_body={"k": 4})
-    assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length", (r, ref.text)
-    assert r.usage.completion_tokens == 24 and r.model_extra["spec_decode"]["num_draft_tokens"] > 0
-    print(f"gateway check: {time.monotonic() - t_http:.2f}s")
-
     ray.init(address=address, namespace=NAME, logging_level="WARNING", log_to_driver=False)
     try:
         from sparsespec.deploy import connect
@@ -389,6 +377,19 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
                  lambda: {r["name"] for r in dep.status()["pools"]["drafter"]["replicas"] if r["state"] == "ready"}
                  == {survivor, "drafter-2"}, 120)
         assert dep.status()["pools"]["drafter"]["replaced"] == 1
+
+        # The gateway pool's replica: the real openai client gets the gRPC path's greedy text
+        # (which the SDK runs check against AR), with the drafters drafting. Not before step 1: it
+        # kills the drafter reporting the most sessions, and these two, parked, would skew that.
+        t_http = time.monotonic()
+        with SparseSpecClient(verifiers) as sdk:
+            ref = sdk.generate(PROMPTS[0], max_tokens=24, k=4)
+        oai = openai.OpenAI(base_url=http[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = oai.completions.create(model=str(model_dir), prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                   extra_body={"k": 4})
+        assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length", (r, ref.text)
+        assert r.usage.completion_tokens == 24 and r.model_extra["spec_decode"]["num_draft_tokens"] > 0
+        print(f"gateway check: {time.monotonic() - t_http:.2f}s")
 
         # 2. The pool shrinks (a drafter with sessions is stopped gracefully) while sessions stream.
         gens = Generations(verifiers, PROMPTS[::-1])
