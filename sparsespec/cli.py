@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-http", action="store_true", help="do not start the HTTP gateway")
     up.add_argument("--api-keys", default=None, metavar="FILE",
                     help="API keys (one per line) for the gRPC API and the gateway; sessions belong to their key")
-    up.add_argument("--tls-cert", default=None, help="PEM certificate of every service (TLS on every gRPC hop)")
+    up.add_argument("--tls-cert", default=None, help="PEM certificate of every service (TLS on every gRPC hop, HTTPS on the gateway)")
     up.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     up.add_argument("--tls-ca", default=None, help="the CA that signed --tls-cert (clients verify with it)")
     up.add_argument("--mtls", action="store_true",

@@ -147,7 +147,7 @@ class ClusterConfig:
     http_port: int | None = None          # the OpenAI HTTP gateway's port (0: pick one); None: no gateway
     api_keys: str | None = None           # keys file of the verifier's gRPC API and the gateway (--api-keys)
     tls_cert: str | None = None           # one certificate (and key) for every service: the public API, the
-    tls_key: str | None = None            #   drafter, and as the verifier's client certificate with mtls
+    tls_key: str | None = None            #   gateway's HTTPS, the drafter, and the verifier's client certificate with mtls
     tls_ca: str | None = None             # the CA that signed it: how the verifier and the gateway check peers
     mtls: bool = False                    # the drafter requires the verifier's client certificate
 
@@ -157,9 +157,10 @@ class ClusterConfig:
         if self.cohorts not in COHORTS:
             raise InvalidArgument("cohorts", f"must be one of {COHORTS}, got {self.cohorts}")
         from sparsespec.auth import load_api_keys
-        from sparsespec.tls import client_tls, server_tls
+        from sparsespec.tls import client_tls, server_ssl_context
         load_api_keys(self.api_keys)                         # a bad file: one line now, before anything starts
-        if server_tls(self.tls_cert, self.tls_key) is not None or self.tls_ca:
+        # both or neither, readable PEM, the key the certificate's: one line now, before anything starts
+        if server_ssl_context(self.tls_cert, self.tls_key) is not None or self.tls_ca:
             if not self.tls_ca:
                 raise InvalidArgument("tls-ca", "is required with --tls-cert (the verifier and the gateway "
                                                 "check the services' certificate with it)")
@@ -252,7 +253,7 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        """The HTTP gateway's `http://HOST:PORT` ("" without one)."""
+        """The HTTP gateway's `http://HOST:PORT` (`https://` with TLS; "" without a gateway)."""
         return self.gateways[0].address if self.gateways else ""
 
     def _common(self) -> list:
@@ -292,10 +293,12 @@ class LocalCluster:
         return proc
 
     def add_gateway(self) -> Proc:
-        """The OpenAI HTTP gateway; it finds the verifiers in the Redis registry."""
-        args = ["--model", self.cfg.model, "--port", self.cfg.http_port or 0, "-k", self.cfg.k] + self._keys()
-        if self.cfg.tls_ca:
-            args += ["--verifier-tls-ca", self.cfg.tls_ca]
+        """The OpenAI HTTP gateway; it finds the verifiers in the Redis registry. With TLS it
+        serves HTTPS with the same certificate as the verifier's gRPC API."""
+        c = self.cfg
+        args = ["--model", c.model, "--port", c.http_port or 0, "-k", c.k] + self._keys()
+        if c.tls_cert:
+            args += ["--verifier-tls-ca", c.tls_ca, "--tls-cert", c.tls_cert, "--tls-key", c.tls_key]
         proc = start_service(f"gateway{len(self.gateways)}", "sparsespec.gateway", args, env=self._env)
         self.gateways.append(proc)
         return proc

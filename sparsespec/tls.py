@@ -1,5 +1,7 @@
 """TLS for the gRPC hops: client -> verifier (the public API), gateway -> verifier, and verifier
--> drafter, where the drafter may also require a client certificate (mTLS).
+-> drafter, where the drafter may also require a client certificate (mTLS); and HTTPS on the
+gateway (the same --tls-cert/--tls-key/--tls-client-ca as the verifier's public API, as an
+ssl.SSLContext for aiohttp).
 
 Certificates are PEM files named by flags; each is read and checked when the config is built,
 so a missing or unreadable file is one line naming its flag, before any model loads.
@@ -7,6 +9,7 @@ so a missing or unreadable file is one line naming its flag, before any model lo
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -72,6 +75,39 @@ def server_tls(cert: str | None, key: str | None, client_ca: str | None = None,
         raise InvalidArgument(missing, f"is required with --{prefix}-{'key' if not cert else 'cert'}")
     return ServerTLS(read_pem(cert, f"{prefix}-cert"), read_pem(key, f"{prefix}-key"),
                      read_pem(client_ca, f"{prefix}-client-ca") if client_ca else None)
+
+
+def server_ssl_context(cert: str | None, key: str | None, client_ca: str | None = None,
+                       prefix: str = "tls") -> ssl.SSLContext | None:
+    """The same flags as server_tls, as an ssl.SSLContext for an HTTPS server (the gateway): the
+    files read and checked now, including that the key is the certificate's. None = plain HTTP."""
+    tls = server_tls(cert, key, client_ca, prefix)         # both or neither, readable, PEM
+    if tls is None:
+        return None
+    if b"-----BEGIN CERTIFICATE-----" not in tls.cert:
+        raise InvalidArgument(f"{prefix}-cert", f"{cert} holds no certificate (no -----BEGIN CERTIFICATE----- line)")
+    if b"PRIVATE KEY-----" not in tls.key:
+        raise InvalidArgument(f"{prefix}-key", f"{key} holds no private key (no -----BEGIN ... PRIVATE KEY----- line)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def no_password():              # never OpenSSL's prompt on the terminal of a service
+        raise InvalidArgument(f"{prefix}-key", f"{key} is encrypted; give the key without a passphrase")
+
+    try:
+        ctx.load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise InvalidArgument(f"{prefix}-key", f"{key} is not the key of --{prefix}-cert {cert}") from None
+        raise InvalidArgument(f"{prefix}-cert", f"{cert} and --{prefix}-key {key} cannot be loaded as a "
+                                                f"certificate and its key ({e.reason or e})") from None
+    if tls.client_ca is not None:
+        try:
+            ctx.load_verify_locations(cadata=tls.client_ca.decode("ascii", "replace"))
+        except ssl.SSLError as e:
+            raise InvalidArgument(f"{prefix}-client-ca", f"{client_ca} holds no usable certificate ({e.reason or e})") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def client_tls(ca: str | None, cert: str | None = None, key: str | None = None,

@@ -262,14 +262,20 @@ def test_api_keys_and_tls_come_from_secrets_and_the_services_take_the_flags(clie
         else:
             assert "api-keys" not in mounts and "--api-keys" not in c["args"]
             assert args.tls_client_ca == ("/etc/sparsespec/tls/ca.crt" if client_auth else None)
-    # The HTTP gateway takes the same keys (401 without one) and dials the verifiers with the CA.
+    # The HTTP gateway takes the same keys (401 without one), dials the verifiers with the CA and
+    # serves HTTPS with the same certificate; its HTTP probes speak HTTPS.
     from sparsespec.gateway.server import build_parser as gateway_parser
     c = container(docs, "gateway")
     args = gateway_parser().parse_args(c["args"][2:])
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert (args.api_keys, args.verifier_tls_ca, args.verifier_tls_server_name) == (
         "/etc/sparsespec/api-keys/keys", "/etc/sparsespec/tls/ca.crt", "sparsespec.ns.svc")
+    assert (args.tls_cert, args.tls_key) == ("/etc/sparsespec/tls/tls.crt", "/etc/sparsespec/tls/tls.key")
     assert mounts["api-keys"] == "/etc/sparsespec/api-keys" and mounts["tls"] == "/etc/sparsespec/tls"
+    assert [c[p]["httpGet"]["scheme"] for p in ("readinessProbe", "livenessProbe")] == ["HTTPS", "HTTPS"]
+    assert by_kind(docs, "Service")["rel-sparsespec-gateway"]["spec"]["ports"][0]["appProtocol"] == "https"
+    plain = container(render(MODEL), "gateway")                  # TLS off: plain HTTP, no certificate
+    assert "--tls-cert" not in plain["args"] and plain["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
 
 
 def test_metrics_port_on_every_pod_and_an_optional_service_monitor():

@@ -90,6 +90,13 @@ def test_counters_rise_by_what_the_responses_say(up):
     assert delta(before, after, S + "request_success_total", finished_reason="max_tokens") == 1
     assert after[(S + "num_requests_running", ())] == 0 and after[(S + "verifier_kv_bytes", ())] > 0   # parked
 
+    names = {name for name, _ in after}
+    for family in ("summaries_sent_total", "summary_bytes_total", "feeds_sent_total", "feed_bytes_total",
+                   "drafter_failures_total", "drafter_rebinds_total", "session_resumes_total",
+                   "num_requests_waiting"):      # the rest of #15's list: exported (0 here: no failure, no feed)
+        assert S + family in names, family
+    assert delta(before, after, S + "drafter_failures_total") == m["drafter_failures"] == 0
+
     drafter = scrape(up["drafter"])
     assert drafter[(S + "drafter_sessions", ())] >= 1 and drafter[(S + "drafter_kv_device_bytes", ())] > 0
     assert drafter[(S + "drafter_kv_host_bytes", ())] > 0

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
@@ -128,12 +131,15 @@ def test_models_and_health(cluster, oai):
     assert [v["status"] for v in body["verifiers"]] == ["SERVING"]
 
 
-def test_completion_equals_sdk_and_ar_streamed_or_not(cluster, oai, sdk, tokenizer, ar):
+def test_completion_equals_sdk_and_ar_streamed_or_not(cluster, oai, sdk, tokenizer, ar, capsys):
     model = cluster.model
     ref = sdk.generate(PROMPT, max_tokens=32)
     assert ref.stop_reason == "max_tokens" and len(ref.token_ids) == 32
     prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     ar(prompt_ids, ref.token_ids, "sdk")
+    capsys.readouterr()                             # `sparsespec generate` (its handler): the same tokens
+    assert cli_main(["generate", "--server", cluster.address, "--prompt", PROMPT, "--max-tokens", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == ref.token_ids
 
     r = oai.completions.create(model=model, prompt=PROMPT, max_tokens=32, temperature=0)
     assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == model
@@ -199,6 +205,36 @@ def test_seeded_sampling_is_the_sdks(cluster, oai, sdk):
     ref = sdk.generate(PROMPT, max_tokens=16, **kw)
     r = oai.completions.create(model=model, prompt=PROMPT, max_tokens=16, **kw)
     assert r.choices[0].text == ref.text
+
+
+def _readme_block(lang: str, needle: str) -> str:
+    """The README's first ```lang code block that contains `needle`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for block in re.findall(rf"```{lang}\n(.*?)```", readme, re.S):
+        if needle in block:
+            return block
+    raise AssertionError(f"README.md has no {lang} block with {needle!r}")
+
+
+def test_readme_openai_and_curl_examples_run_as_written(cluster, sdk, capsys):
+    """The README's copy-paste OpenAI client and curl examples, with only PORT and the model
+    name (smollm2-135m there, the tiny test model here) filled in."""
+    fill = lambda text: text.replace("127.0.0.1:PORT", cluster.url.removeprefix("http://")).replace(  # noqa: E731
+        "smollm2-135m", cluster.model)
+    code = fill(_readme_block("python", "from openai import OpenAI"))
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "completion_tokens=" in printed and "'num_drafts'" in printed, printed    # usage, spec_decode
+    block = fill(_readme_block("bash", "curl ")).splitlines()
+    start = next(i for i, line in enumerate(block) if line.startswith("curl "))
+    end = next(i for i in range(start, len(block)) if not block[i].rstrip().endswith("\\"))
+    out = subprocess.run(["bash", "-c", "\n".join(block[start:end + 1])], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out
+    body = json.loads(out.stdout)
+    prompt, max_tokens = re.search(r'"prompt": "([^"]+)", "max_tokens": (\d+)', "\n".join(block)).groups()
+    ref = sdk.generate(prompt, max_tokens=int(max_tokens))
+    assert body["choices"][0]["text"] == ref.text and body["usage"]["completion_tokens"] == len(ref.token_ids)
 
 
 # --- chat ------------------------------------------------------------------------------------
@@ -318,7 +354,8 @@ def test_full_verifier_429_dropped_stream_frees_its_row_and_health_follows_the_d
         assert v.wait_listening(120), "\n".join(v.output[-20:])
         gw = GatewayThread(GatewayConfig(model=str(model_dir), verifiers=(v.address,), reconnect_timeout_s=1.0),
                            tokenizer).start()
-        reg = GatewayThread(GatewayConfig(model=str(model_dir), redis_url=redis_url), tokenizer).start()
+        reg = GatewayThread(GatewayConfig(model=str(model_dir), redis_url=redis_url, default_k=2, adaptive=True),
+                            tokenizer).start()
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         model, store = str(model_dir), SessionStore(redis_url)
 
@@ -334,8 +371,18 @@ def test_full_verifier_429_dropped_stream_frees_its_row_and_health_follows_the_d
         wait_for(lambda: store.get(session).state == "aborted", 10, "the dropped turn to be cancelled")
         assert store.get(session).generated_len < 1900
         t0 = time.monotonic()
-        assert client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).usage.completion_tokens == 8
-        assert time.monotonic() - t0 < 10
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens == 8 and time.monotonic() - t0 < 10
+        assert r.model_extra["spec_decode"]["adaptive"] is False        # gw: the verifier's defaults (k 4)
+        assert len(r.model_extra["spec_decode"]["acceptance_rate_per_position"]) == 4
+        # reg was started with -k 2 --adaptive: its defaults where the request names neither, the
+        # request's own fields over them
+        via_reg = openai.OpenAI(base_url=reg.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        spec = via_reg.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).model_extra["spec_decode"]
+        assert spec["adaptive"] is True and spec["num_drafts"] > 0, spec
+        spec = via_reg.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                          extra_body={"adaptive": False}).model_extra["spec_decode"]
+        assert spec["adaptive"] is False and len(spec["acceptance_rate_per_position"]) == 2, spec
 
         # /health is the data path: Redis down -> 503 on both gateways (the verifier says NOT_SERVING;
         # the other cannot read the registry), back -> 200; a killed verifier -> 503

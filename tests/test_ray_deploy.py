@@ -1,11 +1,12 @@
 """Pools on a real local Ray cluster (`ray start --head` on 127.0.0.1), driven by the real CLI.
 
-One verifier and two drafters (CPU resources, the drafters also on a custom resource) come up
-from one deployment file; concurrent generations through the SDK equal in-process AR while a
-drafter actor is killed (ray.kill) and while the drafter pool shrinks and grows; `ray down` and
-stopping Ray leave no process behind (every process the cluster started carries a tag in its
-environment, which is how they are found afterwards). Bad deployment files fail `ray up` before
-Ray is touched.
+One verifier, two drafters (CPU resources, the drafters also on a custom resource) and an
+OpenAI HTTP gateway come up from one deployment file; the real `openai` client through the
+gateway gets the gRPC path's greedy text; concurrent generations through the SDK equal
+in-process AR while a drafter actor is killed (ray.kill) and while the drafter pool shrinks and
+grows; `ray down` and stopping Ray leave no process behind (every process the cluster started
+carries a tag in its environment, which is how they are found afterwards). Bad deployment files
+fail `ray up` before Ray is touched.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 import time
 import uuid
 
+import openai
 import psutil
 import pytest
 import yaml
@@ -68,6 +70,17 @@ BAD = {
     "unknown key": (good(pool={}), "pool: unknown key"),
     "unknown pool key": (good(pools={"verifier": {"replica": 2}}), "pools.verifier.replica: unknown key"),
     "bad dtype": (good(dtype="float8"), "dtype:"),
+    "gateway without the verifiers' CA": (
+        good(pools={"verifier": {"args": {"tls_cert": "/c.pem", "tls_key": "/k.pem"}}, "gateway": {}}),
+        "pools.gateway.args.verifier_tls_ca: is required: the verifiers serve TLS"),
+    "gateway CA, plaintext verifiers": (good(pools={"verifier": {}, "gateway": {"args": {"verifier_tls_ca": "/ca"}}}),
+                                        "pools.gateway.args.verifier_tls_ca: the verifiers serve plaintext"),
+    "gateway behind mTLS verifiers": (
+        good(pools={"verifier": {"args": {"tls_cert": "/c", "tls_key": "/k", "tls_client_ca": "/ca"}},
+                    "gateway": {"args": {"verifier_tls_ca": "/ca"}}}),
+        "pools.gateway: the verifiers require client certificates"),
+    "gateway managed flag": (good(pools={"verifier": {}, "gateway": {"args": {"model": "x"}}}),
+                             "pools.gateway.args.model: is set by the deployment"),
 }
 
 
@@ -106,6 +119,28 @@ def test_service_flags_are_checked_against_the_services_parsers(args, needle):
         check_service_flags(DeployConfig.from_dict(good(pools=pools)))
     assert str(err.value).startswith(needle), str(err.value)
     check_service_flags(DeployConfig.from_dict(good()))      # the defaults pass
+
+
+def test_gateway_pool_takes_the_verifiers_keys_and_certificate():
+    """A gateway replica: the deployment's model and Redis, no worker id or dtype (it registers
+    nothing, loads no weights), the verifier pool's --api-keys/--tls-cert/--tls-key unless its own
+    args set them, and its own args checked against the gateway's parser."""
+    from sparsespec.deploy.flags import check_service_flags
+    cfg = DeployConfig.from_dict(good(pools={
+        "verifier": {"args": {"api_keys": "/keys", "tls-cert": "/c.pem", "tls_key": "/k.pem", "max_batch": 8}},
+        "gateway": {"replicas": 2, "port": 8000, "resources": {"CPU": 0.5},
+                    "args": {"verifier_tls_ca": "/ca.pem", "tls_key": "/own-key.pem"}}}))
+    worker, flags = cfg.replica_flags("gateway", 1)
+    assert flags == ["--model", "/models/m", "--redis", "redis://127.0.0.1:6379/0", "--port", "8000",
+                     "--verifier-tls-ca", "/ca.pem", "--tls-key", "/own-key.pem", "--api-keys", "/keys",
+                     "--tls-cert", "/c.pem"]
+    _, vflags = cfg.replica_flags("verifier", 0)
+    assert vflags[vflags.index("--worker-id") + 1] == "sparsespec-verifier-0" and "--tls-cert" in vflags
+    check_service_flags(cfg)
+    assert DeployConfig.from_dict(cfg.to_dict()) == cfg
+    typo = DeployConfig.from_dict(good(pools={"verifier": {}, "gateway": {"args": {"max_bach": 8}}}))
+    with pytest.raises(InvalidArgument, match=r"^pools.gateway.args: unknown flag --max-bach \(see sparsespec serve gateway"):
+        check_service_flags(typo)
 
 
 def test_example_files_are_valid(monkeypatch):
@@ -298,7 +333,8 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
                                   "args": {"max_batch": 8, "k": 4, "lease_ms": 1500, "drain_s": 10}},
                      "drafter": {"replicas": 2, "min_replicas": 1, "max_replicas": 3,
                                  "resources": {"CPU": 0.5, "drafter_slot": 1},
-                                 "args": {"policy": "chunk_topk", "budget": 16, "threads": 1}}}}
+                                 "args": {"policy": "chunk_topk", "budget": 16, "threads": 1}},
+                     "gateway": {"replicas": 1, "resources": {"CPU": 0.25}}}}
     path = tmp_path / "deploy.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
@@ -308,10 +344,12 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
     assert ready, up
     verifiers = ready[0].split()[1].split(",")
     assert len(verifiers) == 1 and sum(line.startswith("drafter ") for line in up) == 2, up
+    http = [line.split()[1] for line in up if line.startswith("http ")]
+    assert len(http) == 1 and http[0].startswith("http://127.0.0.1:") and f"gateway gateway-0 {http[0]} ready" in up, up
     print(f"ray up: {time.monotonic() - t0:.1f}s")
     # The tag finds the cluster's processes (so the "nothing left" checks below can fail).
     running = "\n".join(tagged(tag))
-    for name in ("gcs_server", "raylet", "-m verifier_service", "-m drafter_service"):
+    for name in ("gcs_server", "raylet", "-m verifier_service", "-m drafter_service", "-m sparsespec.gateway"):
         assert name in running, (name, running)
 
     ray.init(address=address, namespace=NAME, logging_level="WARNING", log_to_driver=False)
@@ -339,6 +377,19 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
                  lambda: {r["name"] for r in dep.status()["pools"]["drafter"]["replicas"] if r["state"] == "ready"}
                  == {survivor, "drafter-2"}, 120)
         assert dep.status()["pools"]["drafter"]["replaced"] == 1
+
+        # The gateway pool's replica: the real openai client gets the gRPC path's greedy text
+        # (which the SDK runs check against AR), with the drafters drafting. Not before step 1: it
+        # kills the drafter reporting the most sessions, and these two, parked, would skew that.
+        t_http = time.monotonic()
+        with SparseSpecClient(verifiers) as sdk:
+            ref = sdk.generate(PROMPTS[0], max_tokens=24, k=4)
+        oai = openai.OpenAI(base_url=http[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = oai.completions.create(model=str(model_dir), prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                   extra_body={"k": 4})
+        assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length", (r, ref.text)
+        assert r.usage.completion_tokens == 24 and r.model_extra["spec_decode"]["num_draft_tokens"] > 0
+        print(f"gateway check: {time.monotonic() - t_http:.2f}s")
 
         # 2. The pool shrinks (a drafter with sessions is stopped gracefully) while sessions stream.
         gens = Generations(verifiers, PROMPTS[::-1])
@@ -384,7 +435,8 @@ def test_pools_on_ray_lose_no_token(ray_cluster, model_dir, redis_srv, reference
         ray.shutdown()
     sparsespec(env, "ray", "down", "--name", NAME, "--address", address)
     wait_for("every service process to exit",
-             lambda: not [p for p in tagged(tag) if "_service" in p or "ServiceReplica" in p] or None, 30)
+             lambda: not [p for p in tagged(tag) if "_service" in p or "ServiceReplica" in p
+                          or "sparsespec.gateway" in p] or None, 30)
     assert registry.live("drafter") == [] and registry.live("verifier") == []
     print(f"whole run: {time.monotonic() - t0:.1f}s")
 

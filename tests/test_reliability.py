@@ -326,8 +326,25 @@ def test_resume_of_a_session_redis_lost_is_not_found(cluster):
 # --- 5. a dead round loop is a dead service --------------------------------------------------
 
 def test_verifier_whose_round_loop_dies_exits_and_the_sdk_moves_on(cluster, model_dir, ar):
+    """... and an HTTP gateway in front of it only (in process) stops answering /health 200."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from sparsespec.gateway import GatewayConfig, GatewayThread
+
+    def health(url: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
     crashy = start_verifier(model_dir, cluster.redis_url, env={"SPARSESPEC_FAILPOINTS": "scheduler.round=30"})
+    gw = GatewayThread(GatewayConfig(model=str(model_dir), verifiers=(crashy.address,)), tokenizer=object())
     try:
+        gw.start()
+        assert health(gw.url)[0] == 200
         with SparseSpecClient([crashy.address, cluster.address], reconnect_timeout_s=30) as c:
             out = c.generate(PROMPT, max_tokens=200)
         crashy.popen.wait(20)
@@ -335,7 +352,10 @@ def test_verifier_whose_round_loop_dies_exits_and_the_sdk_moves_on(cluster, mode
         assert any("round scheduler died" in line for line in crashy.output)
         assert out.reconnects >= 1
         ar(PROMPT, out.token_ids, "resumed on the live verifier")
+        status, body = health(gw.url)
+        assert status == 503 and body["status"] == "unavailable" and body["reason"] == "no verifier is serving", body
     finally:
+        gw.stop()
         crashy.kill()
 
 

@@ -3,8 +3,10 @@
 processes; certificates made here): a session of key A is not there for key B over gRPC (resume,
 read, extend, abort: NOT_FOUND, worded as for an unknown id) and the refusal writes nothing; the
 HTTP gateway answers 401 in OpenAI's shape; a client without the CA cannot talk to the verifier,
-a verifier client without a certificate cannot talk to the drafter; Redis refuses clients
-without the password, which no process list or log line shows. Bad flags: one line, no traceback.
+a verifier client without a certificate cannot talk to the drafter; the gateway serves HTTPS
+(the real `openai` client succeeds with the CA, fails without it, plain http fails); Redis
+refuses clients without the password, which no process list or log line shows. Bad flags: one
+line, no traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -58,6 +61,18 @@ class Up:
     def client(self, api_key=KEY_A, ca=True, **kw) -> SparseSpecClient:
         roots = self.certs.ca.read_bytes() if ca is True else ca
         return SparseSpecClient(self.verifier, api_key=api_key, root_certificates=roots, **kw)
+
+    def https(self) -> ssl.SSLContext:
+        """What a client of the gateway verifies it with: the test CA."""
+        return ssl.create_default_context(cafile=str(self.certs.ca))
+
+    def openai(self, api_key=KEY_A, verify=True, base_url=None) -> openai.OpenAI:
+        """The real OpenAI client at the gateway; verify=True: with the CA, else httpx's `verify`
+        (an ssl.SSLContext, or None: the client's own default, the system roots)."""
+        extra = {} if verify is None else {"http_client": openai.DefaultHttpxClient(
+            verify=self.https() if verify is True else verify)}
+        return openai.OpenAI(base_url=(base_url or self.gateway) + "/v1", api_key=api_key, max_retries=0,
+                             timeout=60, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +170,7 @@ def test_grpc_needs_a_key_and_a_session_belongs_to_its_key(up):
 
 def test_http_answers_401_in_openai_shape_and_passes_the_key_on(up):
     for key in ("", "wrong-key-0123456789abcdef"):
-        oai = openai.OpenAI(base_url=up.gateway + "/v1", api_key=key or "x", max_retries=0, timeout=60)
+        oai = up.openai(api_key=key or "x")
         if not key:
             oai = oai.with_options(default_headers={"Authorization": ""})
         with pytest.raises(openai.AuthenticationError) as e:
@@ -166,12 +181,12 @@ def test_http_answers_401_in_openai_shape_and_passes_the_key_on(up):
             oai.models.list()
     req = urllib.request.Request(up.gateway + "/v1/chat/completions", data=b"{not json", method="POST")
     with pytest.raises(urllib.error.HTTPError) as e:                 # refused before the body is read
-        urllib.request.urlopen(req, timeout=30)
+        urllib.request.urlopen(req, timeout=30, context=up.https())
     assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
-    with urllib.request.urlopen(up.gateway + "/health", timeout=30) as r:      # probes need no key
+    with urllib.request.urlopen(up.gateway + "/health", timeout=30, context=up.https()) as r:   # probes need no key
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
 
-    oai = openai.OpenAI(base_url=up.gateway + "/v1", api_key=KEY_B, max_retries=0, timeout=60)
+    oai = up.openai(api_key=KEY_B)
     r = oai.completions.create(model=up.model, prompt=PROMPT, max_tokens=6, temperature=0)
     assert r.usage.completion_tokens == 6
     session = r.id.removeprefix("cmpl-")
@@ -203,6 +218,64 @@ def test_tls_needs_the_ca_and_the_drafter_needs_a_client_certificate(up):
     with GrpcDrafterClient(up.drafter, timeout_s=5, tls=ClientTLS(ca, cert, key)) as d:
         d.open("mtls-probe", [1, 2, 3], SamplingParams())
         d.close("mtls-probe")
+
+
+def _causes(e: BaseException) -> str:
+    """The exception and everything it was raised from, as text (httpx wraps the ssl error)."""
+    out = []
+    while e is not None:
+        out.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return " <- ".join(out)
+
+
+def test_gateway_serves_https_that_needs_the_ca(up):
+    """`up --tls-cert` serves the gateway over HTTPS with the services' certificate: the real
+    openai client given the CA gets the gRPC path's greedy text; without the CA (the system
+    roots) or with another CA it fails on the certificate; plain http to the port fails."""
+    assert up.gateway.startswith("https://127.0.0.1:"), up.lines
+    with up.client(KEY_A) as sdk:
+        ref = sdk.generate(PROMPT, max_tokens=12)
+    oai = up.openai(KEY_A)
+    r = oai.completions.create(model=up.model, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == 12
+    chunks = list(oai.completions.create(model=up.model, prompt=PROMPT, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+
+    other = ssl.create_default_context(cafile=str(up.certs.other_ca))
+    for verify in (None, other):
+        with pytest.raises(openai.APIConnectionError) as e:
+            up.openai(KEY_A, verify=verify).completions.create(model=up.model, prompt=PROMPT, max_tokens=2)
+        assert "CERTIFICATE_VERIFY_FAILED" in _causes(e.value), _causes(e.value)
+    plain = up.openai(KEY_A, verify=None, base_url=up.gateway.replace("https://", "http://", 1))
+    with pytest.raises(openai.APIConnectionError):
+        plain.completions.create(model=up.model, prompt=PROMPT, max_tokens=2)
+    assert oai.models.list().data[0].id == up.model                  # and it still serves
+
+
+def test_gateway_https_client_certificates(tmp_path):
+    """--tls-client-ca on the gateway, as on the verifier: a client without a certificate signed
+    by it cannot even ask /health. In process, with no verifier behind it (/health: 503)."""
+    from sparsespec.gateway import GatewayConfig, GatewayThread
+    from sparsespec.tls import server_ssl_context
+
+    certs = make_certs(tmp_path / "certs")
+    cfg = GatewayConfig(model="m", verifiers=("127.0.0.1:1",),
+                        tls=server_ssl_context(str(certs.cert), str(certs.key), str(certs.ca)))
+    with GatewayThread(cfg, tokenizer=object()) as gw:
+        assert gw.url.startswith("https://127.0.0.1:")
+        mine = ssl.create_default_context(cafile=str(certs.ca))
+        mine.load_cert_chain(str(certs.cert), str(certs.key))
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(gw.url + "/health", timeout=30, context=mine)
+        assert e.value.code == 503 and json.loads(e.value.read())["status"] == "unavailable"
+        # TLS 1.3: the server refuses the missing certificate after the handshake, so the client
+        # sees an alert (ssl.SSLError) or the connection closed (RemoteDisconnected), never a reply
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)) as e:
+            urllib.request.urlopen(gw.url + "/health", timeout=30, context=ssl.create_default_context(cafile=str(certs.ca)))
+        assert not isinstance(e.value, urllib.error.HTTPError), e.value
+        if isinstance(e.value, urllib.error.URLError):
+            assert isinstance(e.value.reason, (ssl.SSLError, ConnectionError)), e.value
 
 
 # --- the bundled Redis' password ------------------------------------------------------------------
@@ -250,6 +323,8 @@ def test_bad_key_and_certificate_files_are_one_line_naming_the_flag(tmp_path, ca
     not_pem = tmp_path / "cert.txt"
     not_pem.write_text("hello")
     missing = str(tmp_path / "missing.pem")
+    certs, others = make_certs(tmp_path / "certs"), make_certs(tmp_path / "others")
+    cert, key, ca, other_key = (str(p) for p in (certs.cert, certs.key, certs.ca, others.key))
     base = {"verifier": ["--model", str(tmp_path / "m"), "--redis", "redis://127.0.0.1:1/0"],
             "gateway": ["--model", str(tmp_path / "m"), "--redis", "redis://127.0.0.1:1/0"],
             "drafter": ["--model", str(tmp_path / "m")],
@@ -267,11 +342,19 @@ def test_bad_key_and_certificate_files_are_one_line_naming_the_flag(tmp_path, ca
         ("verifier", ["--drafter-tls-cert", missing], "drafter-tls-cert: needs --drafter-tls-ca"),
         ("gateway", ["--api-keys", str(short)], "api-keys: "),
         ("gateway", ["--verifier-tls-ca", missing], "verifier-tls-ca: cannot read"),
+        ("gateway", ["--tls-cert", missing, "--tls-key", key], "tls-cert: cannot read"),
+        ("gateway", ["--tls-cert", cert], "tls-key: is required with --tls-cert"),
+        ("gateway", ["--tls-key", key], "tls-cert: is required with --tls-key"),
+        ("gateway", ["--tls-cert", cert, "--tls-key", ca], f"tls-key: {ca} holds no private key"),
+        ("gateway", ["--tls-cert", key, "--tls-key", key], f"tls-cert: {key} holds no certificate"),
+        ("gateway", ["--tls-cert", cert, "--tls-key", other_key], f"tls-key: {other_key} is not the key of"),
+        ("gateway", ["--tls-client-ca", ca], "tls-client-ca: needs --tls-cert and --tls-key"),
         ("drafter", ["--tls-cert", missing, "--tls-key", missing], "tls-cert: cannot read"),
         ("drafter", ["--tls-client-ca", missing], "tls-client-ca: needs --tls-cert"),
         ("up", ["--api-keys", missing], "api-keys: cannot read"),
         ("up", ["--tls-cert", missing, "--tls-key", missing, "--tls-ca", missing], "tls-cert: cannot read"),
         ("up", ["--mtls"], "mtls: "),
+        ("up", ["--tls-cert", cert, "--tls-key", other_key, "--tls-ca", ca], "tls-key: "),   # before Redis starts
     ]
     for role, flags, expected in cases:
         capsys.readouterr()

@@ -1,4 +1,4 @@
-"""Cluster deployment: drafter and verifier pools on Ray (Kubernetes lives in deploy/helm).
+"""Cluster deployment: drafter, verifier and OpenAI-gateway pools on Ray (Kubernetes lives in deploy/helm).
 
 Importing this package does not import Ray; `up` and `connect` do.
 """

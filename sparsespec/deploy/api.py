@@ -3,6 +3,7 @@
     from sparsespec.deploy import up, load_config
     dep = up(load_config("deploy/ray/cpu.yaml"), address="auto")   # an existing cluster (`ray start`)
     dep.verifier_addresses()                                       # give these to SparseSpecClient
+    dep.gateway_urls()                                             # OpenAI clients: base_url URL + "/v1"
     dep.scale("drafter", 4)
     dep.down()
 
@@ -96,11 +97,15 @@ class Deployment:
     def verifier_addresses(self) -> list[str]:
         return self.addresses("verifier")
 
+    def gateway_urls(self) -> list[str]:
+        """The OpenAI HTTP gateways' `http(s)://HOST:PORT` (their API is under /v1); [] without a gateway pool."""
+        return self.addresses("gateway")
+
     def scale(self, pool: str, replicas: int) -> dict:
         return _get(self.controller.scale.remote(pool, replicas), 60)
 
     def down(self) -> dict:
-        """Stop every replica (verifiers drain first), then the controller itself."""
+        """Stop every replica (gateways first, then verifiers, which drain), then the controller itself."""
         import ray
 
         try:

@@ -2,7 +2,9 @@
 
 Validated when it is built, before anything starts, so a bad file fails `sparsespec ray up` with
 one line that names the field (`pools.verifier.replicas: ...`). The Helm chart mirrors these
-fields in values.yaml; deploy/ray/*.yaml are examples.
+fields in values.yaml; deploy/ray/*.yaml are examples. Roles: verifier, drafter, and the OpenAI
+HTTP gateway (`python -m sparsespec.gateway`), which finds the verifiers of the deployment's
+model in the Redis registry and takes the verifier pool's API keys and certificate.
 """
 
 from __future__ import annotations
@@ -13,13 +15,40 @@ from typing import Any, Mapping
 
 from sparsespec.errors import InvalidArgument
 
-ROLES = ("verifier", "drafter")
+ROLES = ("verifier", "drafter", "gateway")
 from sparsespec.redis_server import REDIS_URL_ENV as REDIS_ENV   # keeps a password out of the file
 # Flags the deployment sets itself for every replica; a pool's `args` may not override them.
 MANAGED_FLAGS = ("model", "redis", "host", "port", "worker_id", "device")
 # Minimum replicas per role: no verifier means no generation at all, no drafter means plain
-# (slower, still correct) decoding.
-MIN_REPLICAS = {"verifier": 1, "drafter": 0}
+# (slower, still correct) decoding, no gateway means gRPC clients only.
+MIN_REPLICAS = {"verifier": 1, "drafter": 0, "gateway": 0}
+# Roles whose replicas register in the Redis worker registry (and report load to the autoscaler).
+REGISTERED = ("verifier", "drafter")
+# What a gateway takes from the verifier pool's args unless its own args set it: the public API's
+# keys and server certificate, so HTTP clients meet the same keys and TLS as gRPC clients.
+GATEWAY_INHERITS = ("api_keys", "tls_cert", "tls_key")
+
+
+def _arg(args: Mapping, name: str):
+    """args[name], the key written with '-' or '_'."""
+    for key, value in args.items():
+        if str(key).replace("-", "_") == name:
+            return value
+    return None
+
+
+def _flags(args: Mapping) -> list[str]:
+    """{max_batch: 8, stop: [a, b], adaptive: true} -> --max-batch 8 --stop a --stop b --adaptive."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = ("-" if len(str(key)) == 1 else "--") + str(key).replace("_", "-")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is True:
+                out.append(flag)
+            elif v is not False and v is not None:
+                out += [flag, str(v)]
+    return out
 
 
 def _unknown(where: str, given: Mapping, known) -> None:
@@ -116,16 +145,7 @@ class PoolConfig:
     def service_flags(self) -> list[str]:
         """`args` as command-line flags: {max_batch: 8, stop: [a, b], adaptive: true} ->
         --max-batch 8 --stop a --stop b --adaptive."""
-        out: list[str] = []
-        for key, value in self.args.items():
-            flag = ("-" if len(str(key)) == 1 else "--") + str(key).replace("_", "-")
-            values = value if isinstance(value, list) else [value]
-            for v in values:
-                if v is True:
-                    out.append(flag)
-                elif v is not False and v is not None:
-                    out += [flag, str(v)]
-        return out
+        return _flags(self.args)
 
 
 @dataclass(frozen=True)
@@ -169,6 +189,52 @@ class DeployConfig:
             parse_dtype(self.dtype)
         except Exception as e:  # noqa: BLE001 - reworded with the field name below
             raise InvalidArgument("dtype", str(e)) from None
+        if "gateway" in self.pools:
+            self._check_gateway()
+
+    def _check_gateway(self) -> None:
+        """The gateway must be able to reach the verifiers: TLS to them exactly when they serve it."""
+        v, g = self.pools["verifier"].args, self.pools["gateway"].args
+        if _arg(v, "tls_client_ca"):
+            raise InvalidArgument("pools.gateway", "the verifiers require client certificates "
+                                                   "(pools.verifier.args.tls_client_ca), which the gateway does "
+                                                   "not present; drop one of the two")
+        ca = _arg(g, "verifier_tls_ca")
+        if _arg(v, "tls_cert") and not ca:
+            raise InvalidArgument("pools.gateway.args.verifier_tls_ca",
+                                  "is required: the verifiers serve TLS (pools.verifier.args.tls_cert); give the "
+                                  "CA that signed their certificate (a path on every node)")
+        if ca and not _arg(v, "tls_cert"):
+            raise InvalidArgument("pools.gateway.args.verifier_tls_ca",
+                                  "the verifiers serve plaintext (pools.verifier.args has no tls_cert)")
+
+    def pool_args(self, role: str) -> dict[str, Any]:
+        """A pool's service args as written; a gateway's also get the verifier pool's API keys and
+        certificate (GATEWAY_INHERITS) where they set none of their own."""
+        args = dict(self.pools[role].args)
+        if role == "gateway":
+            own = {str(k).replace("-", "_") for k in args}
+            for name in GATEWAY_INHERITS:
+                value = _arg(self.pools["verifier"].args, name)
+                if name not in own and value not in (None, False):
+                    args[name] = value
+        return args
+
+    def service_flags(self, role: str) -> list[str]:
+        return _flags(self.pool_args(role))
+
+    def replica_flags(self, role: str, index: int) -> tuple[str, list[str]]:
+        """(worker id, command line) of replica `index` of a pool; the replica adds --host."""
+        p = self.pools[role]
+        worker_id = f"{self.worker_prefix(role)}{index}"
+        flags = ["--model", self.model, "--redis", self.redis_url, "--port", str(p.port)]
+        if role in REGISTERED:          # the gateway loads only a tokenizer and registers nothing
+            flags += ["--dtype", self.dtype, "--worker-id", worker_id]
+            if self.max_context:
+                flags += ["--max-context", str(self.max_context)]
+            if p.gpus > 0:             # a pool that asks Ray for GPUs computes on one (both services take --device)
+                flags += ["--device", "cuda"]
+        return worker_id, flags + self.service_flags(role)
 
     def worker_prefix(self, role: str) -> str:
         """Worker ids of this deployment's replicas of `role` start with this (registry lookups)."""

@@ -2,8 +2,9 @@
 
 Every half second it reconciles: a replica whose actor or service died is replaced, a pool
 below its replica count gets new replicas, one above it loses its least loaded ones (stopped
-gracefully: a drafter deregisters, a verifier drains its running turns). Every
-`autoscale.interval_s` an autoscaled pool's count follows the load its workers report in Redis.
+gracefully: a drafter deregisters, a verifier drains its running turns, a gateway stops
+listening). Every `autoscale.interval_s` an autoscaled verifier or drafter pool's count follows
+the load its workers report in Redis (gateways register none).
 
 Losing a replica never loses a token: a session whose drafter goes away decodes alone and
 re-binds to another drafter from the registry; a verifier that is drained finishes its turns,
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsespec.deploy.autoscale import PoolAutoscaler
-from sparsespec.deploy.config import DeployConfig, PoolConfig
+from sparsespec.deploy.config import REGISTERED, DeployConfig, PoolConfig
 from sparsespec.errors import SparseSpecError
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,11 @@ class PoolController:
         return self.status()
 
     def shutdown(self) -> dict:
-        """Stop reconciling, then stop every replica: verifiers first (they drain), then drafters."""
+        """Stop reconciling, then stop every replica: gateways first (no new requests), then
+        verifiers (they drain), then drafters."""
         self._stop.set()
         self._thread.join(30)
-        for role in ("verifier", "drafter"):
+        for role in ("gateway", "verifier", "drafter"):
             with self._lock:
                 p = self.pools.get(role)
                 victims = [r for r in p.replicas if r.state != "stopping"] if p else []
@@ -180,14 +182,8 @@ class PoolController:
         from sparsespec.deploy.replica import ServiceReplica
 
         index, p.next_index = p.next_index, p.next_index + 1
-        name, worker_id = f"{role}-{index}", f"{self.cfg.worker_prefix(role)}{index}"
-        flags = ["--model", self.cfg.model, "--redis", self.cfg.redis_url, "--dtype", self.cfg.dtype,
-                 "--worker-id", worker_id, "--port", str(p.cfg.port)]
-        if self.cfg.max_context:
-            flags += ["--max-context", str(self.cfg.max_context)]
-        if p.cfg.gpus > 0:             # a pool that asks Ray for GPUs computes on one (both services take --device)
-            flags += ["--device", "cuda"]
-        flags += p.cfg.service_flags()
+        name = f"{role}-{index}"
+        worker_id, flags = self.cfg.replica_flags(role, index)
         actor = ray.remote(ServiceReplica).options(name=name, namespace=self.namespace, max_restarts=0,
                                                    max_concurrency=1, **p.cfg.ray_options())
         handle = actor.remote(role, flags, p.cfg.start_timeout_s)
@@ -244,7 +240,8 @@ class PoolController:
                         self._drop(p, r, f"{role}: {r.name} lost: {reason}; replacing it")
 
     def _autoscale(self, now: float) -> None:
-        auto = {role: p for role, p in self.pools.items() if p.cfg.autoscaled}
+        # a gateway reports no load (it registers nothing): its min/max only bound `ray scale`
+        auto = {role: p for role, p in self.pools.items() if p.cfg.autoscaled and role in REGISTERED}
         if not auto:
             return
         try:

@@ -15,6 +15,8 @@ from sparsespec.errors import InvalidArgument
 def _parser(role: str) -> argparse.ArgumentParser:
     if role == "verifier":
         from verifier_service.server import build_parser
+    elif role == "gateway":
+        from sparsespec.gateway.server import build_parser
     else:
         from drafter_service.server import build_parser
     parser = build_parser()
@@ -23,8 +25,8 @@ def _parser(role: str) -> argparse.ArgumentParser:
 
 
 def check_service_flags(cfg: DeployConfig) -> None:
-    for role, pool in cfg.pools.items():
-        flags = pool.service_flags()
+    for role in cfg.pools:
+        flags = cfg.service_flags(role)             # a gateway's with what it inherits from the verifiers
         try:
             _, unknown = _parser(role).parse_known_args(["--model", cfg.model, "--redis", cfg.redis_url, *flags])
         except argparse.ArgumentError as e:

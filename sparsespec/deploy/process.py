@@ -1,6 +1,6 @@
 """A service as a child process that cannot outlive its parent.
 
-A Ray actor hosts each replica as `python -m verifier_service|drafter_service` (the verifier's
+A Ray actor hosts each replica as `python -m verifier_service|drafter_service|sparsespec.gateway` (the verifier's
 rounds must run on a process's main thread, and the child is exactly what the container image
 runs). The child is started with PR_SET_PDEATHSIG, so when the actor's process dies for any
 reason (ray.kill, a node going away, `ray stop`) the kernel sends the service SIGTERM and it
@@ -18,7 +18,7 @@ from sparsespec.cluster import spawn_service
 from sparsespec.errors import SparseSpecError
 
 PR_SET_PDEATHSIG = 1
-MODULES = {"verifier": "verifier_service", "drafter": "drafter_service"}
+MODULES = {"verifier": "verifier_service", "drafter": "drafter_service", "gateway": "sparsespec.gateway"}
 
 
 class ServiceStartError(SparseSpecError):
@@ -52,7 +52,8 @@ class ServiceProcess:
         return self.proc.output
 
     def wait_listening(self, timeout_s: float) -> str:
-        """The HOST:PORT it serves on; raises ServiceStartError (and kills it) otherwise."""
+        """The HOST:PORT it serves on (a gateway's http(s)://HOST:PORT); raises ServiceStartError
+        (and kills it) otherwise."""
         if not self.proc.wait_listening(timeout_s):
             self.proc.kill()                 # returns once its last lines are read
             tail = "\n".join(self.output[-12:])

@@ -1,8 +1,9 @@
-"""`sparsespec ray up|status|scale|down`: drafter and verifier pools on a Ray cluster.
+"""`sparsespec ray up|status|scale|down`: drafter, verifier and gateway pools on a Ray cluster.
 
 `up` reads one deployment file (deploy/ray/*.yaml), validates it before touching Ray, starts the
 pools and returns once they serve, printing one `verifier NAME ADDRESS` / `drafter NAME ADDRESS`
-line per replica and `ready ADDR[,ADDR...]` (the verifiers, for the SDK). The pools keep running
+/ `gateway NAME URL` line per replica, `http URL[,URL...]` (the OpenAI gateways, when the file has
+a gateway pool) and `ready ADDR[,ADDR...]` (the verifiers, for the SDK). The pools keep running
 in the cluster; `status`, `scale` and `down` find them by name.
 """
 
@@ -12,7 +13,7 @@ import json
 
 
 def add_parser(sub) -> None:
-    ray = sub.add_parser("ray", help="drafter and verifier pools on a Ray cluster: ray up|status|scale|down")
+    ray = sub.add_parser("ray", help="drafter, verifier and gateway pools on a Ray cluster: ray up|status|scale|down")
     rsub = ray.add_subparsers(dest="ray_command", required=True)
 
     def common(p, with_name=True):
@@ -29,11 +30,11 @@ def add_parser(sub) -> None:
     status.add_argument("--json", action="store_true")
     common(status)
     scale = rsub.add_parser("scale", help="set a pool's replica count (within its min/max)")
-    scale.add_argument("pool", help="verifier | drafter")
+    scale.add_argument("pool", help="verifier | drafter | gateway")
     scale.add_argument("replicas", type=int)
     scale.add_argument("--wait", action="store_true", help="wait until the pool has that many ready replicas")
     common(scale)
-    down = rsub.add_parser("down", help="stop every replica (verifiers drain first) and the controller")
+    down = rsub.add_parser("down", help="stop every replica (gateways, then verifiers, which drain) and the controller")
     common(down)
 
 
@@ -63,6 +64,8 @@ def _run(args) -> int:
         cfg = load_config(args.config)          # a bad file fails here, before Ray is touched
         dep = up(cfg, args.address, args.timeout_s)
         _print_replicas(dep.status())
+        if dep.gateway_urls():
+            print(f"http {','.join(dep.gateway_urls())}", flush=True)
         print(f"ready {','.join(dep.verifier_addresses())}", flush=True)
         return 0
     dep = connect(args.name, args.address)

@@ -16,7 +16,7 @@ class ServiceReplica:
         self.proc = None
 
     def start(self) -> str:
-        """Start the service on this node's IP and return its HOST:PORT once it listens."""
+        """Start the service on this node's IP and return its HOST:PORT (a gateway's URL) once it listens."""
         import ray
 
         from sparsespec.deploy.process import ServiceProcess

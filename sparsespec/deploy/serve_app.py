@@ -4,7 +4,8 @@ RayService (deploy/ray/kuberay-rayservice.yaml) starts a Ray cluster on Kubernet
 `sparsespec.deploy.serve_app:app` with `args: {config: FILE}`. The Serve replica brings the
 pools up (or attaches to them after a restart), reports their state at its HTTP route, and its
 health check fails while a pool is below its replica count, which RayService shows as unhealthy.
-Generation traffic does not pass through Serve: clients speak gRPC to the verifiers.
+Generation traffic does not pass through Serve: clients speak gRPC to the verifiers, or HTTP to
+the gateway pool's replicas.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PoolsApp:
     def status(self) -> dict:
         status = self.deployment.status()
         status["verifiers"] = self.deployment.verifier_addresses()
+        status["gateways"] = self.deployment.gateway_urls()
         return status
 
     def __call__(self, request) -> dict:     # sync: Serve runs it off the event loop

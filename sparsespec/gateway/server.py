@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from sparsespec.gateway import protocol as P
 from sparsespec.gateway.verifiers import VerifierPool
 from sparsespec.redis_server import REDIS_URL_ENV, redact
 from sparsespec.spec.adaptive import MAX_K
-from sparsespec.tls import ClientTLS, client_tls
+from sparsespec.tls import ClientTLS, client_tls, server_ssl_context
 
 log = logging.getLogger("sparsespec.gateway")
 
@@ -51,6 +52,7 @@ class GatewayConfig:
     max_body_bytes: int = 4 << 20           # larger bodies: 413
     api_keys: ApiKeys | None = None         # checked here (401) and passed on to the verifier; None: passed on only
     verifier_tls: ClientTLS | None = None   # TLS to the verifiers; None: plaintext
+    tls: ssl.SSLContext | None = None       # serve HTTPS with it (tls.server_ssl_context); None: plain HTTP
 
     def __post_init__(self):
         if not self.model:
@@ -111,19 +113,19 @@ class Gateway:
         return app
 
     async def start(self) -> str:
-        """Listen; returns the URL (`http://HOST:PORT`)."""
+        """Listen; returns the URL (`http://HOST:PORT`, `https://` with cfg.tls)."""
         await self.pool.start()
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
                                     shutdown_timeout=5.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port)
+        site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port, ssl_context=self.cfg.tls)
         try:
             await site.start()
         except OSError as e:
             await self.stop()
             raise SparseSpecError(f"port: cannot listen on {self.cfg.host}:{self.cfg.port}: {e.strerror}") from None
         host, port = self.runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self.cfg.tls is not None else 'http'}://{host}:{port}"
         return self.url
 
     async def stop(self) -> None:
@@ -383,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys", default=None, metavar="FILE",
                    help="API keys, one per line (default $SPARSESPEC_API_KEYS): others get 401; a request's "
                         "key goes on to the verifier either way")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve HTTPS (as the verifier's "
+                                                     "--tls-cert serves its gRPC API over TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (not encrypted)")
+    p.add_argument("--tls-client-ca", default=None, help="also require client certificates signed by this CA")
     p.add_argument("--verifier-tls-ca", default=None, help="TLS to the verifiers, verified with this CA (PEM)")
     p.add_argument("--verifier-tls-server-name", default=None,
                    help="the name the verifiers' certificate carries, when it is not the address dialled")
@@ -412,7 +418,8 @@ def main(argv=None) -> int:
                             reconnect_timeout_s=args.reconnect_timeout_s, max_body_bytes=args.max_body_bytes,
                             api_keys=load_api_keys(args.api_keys),
                             verifier_tls=client_tls(args.verifier_tls_ca, server_name=args.verifier_tls_server_name,
-                                                    prefix="verifier-tls"))
+                                                    prefix="verifier-tls"),
+                            tls=server_ssl_context(args.tls_cert, args.tls_key, args.tls_client_ca))
         asyncio.run(_serve(Gateway(cfg)))
     except SparseSpecError as e:
         print(f"error: {e}", file=sys.stderr)
