@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=int, default=None,
                        help="prompts per context (speed: 3 books; acceptance: 2 documents per source, so "
                             "6 per cell over the 3 sources)")
-    bench.add_argument("--max-tokens", type=int, default=48)
+    bench.add_argument("--max-tokens", type=int, default=None,
+                       help="tokens per generation (default 48; acceptance: 32)")
     bench.add_argument("-k", type=int, default=None,
                        help="draft length (speed: 4; acceptance: chosen on held-out prompts)")
     bench.add_argument("--budgets", default="64,256,1024", help="acceptance: drafter budgets")
@@ -314,6 +315,8 @@ def cmd_bench(args) -> int:
     import os
 
     args.threads = args.threads or os.cpu_count() or 1
+    if args.max_tokens is None:
+        args.max_tokens = 32 if args.suite == "acceptance" else 48
     if args.suite == "verify":
         from sparsespec.bench.verify_cost import run_verify_cost
         args.contexts, args.k = args.contexts or "4096,8000", args.k or 4
