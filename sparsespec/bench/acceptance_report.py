@@ -290,7 +290,9 @@ def summary_table(result: dict, agg: dict, gaps: list[dict], source_gaps: list[d
              f"({result['environment']['date']}; k per drafter {result['k']}). {_count_line(runs)}", ""]
     for drafter in cfg["drafters"]:
         if 0.0 in cfg["temperatures"]:
-            lines += [f"tau, drafter {drafter}, greedy (mean ± std over n prompts, 2 per source):", "",
+            per = result.get("config", {}).get("prompts")
+            lines += [f"tau, drafter {drafter}, greedy (mean ± std over n prompts"
+                      + (f", {per} per source" if per else "") + "):", "",
                       *tau_table(agg, cfg, drafter, 0.0), ""]
     lines += ["Gap closed by the informed policy (fed / verifier_guided), greedy, pooled over sources:", "",
               *gap_table(greedy), "", "The same on the retrieval prompts alone:", "", *gap_table(retrieval)]
