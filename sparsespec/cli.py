@@ -134,17 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt lengths in tokens, comma-separated (speed: 1024,2048,4096; "
                             "acceptance: 2048,4096,8000)")
     bench.add_argument("--prompts", type=int, default=None,
-                       help="prompts per context (speed: 3 books; acceptance: 2 documents per source)")
-    bench.add_argument("--max-tokens", type=int, default=48)
+                       help="prompts per context (speed: 3 books; acceptance: 2 documents per source, so "
+                            "6 per cell over the 3 sources)")
+    bench.add_argument("--max-tokens", type=int, default=None,
+                       help="tokens per generation (default 48; acceptance: 32)")
     bench.add_argument("-k", type=int, default=None,
                        help="draft length (speed: 4; acceptance: chosen on held-out prompts)")
-    bench.add_argument("--budgets", default="64,128,256,512,1024", help="acceptance: drafter budgets")
-    bench.add_argument("--policies", default="streaming,chunk_topk,snapkv,verifier_guided,full",
-                       help="acceptance: policies")
-    bench.add_argument("--drafters", default="same,layers:6", help="acceptance: same | layers:N | DIR, comma-separated")
+    bench.add_argument("--budgets", default="64,256,1024", help="acceptance: drafter budgets")
+    bench.add_argument("--policies", default="streaming,chunk_topk,snapkv,fed,verifier_guided,full",
+                       help="acceptance: policies (fed only for drafters the verifier can feed, verifier_guided "
+                            "only for the others)")
+    bench.add_argument("--drafters", default="same",
+                       help="acceptance: same | layers:N | DIR | LABEL=DIR, comma-separated (outputs name "
+                            "a DIR by its LABEL, or its last component)")
     bench.add_argument("--sources", default="kjv,code,retrieval", help="acceptance: prompt sources")
     bench.add_argument("--heldout", type=int, default=1, help="acceptance: held-out documents per source (choose k)")
-    bench.add_argument("--temperatures", default="0,0.7", help="acceptance: sampling temperatures")
+    bench.add_argument("--temperatures", default="0",
+                       help="acceptance: sampling temperatures (e.g. 0,0.7; greedy runs are checked against AR)")
     bench.add_argument("--append", action="store_true",
                        help="acceptance: add to the results already in --out (a grid run in parts)")
     bench.add_argument("--layers", type=int, default=6, help="N of the layers:N drafter")
@@ -309,6 +315,8 @@ def cmd_bench(args) -> int:
     import os
 
     args.threads = args.threads or os.cpu_count() or 1
+    if args.max_tokens is None:
+        args.max_tokens = 32 if args.suite == "acceptance" else 48
     if args.suite == "verify":
         from sparsespec.bench.verify_cost import run_verify_cost
         args.contexts, args.k = args.contexts or "4096,8000", args.k or 4

@@ -1,13 +1,30 @@
-"""The acceptance study's outputs: JSON (every run and output), a markdown page, two plots."""
+"""The acceptance study's outputs: JSON (every run and output), a markdown page, two plots, and
+the generated table of docs/summaries.md.
+
+A cell is (drafter, temperature, context, policy, budget), pooled over the prompts of every
+source (2 per source by default: n = 6); tau is reported as mean, sample std, min, max and n.
+Per-source figures (n = 2 by default) are in the page too, for the retrieval prompts above all.
+The "informed" policy of a drafter is what the verifier tells it: `fed` for a drafter it feeds,
+`verifier_guided` (KV summaries) for one it cannot; the gap it closes is measured against the
+best of the drafter's own policies (streaming, chunk_topk, snapkv) and the full cache.
+
+`python -m sparsespec.bench.acceptance_report OUT` renders everything again from
+OUT/bench/acceptance.json (no model is loaded).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-GUIDED, FULL = "verifier_guided", "full"
+FED, GUIDED, FULL = "fed", "verifier_guided", "full"
+OWN = ("streaming", "chunk_topk", "snapkv")
+POLICY_ORDER = ["streaming", "chunk_topk", "snapkv", FED, GUIDED, FULL]
+TABLE_BEGIN, TABLE_END = "<!-- acceptance-table:begin -->", "<!-- acceptance-table:end -->"
 
 
 def command(args) -> str:
@@ -24,56 +41,90 @@ def command(args) -> str:
 
 
 def _key(r: dict) -> tuple:
+    """A run's per-source cell."""
     return (r["drafter"], r["temperature"], r["context"], r["source"], r["policy"], r["budget"])
 
 
-def aggregate(runs: list[dict]) -> dict[tuple, dict]:
-    """(drafter, T, context, source, policy, budget) -> tau/alpha median, min, max over prompts."""
+def _cell(r: dict) -> tuple:
+    """A run's cell, pooled over sources."""
+    return (r["drafter"], r["temperature"], r["context"], r["policy"], r["budget"])
+
+
+def spread(values: list[float]) -> dict:
+    """mean, sample std (0 for one value), min, max, n."""
+    n = len(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if n > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": n}
+
+
+def aggregate(runs: list[dict], key=_cell) -> dict[tuple, dict]:
+    """cell -> tau/alpha spread over its prompts, plus what every run of it must satisfy."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        groups[_key(r)].append(r)
+        groups[key(r)].append(r)
     out = {}
-    for key, rs in groups.items():
-        taus = [r["tau"] for r in rs]
-        out[key] = {"tau": statistics.median(taus), "tau_min": min(taus), "tau_max": max(taus),
-                    "alpha": statistics.median(r["alpha"] for r in rs), "runs": len(rs),
-                    "k": statistics.median(r["k"] for r in rs),
-                    "drafter_kv_device_bytes": max(r["drafter_kv_device_bytes"] for r in rs),
-                    "equal": all(r.get("equal_to_ar") is not False for r in rs)}
+    for k, rs in groups.items():
+        tau = spread([r["tau"] for r in rs])
+        out[k] = {"tau": tau["mean"], "tau_std": tau["std"], "tau_min": tau["min"], "tau_max": tau["max"],
+                  "n": tau["n"], "alpha": statistics.fmean(r["alpha"] for r in rs),
+                  "k": statistics.median(r["k"] for r in rs),
+                  "drafter_kv_device_bytes": max(r["drafter_kv_device_bytes"] for r in rs),
+                  "drafter_kv_host_bytes": max(r["drafter_kv_host_bytes"] for r in rs),
+                  "equal": all(r.get("equal_to_ar") is not False for r in rs),
+                  "checked": sum(r.get("equal_to_ar") is not None for r in rs),
+                  "problems": sum(bool(r.get("problem")) for r in rs)}
     return out
 
 
+def informed_policy(agg: dict, drafter: str) -> str | None:
+    """What the verifier tells this drafter in these results: fed, else verifier_guided."""
+    have = {k[-2] for k in agg if k[0] == drafter}
+    return FED if FED in have else GUIDED if GUIDED in have else None
+
+
 def gap_closure(agg: dict[tuple, dict], budget: int) -> list[dict]:
-    """Per (drafter, T, context, source): how much of the tau gap between the best non-guided
-    policy and the full-cache drafter verifier_guided closes at `budget`."""
+    """Per (drafter, T, context[, source]) at `budget`: how much of the tau gap between the best
+    own policy and the full-cache drafter the informed policy closes. `below_best`: the informed
+    mean is below the best own mean by more than both spreads (std)."""
     rows = []
-    cells = {k[:4] for k in agg}
-    for cell in sorted(cells, key=str):
-        full = agg.get(cell + (FULL, None))
-        guided = agg.get(cell + (GUIDED, budget))
-        others = {k[4]: v for k, v in agg.items() if k[:4] == cell and k[5] == budget and k[4] not in (GUIDED, FULL)}
-        if not full or not guided or not others:
+    for head in sorted({k[:-2] for k in agg}, key=str):
+        informed = informed_policy(agg, head[0])
+        full, inf = agg.get(head + (FULL, None)), agg.get(head + (informed, budget))
+        own = {p: agg[head + (p, budget)] for p in OWN if head + (p, budget) in agg}
+        if not full or not inf or not own:
             continue
-        best_name, best = max(others.items(), key=lambda kv: kv[1]["tau"])
+        best_name, best = max(own.items(), key=lambda kv: kv[1]["tau"])
         gap = full["tau"] - best["tau"]
-        rows.append({"drafter": cell[0], "temperature": cell[1], "context": cell[2], "source": cell[3],
-                     "budget": budget, "best_policy": best_name, "tau_best": best["tau"],
-                     "tau_guided": guided["tau"], "tau_full": full["tau"], "gap": gap,
-                     "closed": (guided["tau"] - best["tau"]) / gap if gap > 1e-9 else None})
+        row = {"drafter": head[0], "temperature": head[1], "context": head[2], "budget": budget,
+               "informed": informed, "best_policy": best_name, "tau_best": best["tau"],
+               "tau_best_std": best["tau_std"], "tau_informed": inf["tau"], "tau_informed_std": inf["tau_std"],
+               "tau_full": full["tau"], "gap": gap, "n": inf["n"],
+               "closed": (inf["tau"] - best["tau"]) / gap if gap > 1e-9 else None,
+               "below_best": inf["tau"] < best["tau"] - best["tau_std"] - inf["tau_std"]}
+        if len(head) == 4:
+            row["source"] = head[3]
+        rows.append(row)
     return rows
 
 
 def _traffic(runs: list[dict]) -> dict:
+    out = {}
     guided = [r for r in runs if r["policy"] == GUIDED and r["summary_bytes"]]
-    if not guided:
-        return {}
-    ratios = [r["summary_bytes"] / r["drafter_full_kv_bytes"] for r in guided]
-    overhead = [r["tracker_s"] / r["verify_s"] for r in guided if r["verify_s"] > 0]
-    return {"summary_bytes_max": max(r["summary_bytes"] for r in guided),
-            "summaries_per_run_median": statistics.median(r["summaries_sent"] for r in guided),
-            "traffic_vs_full_kv_max": max(ratios),
-            "tracker_overhead_median": statistics.median(overhead) if overhead else None,
-            "tracker_overhead_max": max(overhead) if overhead else None}
+    if guided:
+        overhead = [r["tracker_s"] / r["verify_s"] for r in guided if r["verify_s"] > 0]
+        out.update({"summary_bytes_max": max(r["summary_bytes"] for r in guided),
+                    "summaries_per_run_median": statistics.median(r["summaries_sent"] for r in guided),
+                    "traffic_vs_full_kv_max": max(r["summary_bytes"] / r["drafter_full_kv_bytes"] for r in guided),
+                    "tracker_overhead_median": statistics.median(overhead) if overhead else None,
+                    "tracker_overhead_max": max(overhead) if overhead else None})
+    fed = [r for r in runs if r["policy"] == FED and r["feeds_sent"]]
+    if fed:
+        out.update({"feed_bytes_per_session_median": statistics.median(r["feed_bytes"] for r in fed),
+                    "feed_bytes_per_session_max": max(r["feed_bytes"] for r in fed),
+                    "feeds_per_session_median": statistics.median(r["feeds_sent"] for r in fed),
+                    "feed_vs_full_kv_max": max(r["feed_bytes"] / r["drafter_full_kv_bytes"] for r in fed),
+                    "fed_host_bytes_max": max(r["drafter_kv_host_bytes"] for r in fed)})
+    return out
 
 
 def axes(runs: list[dict]) -> dict:
@@ -83,7 +134,7 @@ def axes(runs: list[dict]) -> dict:
         return [x for x in order if x in found] + sorted(found - set(order)) if order else sorted(found)
     return {"contexts": values("context"), "budgets": values("budget"), "drafters": values("drafter", ["same"]),
             "temperatures": values("temperature"), "sources": values("source", ["kjv", "code", "retrieval"]),
-            "policies": values("policy", ["streaming", "chunk_topk", "snapkv", GUIDED, FULL])}
+            "policies": values("policy", POLICY_ORDER)}
 
 
 def merge(previous: dict, result: dict) -> dict:
@@ -95,117 +146,262 @@ def merge(previous: dict, result: dict) -> dict:
     out["runs"] = list(runs.values())
     out["commands"] = previous.get("commands", [previous.get("command")]) + [result["command"]]
     out["k"] = {**previous.get("k", {}), **result["k"]}
+    out["prompts"] = previous.get("prompts", []) + result.get("prompts", [])
     out["wall_s"] = round(previous.get("wall_s", 0) + result["wall_s"], 1)
     return out
 
 
-def markdown(result: dict, agg: dict, gaps: list[dict]) -> str:
+def _tau(a: dict | None, *, std: bool = True) -> str:
+    """'mean ± std' (or 'mean [min, max]'), with DIFFERS / PROBLEM flags; '-' for no runs."""
+    if a is None:
+        return "-"
+    if std:
+        text = f"{a['tau']:.2f} ± {a['tau_std']:.2f}"
+    else:
+        text = f"{a['tau']:.2f}" + ("" if a["tau_min"] == a["tau_max"] else f" [{a['tau_min']:.2f}, {a['tau_max']:.2f}]")
+    return text + ("" if a["equal"] else " DIFFERS") + (" PROBLEM" if a["problems"] else "")
+
+
+def _closed(g: dict) -> str:
+    if g["closed"] is None:
+        return f"no gap ({g['tau_informed'] - g['tau_best']:+.2f})"
+    return f"{100 * g['closed']:.0f}%" + (" (below best)" if g["below_best"] else "")
+
+
+def tau_table(agg: dict, cfg: dict, drafter: str, temperature: float) -> list[str]:
+    """Rows (context, policy), columns the budgets and the full cache: tau mean ± std (n)."""
+    budgets = cfg["budgets"]
+    lines = ["| context | policy | " + " | ".join(f"B={b}" for b in budgets) + " | full | n |",
+             "|" + "---|" * (4 + len(budgets))]
+    for context in cfg["contexts"]:
+        full = agg.get((drafter, temperature, context, FULL, None))
+        for policy in [p for p in cfg["policies"] if p != FULL]:
+            cells = [agg.get((drafter, temperature, context, policy, b)) for b in budgets]
+            if not any(cells):
+                continue
+            n = max([c["n"] for c in cells if c] + [full["n"] if full else 0])
+            lines.append(f"| {context} | {policy} | " + " | ".join(_tau(c) for c in cells) + f" | {_tau(full)} | {n} |")
+    return lines
+
+
+def gap_table(gaps: list[dict]) -> list[str]:
+    lines = ["| drafter | T | context | B | informed | best own | tau best | tau informed | tau full | gap closed | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in sorted(gaps, key=lambda g: (g["drafter"], g["temperature"], g.get("source", ""), g["context"], g["budget"])):
+        where = f"{g['context']}" + (f" {g['source']}" if "source" in g else "")
+        lines.append(f"| {g['drafter']} | {g['temperature']} | {where} | {g['budget']} | {g['informed']} | "
+                     f"{g['best_policy']} | {g['tau_best']:.2f} ± {g['tau_best_std']:.2f} | "
+                     f"{g['tau_informed']:.2f} ± {g['tau_informed_std']:.2f} | {g['tau_full']:.2f} | "
+                     f"{_closed(g)} | {g['n']} |")
+    return lines
+
+
+def _count_line(runs: list[dict]) -> str:
+    greedy = [r for r in runs if r["temperature"] == 0]
+    equal = sum(r.get("equal_to_ar") is True for r in greedy)
+    fed = [r for r in greedy if r["policy"] == FED]
+    problems = sum(bool(r.get("problem")) for r in runs)
+    return (f"Greedy runs equal to AR: **{equal} of {len(greedy)}** (fed: {sum(r.get('equal_to_ar') is True for r in fed)} "
+            f"of {len(fed)}); runs that did not run as configured: {problems}.")
+
+
+def markdown(result: dict, agg: dict, by_source: dict, gaps: list[dict], source_gaps: list[dict]) -> str:
     runs = result["runs"]
     cfg = axes(runs)
-    budgets = cfg["budgets"]
-    greedy = [r for r in runs if r["temperature"] == 0]
     lines = ["# Acceptance study", "",
-             "Generated by `sparsespec bench acceptance`; the reading of these numbers is in "
-             "[summaries.md](summaries.md).", "",
+             "Generated by `sparsespec bench acceptance` from [bench/acceptance.json](bench/acceptance.json); "
+             "the reading of these numbers is in [summaries.md](summaries.md).", "",
              "Commands:", "", *[f"    {c}" for c in result.get("commands", [result["command"]])], "",
              f"Environment: {json.dumps(result['environment'])}; wall time {result['wall_s']} s.", "",
              f"k per drafter, chosen on held-out documents: {result['k']}.", "",
-             f"Greedy runs equal to AR: **{sum(r.get('equal_to_ar') is True for r in greedy)} of {len(greedy)}**.", ""]
-    t = _traffic(runs)
-    if t:
-        lines += [f"Summary traffic: at most {t['summary_bytes_max']} bytes per session "
+             _count_line(runs), ""]
+    t = result.get("traffic") or _traffic(runs)
+    if "feed_bytes_per_session_median" in t:
+        lines += [f"Feed traffic (fed drafters): median {t['feed_bytes_per_session_median']:.0f} bytes per session "
+                  f"(max {t['feed_bytes_per_session_max']}, {t['feed_vs_full_kv_max']:.2e} of the drafter's full KV "
+                  f"bytes at most), median {t['feeds_per_session_median']} feeds per session; drafter host "
+                  f"bytes at most {t['fed_host_bytes_max']}.", ""]
+    if "summary_bytes_max" in t:
+        lines += [f"Summary traffic (verifier_guided): at most {t['summary_bytes_max']} bytes per session "
                   f"({t['traffic_vs_full_kv_max']:.2e} of the drafter's full KV bytes); "
-                  f"median {t['summaries_per_run_median']} summaries per session. "
-                  f"Importance tracking costs {100 * t['tracker_overhead_median']:.1f}% of verify time "
-                  f"(median; max {100 * t['tracker_overhead_max']:.1f}%).", ""]
-    lines += ["## Gap closed by verifier_guided", "",
-              "| drafter | T | context | source | B | best other | tau best | tau guided | tau full | gap closed |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for g in gaps:
-        closed = (f"no gap (guided {g['tau_guided'] - g['tau_best']:+.2f})" if g["closed"] is None
-                  else f"{100 * g['closed']:.0f}%")
-        lines.append(f"| {g['drafter']} | {g['temperature']} | {g['context']} | {g['source']} | {g['budget']} | "
-                     f"{g['best_policy']} | {g['tau_best']:.2f} | {g['tau_guided']:.2f} | {g['tau_full']:.2f} | {closed} |")
-    lines += ["", "## tau by budget (median over prompts [min, max])", ""]
+                  f"median {t['summaries_per_run_median']} summaries per session."
+                  + ("" if t["tracker_overhead_median"] is None else
+                     f" Importance tracking costs {100 * t['tracker_overhead_median']:.1f}% of verify time "
+                     f"(median; max {100 * t['tracker_overhead_max']:.1f}%)."), ""]
+    lines += ["## Gap closed by the informed policy (pooled over sources)", "",
+              "Gap: tau of the full-cache drafter minus the best own policy's (streaming, chunk_topk, snapkv) "
+              "at the same budget; closed: the informed policy's share of it (mean over prompts). "
+              "\"below best\": below the best own policy by more than both std.", "",
+              *gap_table(gaps), "", "## Gap closed, per source", "", *gap_table(source_gaps), ""]
     for drafter in cfg["drafters"]:
         for temp in cfg["temperatures"]:
-            lines += [f"### drafter {drafter}, temperature {temp}", "",
-                      "| context | source | policy | " + " | ".join(f"B={b}" for b in budgets) + " | full |",
-                      "|" + "---|" * (4 + len(budgets))]
-            for context in cfg["contexts"]:
-                for source in cfg["sources"]:
-                    full = agg.get((drafter, temp, context, source, FULL, None))
-                    for policy in [p for p in cfg["policies"] if p != FULL]:
-                        cells = [_cell(agg.get((drafter, temp, context, source, policy, b))) for b in budgets]
-                        lines.append(f"| {context} | {source} | {policy} | " + " | ".join(cells)
-                                     + f" | {_cell(full)} |")
-            lines.append("")
+            lines += [f"## tau, drafter {drafter}, temperature {temp} (mean ± std over prompts)", "",
+                      *tau_table(agg, cfg, drafter, temp), ""]
+            for source in cfg["sources"]:
+                src = {k[:3] + k[4:]: v for k, v in by_source.items() if k[3] == source}
+                lines += [f"### {source} only (mean [min, max])", "", *_source_table(src, cfg, drafter, temp), ""]
+    lines += ["## Cost", "", *cost_lines(result), ""]
     return "\n".join(lines) + "\n"
 
 
-def _cell(a: dict | None) -> str:
-    if a is None:
-        return "-"
-    spread = "" if a["tau_min"] == a["tau_max"] else f" [{a['tau_min']:.2f}, {a['tau_max']:.2f}]"
-    return f"{a['tau']:.2f}{spread}" + ("" if a["equal"] else " DIFFERS")
+def _source_table(agg: dict, cfg: dict, drafter: str, temperature: float) -> list[str]:
+    budgets = cfg["budgets"]
+    lines = ["| context | policy | " + " | ".join(f"B={b}" for b in budgets) + " | full |",
+             "|" + "---|" * (3 + len(budgets))]
+    for context in cfg["contexts"]:
+        full = agg.get((drafter, temperature, context, FULL, None))
+        for policy in [p for p in cfg["policies"] if p != FULL]:
+            cells = [agg.get((drafter, temperature, context, policy, b)) for b in budgets]
+            if any(cells):
+                lines.append(f"| {context} | {policy} | " + " | ".join(_tau(c, std=False) for c in cells)
+                             + f" | {_tau(full, std=False)} |")
+    return lines
 
 
-def plots(result: dict, agg: dict, img: Path, budget: int) -> list[Path]:
-    """tau vs context per policy (at `budget`) and tau vs budget per policy (largest context),
-    greedy, one panel per drafter, median over sources and prompts."""
+def cost_lines(result: dict) -> list[str]:
+    """Seconds per prompt (prefill + AR + every configuration) and per configuration, per context."""
+    by_context: dict[int, list[float]] = defaultdict(list)
+    for p in result.get("prompts", []):
+        by_context[p["context"]].append(p["wall_s"])
+    configs: dict[tuple, list[float]] = defaultdict(list)
+    for r in result["runs"]:
+        if "wall_s" in r:
+            configs[(r["context"], r["policy"] == FULL)].append(r["wall_s"])
+    lines = ["| context | prompts | s per prompt (all its configurations) | s per sparse config | s per full config |",
+             "|---|---|---|---|---|"]
+    for context in sorted(by_context):
+        sparse, full = configs.get((context, False), []), configs.get((context, True), [])
+        lines.append(f"| {context} | {len(by_context[context])} | {statistics.fmean(by_context[context]):.1f} | "
+                     f"{statistics.fmean(sparse) if sparse else math.nan:.1f} | "
+                     f"{statistics.fmean(full) if full else math.nan:.1f} |")
+    if "heldout_s" in result:
+        lines.append(f"\nChoosing k on the held-out prompts: {result['heldout_s']} s.")
+    return lines
+
+
+def summary_table(result: dict, agg: dict, gaps: list[dict], source_gaps: list[dict]) -> str:
+    """What docs/summaries.md shows between its markers: the greedy tau table of every drafter
+    and the gap closed (pooled, and on the retrieval prompts), all from the JSON."""
+    runs = result["runs"]
+    cfg = axes(runs)
+    greedy = [g for g in gaps if g["temperature"] == 0]
+    retrieval = [g for g in source_gaps if g["temperature"] == 0 and g["source"] == "retrieval"]
+    lines = [f"Generated from [bench/acceptance.json](bench/acceptance.json) by `sparsespec bench acceptance` "
+             f"({result['environment']['date']}; k per drafter {result['k']}). {_count_line(runs)}", ""]
+    for drafter in cfg["drafters"]:
+        if 0.0 in cfg["temperatures"]:
+            per = result.get("config", {}).get("prompts")
+            lines += [f"tau, drafter {drafter}, greedy (mean ± std over n prompts"
+                      + (f", {per} per source" if per else "") + "):", "",
+                      *tau_table(agg, cfg, drafter, 0.0), ""]
+    lines += ["Gap closed by the informed policy (fed / verifier_guided), greedy, pooled over sources:", "",
+              *gap_table(greedy), "", "The same on the retrieval prompts alone:", "", *gap_table(retrieval)]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary_table(path: Path, text: str) -> bool:
+    """Replace what lies between the markers of `path` (False: no such file or markers)."""
+    if not path.exists():
+        return False
+    page = path.read_text()
+    if TABLE_BEGIN not in page or TABLE_END not in page:
+        return False
+    head, rest = page.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    path.write_text(f"{head}{TABLE_BEGIN}\n{text}{TABLE_END}{tail}")
+    return True
+
+
+def plots(result: dict, agg: dict, img: Path) -> list[Path]:
+    """Greedy, mean ± std over prompts (pooled over sources): tau vs context per policy, one
+    panel per (drafter, budget); tau vs budget per policy at the largest context, one panel per
+    drafter. Titles name drafters by their labels, never by a path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cfg = axes(result["runs"])
     img.mkdir(parents=True, exist_ok=True)
-    drafters, policies = cfg["drafters"], cfg["policies"]
+    drafters, policies, budgets = cfg["drafters"], cfg["policies"], cfg["budgets"]
 
-    def tau(drafter, context, policy, b):
-        vals = [v["tau"] for k, v in agg.items()
-                if k[0] == drafter and k[1] == 0.0 and k[2] == context and k[4] == policy
-                and k[5] == (None if policy == FULL else b)]
-        return statistics.median(vals) if vals else None
+    def series(drafter, policy, points):
+        """[(x, mean, std)] over points = [(x, context, budget)]."""
+        out = []
+        for x, context, b in points:
+            a = agg.get((drafter, 0.0, context, policy, None if policy == FULL else b))
+            if a is not None:
+                out.append((x, a["tau"], a["tau_std"]))
+        return out
+
+    def draw(ax, drafter, points):
+        for policy in policies:
+            pts = series(drafter, policy, points)
+            if not pts:
+                continue
+            style = (dict(linewidth=2.5) if policy in (FED, GUIDED)
+                     else dict(linestyle="--") if policy == FULL else dict(linewidth=1.2))
+            color = f"C{POLICY_ORDER.index(policy)}" if policy in POLICY_ORDER else None   # same in every plot
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=policy, color=color, **style)
+        ax.grid(alpha=0.3)
+        ax.set_ylabel("tau (tokens per verify)")
 
     out = []
-    for name, xs, xlabel, fixed in (("tau_vs_context", cfg["contexts"], "context (tokens)", budget),
-                                    ("tau_vs_budget", cfg["budgets"], "drafter KV budget B", max(cfg["contexts"]))):
-        fig, panels = plt.subplots(1, len(drafters), figsize=(5.5 * len(drafters), 4), squeeze=False)
-        for ax, drafter in zip(panels[0], drafters):
-            for policy in policies:
-                if name == "tau_vs_context":
-                    ys = [tau(drafter, x, policy, fixed) for x in xs]
-                else:
-                    ys = [tau(drafter, fixed, policy, x) for x in xs]
-                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-                if pts:
-                    style = dict(linewidth=2.5) if policy == GUIDED else dict(linestyle="--" if policy == FULL else "-")
-                    ax.plot(*zip(*pts), marker="o", label=policy, **style)
-            title = f"B = {fixed}" if name == "tau_vs_context" else f"context {fixed}"
-            ax.set(title=f"drafter {drafter}, {title}, greedy", xlabel=xlabel, ylabel="tau")
-            if name == "tau_vs_budget":
-                ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = img / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(path)
+    fig, panels = plt.subplots(len(drafters), len(budgets), figsize=(4.6 * len(budgets), 3.8 * len(drafters)),
+                               squeeze=False)
+    for row, drafter in zip(panels, drafters):
+        for ax, b in zip(row, budgets):
+            draw(ax, drafter, [(c, c, b) for c in cfg["contexts"]])
+            ax.set(title=f"drafter {drafter}, B = {b}", xlabel="context (tokens)")
+            ax.set_xticks(cfg["contexts"])
+    panels[0][0].legend(fontsize=8)
+    fig.suptitle("tau vs context, greedy (mean ± std over prompts)")
+    fig.tight_layout()
+    out.append(img / "tau_vs_context.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+
+    context = max(cfg["contexts"])
+    fig, panels = plt.subplots(1, len(drafters), figsize=(5.5 * len(drafters), 4), squeeze=False)
+    for ax, drafter in zip(panels[0], drafters):
+        draw(ax, drafter, [(b, context, b) for b in budgets])
+        ax.set(title=f"drafter {drafter}, context {context}", xlabel="drafter KV budget B")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.legend(fontsize=8)
+    fig.suptitle("tau vs budget, greedy (mean ± std over prompts; full: no budget)")
+    fig.tight_layout()
+    out.append(img / "tau_vs_budget.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
     return out
 
 
-def write(out: Path, result: dict, budget: int = 256, append: bool = False) -> None:
+def render(out: Path, result: dict) -> None:
+    """Everything but the JSON's runs, from the runs."""
+    runs = result["runs"]
+    agg, by_source = aggregate(runs), aggregate(runs, _key)
+    budgets = axes(runs)["budgets"]
+    gaps = [g for b in budgets for g in gap_closure(agg, b)]
+    source_gaps = [g for b in budgets for g in gap_closure(by_source, b)]
+    result["gap_closure"], result["gap_closure_by_source"] = gaps, source_gaps
+    result["traffic"] = _traffic(runs)
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    (out / "bench" / "acceptance.json").write_text(json.dumps(result, indent=1))
+    (out / "acceptance.md").write_text(markdown(result, agg, by_source, gaps, source_gaps))
+    plots(result, agg, out / "img")
+    table = write_summary_table(out / "summaries.md", summary_table(result, agg, gaps, source_gaps))
+    print(f"wrote {out / 'acceptance.md'}, {out / 'bench' / 'acceptance.json'}, {out / 'img'}/tau_vs_*.png"
+          + (f", the table in {out / 'summaries.md'}" if table else ""))
+
+
+def write(out: Path, result: dict, append: bool = False) -> None:
     path = out / "bench" / "acceptance.json"
     if append and path.exists():
         result = merge(json.loads(path.read_text()), result)
-    agg = aggregate(result["runs"])
-    budgets = axes(result["runs"])["budgets"]
-    gaps = [g for b in budgets for g in gap_closure(agg, b)]
-    result["gap_closure"] = gaps
-    result["traffic"] = _traffic(result["runs"])
-    (out / "bench").mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    (out / "acceptance.md").write_text(markdown(result, agg, gaps))
-    plots(result, agg, out / "img", budget if budget in budgets else budgets[0])
-    print(f"wrote {out / 'acceptance.md'}, {out / 'bench' / 'acceptance.json'}, {out / 'img'}/tau_vs_*.png")
+    render(out, result)
+
+
+if __name__ == "__main__":
+    where = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
+    render(where, json.loads((where / "bench" / "acceptance.json").read_text()))

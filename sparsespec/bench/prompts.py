@@ -17,14 +17,19 @@ from sparsespec.errors import InvalidArgument
 
 SOURCES = ("kjv", "code", "retrieval")
 # Documents per source, held-out first: prompt i of a run uses DOCS[source][i + heldout offset].
+# The retrieval prompts' filler comes from other books than the kjv prompts', so no two prompts
+# of a cell share their text (every book is longer than 8K tokens, so none runs into another's).
 KJV_BOOKS = ("Proverbs", "Genesis", "Exodus", "Isaiah", "Matthew", "Luke", "Psalms", "Jeremiah")
+RETRIEVAL_BOOKS = ("Job", "Numbers", "Deuteronomy", "Ezekiel", "John", "Acts", "Joshua", "Romans")
 CODE_MODULES = ("argparse", "typing", "inspect", "pathlib", "subprocess", "dataclasses", "email", "logging")
 QUESTION = "\n\nWhat is the pass key? Remember it is mentioned above. The pass key is"
 
 
 def documents(source: str) -> tuple[str, ...]:
-    if source in ("kjv", "retrieval"):
+    if source == "kjv":
         return KJV_BOOKS
+    if source == "retrieval":
+        return RETRIEVAL_BOOKS
     if source == "code":
         return CODE_MODULES
     raise InvalidArgument("sources", f"unknown source {source!r}; known: {', '.join(SOURCES)}")
