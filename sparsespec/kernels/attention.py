@@ -48,16 +48,51 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-def causal_block_mask(num_past: torch.Tensor, num_new: int, num_keys: int) -> torch.Tensor:
+def causal_block_mask(num_past: torch.Tensor, num_new: int, num_keys: int,
+                      window: int | None = None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S] for T new queries over S keys, where row b's first num_past[b]
     keys are past entries (all visible) and the new tokens' keys follow them in order.
 
-    Query t of row b sees keys j < num_past[b] + t + 1.
+    Query t of row b (position p = num_past[b] + t) sees keys j <= p; with a sliding `window` W
+    (a Gemma 3 local layer) only p - W < j <= p.
     """
     t = torch.arange(num_new, device=num_past.device)
-    j = torch.arange(num_keys, device=num_past.device)
-    limit = num_past.view(-1, 1, 1) + t.view(1, -1, 1) + 1  # [B, T, 1]
-    return (j.view(1, 1, -1) < limit).unsqueeze(1)
+    j = torch.arange(num_keys, device=num_past.device).view(1, 1, -1)
+    p = num_past.view(-1, 1, 1) + t.view(1, -1, 1)           # [B, T, 1]
+    visible = j <= p
+    if window is not None:
+        visible &= j > p - window
+    return visible.unsqueeze(1)
+
+
+def attend_window(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: torch.Tensor,
+                  window: int) -> torch.Tensor:
+    """Attention of a sliding-window layer: the query at position p sees keys p - W < j <= p.
+
+    q: [B, H, T, D] at positions past[b] + t; keys, values: [B, Hkv, S, D], row b's entries at
+    their positions (the T new ones included); past: [B] (host). Returns [B, H, T, D], exact: the
+    queries go in blocks of at most W, and each block attends over the at most 2W - 1 keys its
+    rows can see (a gather per row: rows may differ in length), with a [B, 1, Tb, <2W] mask. So a
+    16K prefill never builds a T x S mask, and a decode or verify reads W + T - 1 keys per row.
+    """
+    B, H, T, D = q.shape
+    S = keys.shape[2]
+    dev = q.device
+    past_d = past.to(dev).view(B, 1)
+    out = []
+    for t0 in range(0, T, window):
+        tb = min(window, T - t0)
+        span = window + tb - 1                                                 # keys this block can see
+        first = past_d + (t0 - window + 1)                                     # [B, 1] position of slot 0
+        pos = first + torch.arange(span, device=dev).view(1, -1)              # [B, L] key positions
+        index = pos.clamp(0, S - 1)
+        gather = index.view(B, 1, span, 1).expand(B, keys.shape[1], span, D)
+        k_blk, v_blk = keys.gather(2, gather), values.gather(2, gather)        # [B, Hkv, L, D]
+        p = past_d.view(B, 1, 1) + (t0 + torch.arange(tb, device=dev)).view(1, -1, 1)  # [B, Tb, 1]
+        j = pos.view(B, 1, span)
+        mask = ((j <= p) & (j > p - window) & (j >= 0)).unsqueeze(1)           # [B, 1, Tb, L]
+        out.append(attend(q[:, :, t0:t0 + tb], k_blk, v_blk, mask))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
