@@ -104,12 +104,38 @@ def make_drafter_model(verifier, spec: str, cfg: EngineConfig):
         except ValueError:
             raise InvalidArgument("drafter", f"expected layers:N, got {spec!r}") from None
         return layer_truncated(verifier, n)
-    drafter = load_model(resolve_model(spec), dtype=parse_dtype(cfg.dtype), device=cfg.device,
+    path = resolve_model(spec)
+    drafter = load_model(path, dtype=parse_dtype(cfg.dtype), device=cfg.device,
                          max_context=verifier.max_context).eval()
-    if drafter.cfg.vocab_size != verifier.cfg.vocab_size:
-        raise InvalidArgument("drafter", f"vocabulary size {drafter.cfg.vocab_size} differs from the "
-                                         f"verifier's {verifier.cfg.vocab_size}: they must share a tokenizer")
+    check_same_tokenizer(verifier.cfg, drafter.cfg, lambda: load_tokenizer(resolve_model(cfg.model)),
+                         lambda: load_tokenizer(path))
     return drafter
+
+
+def check_same_tokenizer(verifier_cfg, drafter_cfg, verifier_tokenizer, drafter_tokenizer) -> None:
+    """A drafter must speak the verifier's tokens: the same vocabulary size, BOS and EOS ids, and
+    (where both directories hold a tokenizer; the arguments are callables that load them) the same
+    tokenizer fingerprint (size, special ids, every token string). InvalidArgument on `drafter`."""
+    from sparsespec.errors import ModelLoadError
+    from sparsespec.tokens import tokenizer_fingerprint
+
+    def refuse(what, d, v):
+        raise InvalidArgument("drafter", f"its tokenizer differs from the verifier's ({what}: {d} vs {v}); "
+                                         "a drafter must share the verifier's tokenizer")
+
+    if drafter_cfg.vocab_size != verifier_cfg.vocab_size:
+        refuse("vocabulary size", drafter_cfg.vocab_size, verifier_cfg.vocab_size)
+    if drafter_cfg.bos_token_id != verifier_cfg.bos_token_id:
+        refuse("BOS id", drafter_cfg.bos_token_id, verifier_cfg.bos_token_id)
+    if set(drafter_cfg.eos_token_ids) != set(verifier_cfg.eos_token_ids):
+        refuse("EOS ids", sorted(drafter_cfg.eos_token_ids), sorted(verifier_cfg.eos_token_ids))
+    try:
+        v_tok, d_tok = verifier_tokenizer(), drafter_tokenizer()
+    except ModelLoadError:
+        return  # a directory without a tokenizer (tiny test models): the ids above are all we have
+    fv, fd = tokenizer_fingerprint(v_tok), tokenizer_fingerprint(d_tok)
+    if fv != fd:
+        refuse("fingerprint of size, BOS/EOS ids and token strings", fd, fv)
 
 
 def build_engine(cfg: EngineConfig, verifier=None, tokenizer=None) -> tuple[SpecEngine, object]:

@@ -71,7 +71,8 @@ def chat_prompt(tokenizer, messages, field: str = "messages") -> str:
 
 def chat_prompt_ids(tokenizer, messages, field: str = "messages") -> list[int]:
     """The prompt token ids for `messages` (what the gateway, the SDK and the CLI send)."""
-    return list(tokenizer.encode(chat_prompt(tokenizer, messages, field), add_special_tokens=False))
+    from sparsespec.tokens import with_bos  # templates write their BOS; one that does not gets it
+    return with_bos(tokenizer, tokenizer.encode(chat_prompt(tokenizer, messages, field), add_special_tokens=False))
 
 
 @lru_cache(maxsize=8)

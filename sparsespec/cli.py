@@ -211,7 +211,8 @@ def cmd_generate(args) -> int:
         from sparsespec.chat import chat_prompt_ids
         ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}], "prompt")
     else:
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        from sparsespec.tokens import encode_prompt
+        ids = encode_prompt(tokenizer, prompt)
     req = GenerationRequest(ids, args.max_tokens, sampling, args.k, adaptive, tuple(args.stop), args.mode)
     result = engine.generate(req)
     if args.json:

@@ -464,13 +464,13 @@ def test_model_decodes_under_a_small_budget(policy):
 def _windowed_reference(s: Stream, layer: int, start: int, t: int, window: int | None) -> torch.Tensor:
     """Dense attention of the queries at [start, start + t) over every earlier key, masked to
     the layer's sliding window (None: causal only)."""
-    from sparsespec.kernels.attention import attend, sliding_mask
+    from sparsespec.kernels.attention import attend, causal_block_mask
     end = start + t
-    mask = sliding_mask(start, t, 0, end, window or end)
+    mask = causal_block_mask(torch.tensor([start]), t, end, window)
     return attend(s.q[layer, :, start:end][None], s.k[layer, :, :end][None], s.v[layer, :, :end][None], mask)
 
 
-@pytest.mark.parametrize("policy,budget", [("streaming", 12), ("chunk_topk", 24)])
+@pytest.mark.parametrize("policy,budget", [("streaming", 12), ("chunk_topk", 24), ("full", None)])
 def test_local_layers_keep_their_window_exactly_under_any_budget(policy, budget):
     """A local layer's view is its window, whatever the budget: its attention equals the dense
     windowed reference exactly through prefill, decode, multi-token forwards, re-selections and a

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.cache.base import KVCache
-from sparsespec.kernels.attention import attend, attend_block, block_supported, causal_block_mask
+from sparsespec.kernels.attention import attend, attend_block, attend_window, block_supported, causal_block_mask
 
 
 class FullKVCache(KVCache):
@@ -15,14 +15,26 @@ class FullKVCache(KVCache):
     named by `set_active`) and appends the same number T of tokens to each: callers pad shorter
     drafts, then `truncate` each row to what it committed. `truncate` is the rollback of rejected
     drafts: it only moves a length, the tensors stay allocated.
+
+    `windows` (ModelConfig.layer_windows: per layer a sliding window W, or None for a global
+    layer) makes a local layer attend only over its window (attend_window: query blocks over at
+    most 2W - 1 keys, never a T x S mask). Storage stays full length on every layer for now.
     """
 
     block_verify = True   # verifies through attend_block; False: the masked reference (the bench compares)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 batch: int = 1, dtype=torch.float32, device="cpu", windows=None):
-        if windows is not None and any(w is not None for w in windows):
-            raise NotImplementedError("local (sliding window) layers in FullKVCache")
+                 batch: int = 1, dtype=torch.float32, device="cpu",
+                 windows: tuple[int | None, ...] | None = None):
+        if windows is not None:
+            windows = tuple(windows)
+            if len(windows) != num_layers or any(w is not None and (isinstance(w, bool) or int(w) < 1)
+                                                 for w in windows):
+                raise ValueError(f"windows must give each of the {num_layers} layers a window >= 1 or None, "
+                                 f"got {windows!r}")
+            if all(w is None for w in windows):
+                windows = None
+        self.windows = windows
         shape = (batch, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -39,7 +51,8 @@ class FullKVCache(KVCache):
     @classmethod
     def for_model(cls, model, capacity: int, batch: int = 1) -> "FullKVCache":
         c = model.cfg
-        return cls(c.num_layers, c.num_kv_heads, c.head_dim, capacity, batch, model.dtype, model.device)
+        return cls(c.num_layers, c.num_kv_heads, c.head_dim, capacity, batch, model.dtype, model.device,
+                   windows=c.layer_windows)
 
     @property
     def batch(self) -> int:
@@ -93,6 +106,13 @@ class FullKVCache(KVCache):
         else:
             index = torch.tensor(self._rows, device=kc.device)
             keys, values = kc[index, :, :end], vc[index, :, :end]               # gathered rows (a copy)
+        window = self.windows[layer] if self.windows is not None else None
+        if window is not None:
+            if self.observers:  # they read the mask this layer attends with
+                mask = causal_block_mask(lengths.to(q.device), t, end, window)
+                for obs in self.observers:
+                    obs(layer, q, keys, mask, lengths)
+            return attend_window(q, keys, values, lengths, window)
         for obs in self.observers:
             obs(layer, q, keys, self._mask, lengths)
         if self._block:

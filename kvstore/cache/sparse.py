@@ -39,7 +39,7 @@ from kvstore.cache.full import FullKVCache
 from kvstore.cache.policies import Policy, SelectionContext, get_policy
 from kvstore.cache.policies.base import choose_view
 from sparsespec.errors import ContextOverflow, InvalidArgument
-from sparsespec.kernels.attention import attend, attend_sliding, causal_block_mask
+from sparsespec.kernels.attention import attend, attend_window, causal_block_mask
 
 DEFAULT_SINK = 4
 DEFAULT_WINDOW = 64
@@ -322,10 +322,9 @@ class SparseKVCache(KVCache):
             return self._full.attend(layer, q, k, v)
         keys, values = self.append(layer, q, k, v)
         window = self.layer_windows[layer]
-        if window is not None:          # keys[:, 0] is at position start + T - S: the view is consecutive
-            start = self._length
-            return attend_sliding(q, keys.unsqueeze(0), values.unsqueeze(0), start,
-                                  start + self._t - keys.shape[1], window)
+        if window is not None:          # the view is consecutive positions, the last S - T of them past
+            past = torch.tensor([keys.shape[1] - self._t])
+            return attend_window(q, keys.unsqueeze(0), values.unsqueeze(0), past, window)
         return attend(q, keys.unsqueeze(0), values.unsqueeze(0), self._mask, self._causal)
 
     def decodes_from_view(self) -> bool:

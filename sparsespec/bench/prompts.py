@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sparsespec.data import kjv
 from sparsespec.errors import InvalidArgument
+from sparsespec.tokens import needs_bos, with_bos
 
 SOURCES = ("kjv", "code", "retrieval")
 # Documents per source, held-out first: prompt i of a run uses DOCS[source][i + heldout offset].
@@ -54,7 +55,7 @@ def _code_prompt(tokenizer, num_tokens: int, doc: str) -> list[int]:
             break
     if len(ids) < num_tokens:
         raise InvalidArgument("contexts", f"the code source holds only {len(ids)} tokens")
-    return ids[:num_tokens]
+    return with_bos(tokenizer, ids[:num_tokens - needs_bos(tokenizer)])
 
 
 def _retrieval_prompt(tokenizer, num_tokens: int, doc: str, seed: int) -> tuple[list[int], dict]:

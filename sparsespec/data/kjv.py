@@ -43,7 +43,12 @@ def text(book: str | None = None) -> str:
 
 def prompt_of_tokens(tokenizer, num_tokens: int, book: str = "Genesis", offset_tokens: int = 0) -> list[int]:
     """A prompt of exactly num_tokens tokens of real text, starting offset_tokens into `book`
-    (continuing into the following books when one is too short)."""
+    (continuing into the following books when one is too short). It starts a session, so a model
+    that needs a BOS (Gemma) gets it as the first of the num_tokens (sparsespec/tokens.py)."""
+    from sparsespec.tokens import needs_bos
+
+    lead = [tokenizer.bos_token_id] if needs_bos(tokenizer) else []
+    num_tokens -= len(lead)
     names = [n for n, _ in books()]
     start = names.index(next(n for n in names if n.lower() == book.lower()))
     ids: list[int] = []
@@ -51,4 +56,4 @@ def prompt_of_tokens(tokenizer, num_tokens: int, book: str = "Genesis", offset_t
         ids += tokenizer.encode(f"{name}\n{body}\n\n", add_special_tokens=False)
         if len(ids) >= offset_tokens + num_tokens:
             break
-    return ids[offset_tokens:offset_tokens + num_tokens]
+    return lead + ids[offset_tokens:offset_tokens + num_tokens]

@@ -16,6 +16,7 @@ import grpc
 from sparsespec.chat import chat_prompt_ids
 from sparsespec.client import Request
 from sparsespec.errors import InvalidArgument
+from sparsespec.tokens import encode_prompt
 from sparsespec.spec.adaptive import MAX_K
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
@@ -206,7 +207,7 @@ def parse_completion(body: dict, tokenizer, limits: ModelLimits | None, defaults
     if isinstance(prompt, str):
         if not prompt:
             raise bad("prompt", "is empty")
-        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        ids = encode_prompt(tokenizer, prompt)   # each request is a new session: its BOS, where needed
         if not ids:
             raise bad("prompt", "has no tokens")
     else:

@@ -48,16 +48,51 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-def causal_block_mask(num_past: torch.Tensor, num_new: int, num_keys: int) -> torch.Tensor:
+def causal_block_mask(num_past: torch.Tensor, num_new: int, num_keys: int,
+                      window: int | None = None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S] for T new queries over S keys, where row b's first num_past[b]
     keys are past entries (all visible) and the new tokens' keys follow them in order.
 
-    Query t of row b sees keys j < num_past[b] + t + 1.
+    Query t of row b (position p = num_past[b] + t) sees keys j <= p; with a sliding `window` W
+    (a Gemma 3 local layer) only p - W < j <= p.
     """
     t = torch.arange(num_new, device=num_past.device)
-    j = torch.arange(num_keys, device=num_past.device)
-    limit = num_past.view(-1, 1, 1) + t.view(1, -1, 1) + 1  # [B, T, 1]
-    return (j.view(1, 1, -1) < limit).unsqueeze(1)
+    j = torch.arange(num_keys, device=num_past.device).view(1, 1, -1)
+    p = num_past.view(-1, 1, 1) + t.view(1, -1, 1)           # [B, T, 1]
+    visible = j <= p
+    if window is not None:
+        visible &= j > p - window
+    return visible.unsqueeze(1)
+
+
+def attend_window(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: torch.Tensor,
+                  window: int) -> torch.Tensor:
+    """Attention of a sliding-window layer: the query at position p sees keys p - W < j <= p.
+
+    q: [B, H, T, D] at positions past[b] + t; keys, values: [B, Hkv, S, D], row b's entries at
+    their positions (the T new ones included); past: [B] (host). Returns [B, H, T, D], exact: the
+    queries go in blocks of at most W, and each block attends over the at most 2W - 1 keys its
+    rows can see (a gather per row: rows may differ in length), with a [B, 1, Tb, <2W] mask. So a
+    16K prefill never builds a T x S mask, and a decode or verify reads W + T - 1 keys per row.
+    """
+    B, H, T, D = q.shape
+    S = keys.shape[2]
+    dev = q.device
+    past_d = past.to(dev).view(B, 1)
+    out = []
+    for t0 in range(0, T, window):
+        tb = min(window, T - t0)
+        span = window + tb - 1                                                 # keys this block can see
+        first = past_d + (t0 - window + 1)                                     # [B, 1] position of slot 0
+        pos = first + torch.arange(span, device=dev).view(1, -1)              # [B, L] key positions
+        index = pos.clamp(0, S - 1)
+        gather = index.view(B, 1, span, 1).expand(B, keys.shape[1], span, D)
+        k_blk, v_blk = keys.gather(2, gather), values.gather(2, gather)        # [B, Hkv, L, D]
+        p = past_d.view(B, 1, 1) + (t0 + torch.arange(tb, device=dev)).view(1, -1, 1)  # [B, Tb, 1]
+        j = pos.view(B, 1, span)
+        mask = ((j <= p) & (j > p - window) & (j >= 0)).unsqueeze(1)           # [B, 1, Tb, L]
+        out.append(attend(q[:, :, t0:t0 + tb], k_blk, v_blk, mask))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -168,31 +203,3 @@ def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out = (out_p * w_p.unsqueeze(-1) + out_b * w_b.unsqueeze(-1)) / (w_p + w_b).unsqueeze(-1)
     return out.to(q.dtype)
 
-
-def sliding_mask(q_start: int, num_new: int, k_start: int, num_keys: int, window: int,
-                 device=None) -> torch.Tensor:
-    """bool [1, 1, T, S]: query t (position q_start + t) sees key j (position k_start + j) iff
-    q - window < k <= q, the sliding window of a local attention layer (Gemma 3)."""
-    qp = torch.arange(q_start, q_start + num_new, device=device).view(-1, 1)   # [T, 1]
-    kp = torch.arange(k_start, k_start + num_keys, device=device).view(1, -1)  # [1, S]
-    return ((kp <= qp) & (kp > qp - window)).view(1, 1, num_new, num_keys)
-
-
-def attend_sliding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
-                   window: int) -> torch.Tensor:
-    """A local layer's attention over keys at consecutive positions.
-
-    q: [B, H, T, D] at positions q_start.. (the same for every row); k, v: [B, Hkv, S, D] at
-    positions k_start..k_start + S - 1, covering at least the first query's window and ending at
-    the last query. Queries go in blocks of `window`, each over only the <= 2 * window keys it can
-    see, so a 16K-token prefill never builds a T x S mask. Returns [B, H, T, D].
-    """
-    T = q.shape[2]
-    out = []
-    for a in range(0, T, max(window, 1)):
-        b = min(T, a + window)
-        lo = max(0, q_start + a - window + 1 - k_start)                      # first key block a sees
-        hi = q_start + b - k_start                                            # one past its last
-        mask = None if b - a == 1 else sliding_mask(q_start + a, b - a, k_start + lo, hi - lo, window, q.device)
-        out.append(attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], mask))
-    return out[0] if len(out) == 1 else torch.cat(out, dim=2)

@@ -1,11 +1,14 @@
-"""Load a LlamaModel from a Hugging Face directory or a GGUF file; save and convert.
+"""Load a model (Llama family, Gemma 3) from a Hugging Face directory or a GGUF file; save and convert.
 
 Sources:
 - a Hugging Face model directory: config.json + model.safetensors (or a sharded
   model.safetensors.index.json; pytorch_model.bin as a fallback);
 - a .gguf file (or a directory holding exactly one .gguf and no config.json), read with our own
   reader over the `gguf` package: metadata -> ModelConfig, tensors dequantized to float32, and
-  llama.cpp's q/k row permutation undone.
+  llama.cpp's q/k row permutation undone (arch llama; llama.cpp does not permute Gemma 3's).
+
+Gemma 3 norm weights are stored as 1 + w (models/gemma3.py): a Hugging Face checkpoint's get 1
+added on load and subtracted on save; a GGUF's already hold 1 + w (llama.cpp's convention).
 
 Every problem a user can cause (missing path, corrupt file, unsupported architecture) surfaces as
 a one-line ModelLoadError (or InvalidArgument for a bad argument), never a raw traceback.
@@ -25,7 +28,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from sparsespec.errors import InvalidArgument, ModelLoadError
-from sparsespec.models.config import ModelConfig
+from sparsespec.models.config import FULL, SLIDING, ModelConfig
+from sparsespec.models.gemma3 import NORM_OFFSET, is_norm_weight, new_model
 from sparsespec.models.llama import LlamaModel
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,10 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", max_conte
     keep = num_layers or cfg.num_layers
     max_context = _check_sliding_window(raw, cfg, max_context)
     model = _empty_model(cfg.truncated(keep), max_context)
-    _fill(model, _hf_tensors(p, keep, cfg.num_layers), dtype, device, str(p))
+    tensors = _hf_tensors(p, keep, cfg.num_layers)
+    if cfg.model_type == "gemma3":
+        tensors = ((n, t + NORM_OFFSET if is_norm_weight(n) else t) for n, t in tensors)
+    _fill(model, tensors, dtype, device, str(p))
     return model
 
 
@@ -107,6 +114,8 @@ def save_model(model: LlamaModel, out_dir, tokenizer=None) -> Path:
         if tied and name == "lm_head.weight":
             continue
         hf_name = name if name == "lm_head.weight" else "model." + name
+        if cfg.model_type == "gemma3" and is_norm_weight(name):
+            t = t - NORM_OFFSET
         tensors[hf_name] = t.detach().to("cpu").contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.to_hf()
@@ -146,6 +155,8 @@ def convert_gguf_to_dir(gguf_path, out_dir, progress: bool = True, overwrite: bo
                 tensors[name] = torch.from_numpy(t).contiguous()
             # the same strict check as load_model (names, shapes, nothing missing): no copies
             _fill(_empty_model(cfg, None), tensors.items(), torch.float32, torch.device("cpu"), str(src))
+            if cfg.model_type == "gemma3":  # the file holds 1 + w; a Hugging Face directory holds w
+                tensors = {n: t - NORM_OFFSET if is_norm_weight(n) else t for n, t in tensors.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         hf = cfg.to_hf()
@@ -219,10 +230,10 @@ def _read_hf_config(d: Path) -> tuple[dict[str, Any], ModelConfig]:
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{f}: expected a JSON object")
     model_type = raw.get("model_type")
-    if model_type is not None and model_type not in ("llama", "mistral", "qwen2"):
-        raise ModelLoadError(f"{f}: unsupported model_type {model_type!r} (supported: llama, mistral, qwen2)")
+    if model_type is not None and model_type not in HF_MODEL_TYPES:
+        raise ModelLoadError(f"{f}: unsupported model_type {model_type!r} (supported: {', '.join(HF_MODEL_TYPES)})")
     act = raw.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
+    if model_type not in ("gemma3", "gemma3_text") and act not in ("silu", "swish"):
         raise ModelLoadError(f"{f}: unsupported hidden_act {act!r} (only silu)")
     if raw.get("mlp_bias"):
         raise ModelLoadError(f"{f}: mlp_bias=true is not supported")
@@ -236,8 +247,11 @@ def _read_hf_config(d: Path) -> tuple[dict[str, Any], ModelConfig]:
 
 
 def _check_sliding_window(raw: dict, cfg: ModelConfig, max_context: int | None) -> int | None:
-    """Our attention is full. That equals a sliding-window model's only while the context fits
-    the window: cap the default context there, refuse an explicit longer one."""
+    """Mistral / Qwen2: our attention is full there. That equals a sliding-window model's only
+    while the context fits the window: cap the default context there, refuse an explicit longer
+    one. (Gemma 3's windows are applied: cfg.layer_windows.)"""
+    if cfg.model_type == "gemma3":
+        return max_context
     window = raw.get("sliding_window")
     if cfg.model_type == "qwen2" and not raw.get("use_sliding_window", False):
         window = None
@@ -301,8 +315,13 @@ def _empty_model(cfg: ModelConfig, max_context: int | None) -> LlamaModel:
     if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                     or max_context < 1):
         raise InvalidArgument("max_context", f"must be a positive integer, got {max_context!r}")
+    # Gemma 3 was trained to max_position_embeddings and its rope has no extrapolation; the Llama
+    # family keeps its old freedom (dynamic NTK and YaRN exist to go past the original length).
+    if cfg.model_type == "gemma3" and max_context is not None and max_context > cfg.max_position_embeddings:
+        raise InvalidArgument("max_context", f"{max_context} exceeds the model's limit "
+                                             f"(max_position_embeddings {cfg.max_position_embeddings})")
     with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint
-        return LlamaModel(cfg, max_context=max_context)
+        return new_model(cfg, max_context=max_context)
 
 
 def _ours_to_hf(name: str) -> str:
@@ -412,7 +431,8 @@ def _weight_files(d: Path) -> list[Path]:
 # GGUF
 # ------------------------------------------------------------------------------------------------
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3", "gemma3_text")
 
 _GGUF_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -428,6 +448,15 @@ _GGUF_LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 blocks (llama.cpp's names): four norms, and q/k norms over head_dim.
+_GGUF_GEMMA3_LAYER_NAMES = {
+    **{k: v for k, v in _GGUF_LAYER_NAMES.items() if not k.startswith("ffn_norm")},
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -436,13 +465,14 @@ _GGUF_GLOBAL_NAMES = {
 _GGUF_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; None when unknown."""
     if name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[name]
+    layer_names = _GGUF_GEMMA3_LAYER_NAMES if arch == "gemma3" else _GGUF_LAYER_NAMES
     m = _GGUF_BLK.match(name)
-    if m and m.group(2) in _GGUF_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}"
     return None
 
 
@@ -560,7 +590,13 @@ class _GGUFFile:
             if v is not None and int(v) not in eos_ids:
                 eos_ids.append(int(v))
         bos = self.field("tokenizer.ggml.bos_token_id")
-        return ModelConfig(
+        gemma = {}
+        if arch == "gemma3":
+            gemma = self._gemma3_fields(a, int(self.require(a + "block_count")), heads, hidden, head_dim)
+            end_of_turn = self._token_id("<end_of_turn>")
+            if end_of_turn is not None and end_of_turn not in eos_ids:
+                eos_ids.append(end_of_turn)
+        return ModelConfig(**gemma,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(self.require(a + "feed_forward_length")),
@@ -574,10 +610,43 @@ class _GGUFFile:
             rope_scaling=self._rope_scaling(a),
             tie_word_embeddings="output.weight" not in self._tensors,
             attention_bias="blk.0.attn_q.bias" in self._tensors,
-            model_type="qwen2" if arch == "qwen2" else "llama",
+            model_type={"qwen2": "qwen2", "gemma3": "gemma3"}.get(arch, "llama"),
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=tuple(eos_ids),
         )
+
+    def _gemma3_fields(self, a: str, num_layers: int, heads: int, hidden: int, head_dim: int) -> dict:
+        """What llama.cpp's Gemma 3 does not write (or writes only in newer files), as its loader
+        assumes it: every 6th layer global, local rope base 10000, and the attention scale
+        1/sqrt(head_dim) but for the 27B (62 layers), which scales by 1/sqrt(hidden / heads)."""
+        window = self.require(a + "attention.sliding_window")
+        pattern = self.field(a + "attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # per layer: True = sliding (local)
+            if len(pattern) != num_layers:
+                raise ModelLoadError(f"{self.path}: {a}attention.sliding_window_pattern has {len(pattern)} "
+                                     f"entries for {num_layers} layers")
+            types = tuple(SLIDING if p else FULL for p in pattern)
+        else:
+            types = tuple(SLIDING if (i + 1) % int(pattern) else FULL for i in range(num_layers))
+        for key in (a + "final_logit_softcapping", a + "attn_logit_softcapping"):
+            if self.field(key) is not None:
+                raise ModelLoadError(f"{self.path}: {key}: logit soft-capping is not supported")
+        scalar = self.field(a + "attention.query_pre_attn_scalar")
+        if scalar is None:
+            scalar = hidden // heads if num_layers == 62 else head_dim
+        return dict(hidden_act="gelu_pytorch_tanh", sliding_window=int(window), layer_types=types,
+                    rope_local_base_freq=float(self.field(a + "rope.freq_base_swa", 10000.0)),
+                    query_pre_attn_scalar=scalar)
+
+    def _token_id(self, text: str) -> int | None:
+        f = self.reader.fields.get("tokenizer.ggml.tokens")
+        if f is None:
+            return None
+        want = text.encode()
+        for i, idx in enumerate(f.data):
+            if bytes(f.parts[idx]) == want:
+                return i
+        return None
 
     def _rope_scaling(self, a: str) -> dict | None:
         kind = self.field(a + "rope.scaling.type")
@@ -652,7 +721,7 @@ class _GGUFFile:
         for t in self.reader.tensors:
             if t.name == "rope_freqs.weight":
                 continue  # folded into the config
-            hf = gguf_to_hf_name(t.name)
+            hf = gguf_to_hf_name(t.name, arch)
             if hf is None:
                 unknown.append(t.name)
                 continue

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sparsespec.errors import InvalidArgument
-from sparsespec.models.llama import LlamaModel
+from sparsespec.models.llama import LlamaModel, RMSNorm
 
 DRAFTER_WEIGHTS = ("same", "bf16", "int8", "int4")
 INT4_GROUP = 32
@@ -161,7 +161,7 @@ def _meta_like(model: LlamaModel) -> LlamaModel:
     the verifier is still fed the verifier's K/V."""
     source = model.kv_source
     with torch.device("meta"):
-        new = LlamaModel(model.cfg, model.max_context)
+        new = type(model)(model.cfg, model.max_context)  # LlamaModel or Gemma3Model
     new._kv_source = source
     return new
 
@@ -184,11 +184,11 @@ def _quantized_copy(model: LlamaModel, linear: type[nn.Module]) -> LlamaModel:
     new = _meta_like(model)
     with torch.no_grad():
         new.embed_tokens.weight = _bf16(model.embed_tokens.weight)
-        new.norm.weight = _bf16(model.norm.weight)
+        for name, mod in model.named_modules():         # every norm (Gemma 3: four per block, q/k norms)
+            if isinstance(mod, RMSNorm):
+                new.get_submodule(name).weight = _bf16(mod.weight)
         new.lm_head = linear(model.lm_head.weight)       # its own copy even when tied to the embedding
         for src, dst in zip(model.layers, new.layers):
-            dst.input_layernorm.weight = _bf16(src.input_layernorm.weight)
-            dst.post_attention_layernorm.weight = _bf16(src.post_attention_layernorm.weight)
             a, m = src.self_attn, src.mlp
             dst.self_attn._packed = _stacked(linear, a.q_proj, a.k_proj, a.v_proj)   # [(H+2Hkv)*D, C]
             dst.self_attn.o_proj = linear(a.o_proj.weight)

@@ -43,31 +43,55 @@ def tiny_config(model_type: str = "llama", rope_scaling: dict[str, Any] | None =
     return ModelConfig(**fields)
 
 
+def tiny_gemma3_config(**overrides) -> ModelConfig:
+    """A small Gemma 3: 6 layers, every 3rd global (pattern 3), window 16, GQA (4 query heads over
+    2 KV heads), local rope base 10000 and global 1e6 as in the real models, tied head; head_dim
+    16 = query_pre_attn_scalar (as in the 270M). Prompts past 2 x 16 tokens cross several windows."""
+    from sparsespec.models.config import FULL, SLIDING
+    layers = overrides.pop("num_layers", 6)
+    pattern = overrides.pop("sliding_window_pattern", 3)
+    fields: dict[str, Any] = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, tie_word_embeddings=True, model_type="gemma3",
+        bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,), hidden_act="gelu_pytorch_tanh",
+        sliding_window=16, layer_types=tuple(SLIDING if (i + 1) % pattern else FULL for i in range(layers)),
+        rope_local_base_freq=10_000.0, query_pre_attn_scalar=16,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
 def random_model(cfg: ModelConfig, seed: int = 0, std: float | None = None):
-    """A LlamaModel with deterministic random weights (independent of torch's global RNG).
+    """A model (LlamaModel, or Gemma3Model for a gemma3 config) with deterministic random weights
+    (independent of torch's global RNG).
 
     Matrices ~ N(0, std^2) (std default 0.08, 0.15 when tied); the embedding ~ N(0, 1) and the
     head ~ N(0, 0.25^2), so logits have a spread of ~2 (peaked but not one-hot); norm weights ~ 1 + N(0, 0.1^2), biases
     ~ N(0, 0.1^2). Tied: embedding ~ N(0, 0.1^2) (else the model just repeats its input) and a
-    final norm ~ 3x louder. Greedy continuations vary with the prompt.
+    final norm ~ 3x louder (Gemma 3, whose embedding is scaled by sqrt(hidden) and whose blocks
+    end in norms: embedding ~ N(0, 0.03^2), final norm ~ 8x). Greedy continuations vary with the
+    prompt.
     """
-    from sparsespec.models.llama import LlamaModel
+    from sparsespec.models.gemma3 import new_model
 
     if std is None:
         std = 0.15 if cfg.tie_word_embeddings else 0.08
     g = torch.Generator().manual_seed(seed)
-    model = LlamaModel(cfg)
+    model = new_model(cfg)
+    gemma = cfg.model_type == "gemma3"
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):  # tied head appears once (as the embedding)
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if name == "norm.weight" and cfg.tie_word_embeddings:
-                p.copy_(3.0 * (1.0 + 0.1 * noise))  # the small tied embedding needs a louder head
+                loud = 8.0 if gemma else 3.0
+                p.copy_(loud * (1.0 + 0.1 * noise))  # the small tied embedding needs a louder head
             elif name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * noise)
             elif name.endswith(".bias"):
                 p.copy_(0.1 * noise)
             elif name == "embed_tokens.weight":
-                p.copy_((0.1 if cfg.tie_word_embeddings else 1.0) * noise)
+                p.copy_((0.03 if gemma else 0.1) * noise if cfg.tie_word_embeddings else noise)
             elif name == "lm_head.weight":
                 p.copy_(0.25 * noise)
             else:
@@ -104,16 +128,18 @@ def char_tokenizer():
 
 
 def save_gguf(model, path, qtype: str = "F32", arch: str | None = None) -> Path:
-    """Write `model` (a LlamaModel) as a llama.cpp-style GGUF file: llama.cpp tensor names, q/k
-    rows permuted as convert_hf_to_gguf does for Llama, 2-D weights in `qtype` (F32, F16, Q8_0,
-    Q4_0, ...; norms and biases stay F32). No tokenizer metadata. For tests of the GGUF path."""
+    """Write `model` (a LlamaModel or Gemma3Model) as a llama.cpp-style GGUF file: llama.cpp
+    tensor names, q/k rows permuted as convert_hf_to_gguf does for Llama (not for Gemma 3, whose
+    norms are written as stored, 1 + w, as llama.cpp does), 2-D weights in `qtype` (F32, F16,
+    Q8_0, Q4_0, ...; norms and biases stay F32). No tokenizer metadata. For tests of the GGUF
+    path. A Gemma 3 file also carries its sliding_window_pattern (llama.cpp assumes 6 without it)."""
     import gguf
     import numpy as np
 
     from sparsespec.models.loader import llama_permute
 
     cfg: ModelConfig = model.cfg
-    arch = arch or ("qwen2" if cfg.model_type == "qwen2" else "llama")
+    arch = arch or {"qwen2": "qwen2", "gemma3": "gemma3"}.get(cfg.model_type, "llama")
     qt = gguf.GGMLQuantizationType[qtype]
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch)
@@ -141,6 +167,11 @@ def save_gguf(model, path, qtype: str = "F32", arch: str | None = None) -> Path:
         w.add_bos_token_id(cfg.bos_token_id)
     if cfg.eos_token_ids:
         w.add_eos_token_id(cfg.eos_token_ids[0])
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_array(f"{arch}.attention.sliding_window_pattern", [t == "sliding_attention" for t in cfg.layer_types])
+        w.add_float32(f"{arch}.rope.freq_base_swa", float(cfg.rope_local_base_freq))
+        w.add_float32(f"{arch}.attention.query_pre_attn_scalar", float(cfg.query_pre_attn_scalar))
 
     names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -148,6 +179,10 @@ def save_gguf(model, path, qtype: str = "F32", arch: str | None = None) -> Path:
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down"}
+    if arch == "gemma3":
+        layer.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
+                      "self_attn.k_norm": "attn_k_norm"})
     for name, t in model.state_dict().items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue

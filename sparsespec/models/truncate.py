@@ -14,7 +14,7 @@ def layer_truncated(model: LlamaModel, num_layers: int) -> LlamaModel:
     if not 1 <= num_layers <= model.cfg.num_layers:
         raise InvalidArgument("drafter", f"layers:{num_layers} must be in [1, {model.cfg.num_layers}]")
     with torch.device("meta"):
-        view = LlamaModel(model.cfg.truncated(num_layers), model.max_context)
+        view = type(model)(model.cfg.truncated(num_layers), model.max_context)  # LlamaModel or Gemma3Model
     view.embed_tokens = model.embed_tokens
     view.layers = nn.ModuleList(model.layers[:num_layers])
     view.norm = model.norm
