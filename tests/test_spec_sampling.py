@@ -58,11 +58,11 @@ def chi_square_pvalue(counts: torch.Tensor, expected_p: torch.Tensor) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def sample_counts(engine, mode: str, max_tokens: int = 2) -> torch.Tensor:
+def sample_counts(engine, mode: str, max_tokens: int = 2, draws: int = DRAWS) -> torch.Tensor:
     """Counts of the first two tokens. max_tokens 3 lets the first round draft k = 2, so the
     second draft comes from a batched drafter forward."""
     counts = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
-    for i in range(DRAWS // BATCH):
+    for i in range(draws // BATCH):
         params = SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.top_k, seed=PARAMS.seed + i,
                                 q_support=4)
         reqs = [GenerationRequest(PROMPT, max_tokens, SamplingParams(params.temperature, params.top_p, params.top_k,

@@ -90,10 +90,12 @@ class DurableSessions(CommitLog):
         return rec
 
     def new_turn(self, session: str, user_tokens: list[int], spec: TurnSpec,
-                 check: Callable[[list[int]], None], turn_id: str, key: str = "") -> tuple[list[int], int]:
+                 check: Callable[[list[int]], None], turn_id: str, key: str = "",
+                 opening: Callable[[list[int]], list[int]] | None = None) -> tuple[list[int], int]:
         """Continue a session with the user's tokens (creating it under this id, bound to `key`,
-        if new). Returns (the turn's full prompt context, epoch). `check(context)` sees the turn's
-        whole prompt context before anything is written, so a turn it refuses leaves no trace."""
+        if new; `opening` then makes the first prompt, e.g. with the BOS its model needs).
+        Returns (the turn's full prompt context, epoch). `check(context)` sees the turn's whole
+        prompt context before anything is written, so a turn it refuses leaves no trace."""
         try:
             rec = self.store.get(session)
         except SessionNotFound:
@@ -103,6 +105,8 @@ class DurableSessions(CommitLog):
         if rec is None:
             if not user_tokens:
                 raise SessionGone(f"session_id: {session!r} not found and the prompt is empty") from None
+            if opening is not None:
+                user_tokens = opening(list(user_tokens))
             check(list(user_tokens))
             try:
                 _, context, epoch = self.new_session(user_tokens, spec, session, turn_id, key)

@@ -13,6 +13,7 @@ import logging
 import threading
 import uuid
 from contextlib import contextmanager
+from functools import partial
 
 import grpc
 
@@ -24,6 +25,7 @@ from sparsespec.rpc.sparsespec.v1 import generation_pb2 as pb
 from sparsespec.rpc.sparsespec.v1 import generation_pb2_grpc as pb_grpc
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig
 from sparsespec.spec.loop import MODES
+from sparsespec.tokens import with_bos
 from verifier_service.durable import DurableSessions, SessionGone, TurnSpec
 from verifier_service.scheduler import Job, LeaseLost, Overloaded, Scheduler, Stopped
 
@@ -129,7 +131,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.scheduler.engine.check(spec.request(context))
 
         with self._claim(session, SessionBusy, key), self.scheduler.reserve() as slot:
-            context, epoch = self.sessions.new_turn(session, prompt, spec, check, turn_id, key)
+            # A text prompt that starts a session gets the BOS its model needs (Gemma; not SmolLM2).
+            opening = partial(with_bos, self.tokenizer) if request.WhichOneof("prompt") == "text" else None
+            context, epoch = self.sessions.new_turn(session, prompt, spec, check, turn_id, key, opening)
             job = Job(session, epoch, spec.request(context), log_len=len(context), turn_id=turn_id, key=key)
             return self._submit(job, slot)
 

@@ -108,14 +108,15 @@ def save_random_model(out_dir, cfg: ModelConfig, seed: int = 0, tokenizer: bool 
 
     out = save_model(random_model(cfg, seed), out_dir)
     if tokenizer and cfg.vocab_size >= 128:
-        char_tokenizer().save_pretrained(str(out))
+        char_tokenizer(bos=cfg.model_type == "gemma3").save_pretrained(str(out))
     return out
 
 
-def char_tokenizer():
+def char_tokenizer(bos: bool = False):
     """A transformers fast tokenizer over ASCII: one token per character, ids 3..127 = ord(c);
-    <unk>=0, <s>=1, </s>=2. Offline, deterministic, round-trips ASCII text exactly."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    <unk>=0, <s>=1, </s>=2. Offline, deterministic, round-trips ASCII text exactly. bos=True:
+    asked for special tokens it starts a text with <s>, as Gemma's does (SmolLM2's does not)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": UNK_ID, "<s>": BOS_ID, "</s>": EOS_ID}
@@ -123,6 +124,8 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="</s>")
 
