@@ -75,7 +75,7 @@ class Policy(ABC):
 
     def shares(self, ctx: SelectionContext) -> torch.Tensor | None:
         """float32 [Hkv, ctx.hi - ctx.lo]: this policy's estimate of each middle position's share
-        of the layer's attention mass per KV head (summing to 1 over the middle), ranking the
+        of the layer's attention mass on the middle per KV head (about 1 in total), ranking the
         positions as `choose` does. The scale verifier_guided compares with the verifier's
         summary; None (the default): the policy has no estimate and cannot be its fallback."""
         return None
