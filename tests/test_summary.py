@@ -439,3 +439,15 @@ def test_a_stored_summary_reaches_a_drafter_the_verifier_knows_nothing_about(tin
     assert run.drafter_base == 0 and run.summary.want is None
     engine.step([run])
     assert client.calls[0] == (0, stored)
+
+
+def test_a_stored_summary_this_build_cannot_read_is_dropped(tiny_model, prompt):
+    """A v1 (pooled) summary stored before an upgrade would be refused on every re-open."""
+    client = Flaky(DrafterHost(tiny_model, DrafterHostConfig(SparseConfig(policy="verifier_guided", budget=16), 512)),
+                   fail={1})
+    engine = SpecEngine(tiny_model, client)
+    run = engine.start(GenerationRequest(prompt, 8, k=4), 0, summary=b"\x01\x10\x08\x01\x00\x00\x3c")
+    assert run.summary.latest is None
+    engine.step([run])
+    m = engine.finish(run).metrics
+    assert client.calls[0] == (0, None) and m.drafter_failures == 0 and m.drafted > 0   # the re-open drafts
