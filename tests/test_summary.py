@@ -343,10 +343,12 @@ def other_drafter():
     return random_model(seed=7, layers=3, num_kv_heads=1)
 
 
-@pytest.mark.parametrize("budget,k,drafter", [(16, 4, "same"), (48, 8, "same"), (32, 1, "same"), (24, 4, "other")])
-def test_guided_equals_ar_and_keeps_the_bound(tiny_model, other_drafter, prompt, budget, k, drafter, monkeypatch):
+@pytest.mark.parametrize("budget,k,drafter,fallback", [(16, 4, "same", "chunk_topk"), (48, 8, "same", "snapkv"),
+                                                       (32, 1, "same", "chunk_topk"), (24, 4, "other", "chunk_topk")])
+def test_guided_equals_ar_and_keeps_the_bound(tiny_model, other_drafter, prompt, budget, k, drafter, fallback,
+                                              monkeypatch):
     ar = SpecEngine(tiny_model, None).generate(GenerationRequest(prompt, 48, mode="ar")).token_ids
-    sparse = SparseConfig(policy="verifier_guided", budget=budget, reselect_interval=8)
+    sparse = SparseConfig(policy="verifier_guided", budget=budget, reselect_interval=8, fallback=fallback)
     model = tiny_model if drafter == "same" else other_drafter
     client = BoundCheckingClient(DrafterHost(model, DrafterHostConfig(sparse, 512)))
     take = Drafter.take_summary
