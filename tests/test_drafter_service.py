@@ -238,8 +238,10 @@ def _bad_requests(prompt):
         ("Draft", Draft(**{**ok, "session_id": "never-opened"}), "NOT_FOUND", "session_id: 'never-opened'"),
         ("Draft", Draft(**{**ok, "base_len": n + 3}), "FAILED_PRECONDITION", f"base_len {n + 3} does not match"),
         ("Draft", Draft(**ok, summary=b"x" * 10_000_000), "RESOURCE_EXHAUSTED", "larger than max"),
-        ("Draft", Draft(**ok, summary=b"\x01\x10"), "INVALID_ARGUMENT", "summary: truncated"),
-        ("Draft", Draft(**ok, summary=b"\x09"), "INVALID_ARGUMENT", "summary: unknown format version 9"),
+        ("Draft", Draft(**ok, summary=b"\x02\x10"), "INVALID_ARGUMENT", "summary: truncated"),
+        ("Draft", Draft(**ok, summary=b"\x09"), "INVALID_ARGUMENT", "summary.version: unknown format version 9"),
+        ("Draft", Draft(**ok, summary=b"\x02\x20\x08\x02\x01\x01\x01\x02\x00\x01\x00\x3a\x00\x3a"),
+         "INVALID_ARGUMENT", "summary.shares: a list sums to 1.5"),              # two shares of 0.75
         ("OpenSession", Open(session_id="x", tokens=prompt, epoch=-1), "INVALID_ARGUMENT", "epoch: "),
     ]
 

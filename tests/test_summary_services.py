@@ -31,7 +31,8 @@ def test_guided_drafter_through_services_equals_ar_and_summary_is_stored(guided_
     assert m["summaries_sent"] >= 1 and 0 < m["summary_bytes"] < 1000
     stored = SessionStore(guided_cluster.redis_url).get_summary(done.session_id)
     summary = Summary.decode(stored)            # the latest one, for a replacement drafter
-    assert summary.chunks and summary.length >= len(reference.encode(prompt)) - 1
+    assert any(summary.chunks) and summary.length >= len(reference.encode(prompt)) - 1
+    assert len(summary.chunks) == summary.groups * summary.heads and summary.heads > 1   # per (group, KV head)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -39,6 +40,7 @@ def test_guided_drafter_through_services_equals_ar_and_summary_is_stored(guided_
     (["--summary-every", "0"], "error: summary.every_rounds: must be an integer >= 1"),
     (["--summary-alpha", "1.5"], "error: summary.alpha_threshold: must be in [0, 1]"),
     (["--summary-layers", "99"], "error: summary.layers: layer 99 does not exist"),
+    (["--summary-layers", "1", "--summary-groups", "2"], "error: summary.groups: 2 groups of 1 scored layers"),
 ])
 def test_bad_summary_flags_stop_the_verifier_with_one_line(model_dir, redis_srv, flags, message):  # noqa: F811
     import os

@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score attention and send KV summaries to drafters whose policy reads them")
     p.add_argument("--summary-layers", default=None, help="verifier layers scored, comma-separated "
                                                           "(default: 3 evenly spaced)")
+    p.add_argument("--summary-groups", type=int, default=None,
+                   help="layer groups a summary scores per KV head (default: one per scored layer)")
     add_security_flags(p)
     p.add_argument("--summary-every", type=int, default=ScheduleConfig.every_rounds,
                    help="send at least every R rounds")
@@ -267,7 +269,8 @@ def security_config(args) -> dict:
 
 
 def summary_config(args) -> tuple[SummaryConfig, ScheduleConfig]:
-    """What the verifier scores and sends (--summaries, --summary-layers) and when (the rest)."""
+    """What the verifier scores and sends (--summaries, --summary-layers, --summary-groups) and
+    when (the rest)."""
     layers = None
     if args.summary_layers:
         try:
@@ -275,7 +278,7 @@ def summary_config(args) -> tuple[SummaryConfig, ScheduleConfig]:
         except ValueError:
             raise InvalidArgument("summary.layers", f"expected comma-separated integers, got "
                                                     f"{args.summary_layers!r}") from None
-    return (SummaryConfig(enabled=args.summaries == "on", layers=layers),
+    return (SummaryConfig(enabled=args.summaries == "on", layers=layers, groups=args.summary_groups),
             ScheduleConfig(every_rounds=args.summary_every, alpha_threshold=args.summary_alpha,
                            growth=args.summary_growth))
 

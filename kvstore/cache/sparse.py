@@ -37,7 +37,7 @@ from kvstore.cache.base import KVCache
 from kvstore.cache.feed import Feed, held
 from kvstore.cache.full import FullKVCache
 from kvstore.cache.policies import Policy, SelectionContext, get_policy
-from kvstore.cache.policies.base import choose_view
+from kvstore.cache.policies.base import choose_view, estimates_shares
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.kernels.attention import attend, attend_window, causal_block_mask
 
@@ -64,16 +64,13 @@ class SparseConfig:
     obs_window: int = DEFAULT_OBS_WINDOW  # recent queries per layer kept as the policies' query proxy
     max_draft: int = 64             # longest draft a round may append (sizes the tail)
     fallback: str = "chunk_topk"    # verifier_guided: its own policy (alone until the first summary)
-    guided_share: float = 0.5       # verifier_guided: share of the middle slots the summary fills
 
     def __post_init__(self):
         cls = get_policy(self.policy)  # raises InvalidArgument("policy", ...) listing the known ones
         fallback = get_policy(self.fallback)
-        if fallback.keeps_all or fallback.uses_summary:
-            raise InvalidArgument("fallback", f"must be a budgeted policy that needs no summary, "
-                                              f"got {self.fallback!r}")
-        if isinstance(self.guided_share, bool) or not 0.0 < self.guided_share <= 1.0:
-            raise InvalidArgument("guided_share", f"must be in (0, 1], got {self.guided_share!r}")
+        if fallback.keeps_all or fallback.uses_summary or not estimates_shares(fallback):
+            raise InvalidArgument("fallback", f"must be a budgeted policy that needs no summary and "
+                                              f"estimates attention shares, got {self.fallback!r}")
         for name in ("chunk", "reselect_interval", "obs_window", "max_draft"):
             _check_int(name, getattr(self, name), 1)
         for name in ("sink", "window"):
@@ -407,7 +404,7 @@ class SparseKVCache(KVCache):
             self._length = n
 
     def set_summary(self, summary) -> bool:
-        """Take the verifier's latest summary (kvstore.cache.summary.Summary). A policy that reads it
+        """Take the verifier's latest summary (a kvstore.cache.summary.DrafterSummary). A policy that reads it
         re-selects at once, so the advice applies to the very next draft; the device view stays
         within the budget (a re-selection empties the tail). Returns whether it re-selected."""
         self.summary = summary

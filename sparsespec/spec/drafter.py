@@ -174,8 +174,10 @@ class Drafter:
 
     def take_summary(self, summary: Summary) -> None:
         """Take a decoded KV summary from the verifier (the host decodes it before any state
-        changes, even when the policy ignores it, so a malformed one is refused everywhere)."""
-        self.cache.set_summary(summary)
+        changes, even when the policy ignores it, so a malformed one is refused everywhere),
+        bound to this drafter's layers and KV heads."""
+        c = self.cache
+        self.cache.set_summary(summary.for_drafter(c.num_layers, c.num_kv_heads))
         self.summaries += 1
 
     def want(self) -> SummaryWant | None:
@@ -183,8 +185,7 @@ class Drafter:
         c, policy = self.cache.config, self.cache.policy
         if not policy.uses_summary:
             return None
-        return SummaryWant(slots=policy.summary_slots(c.budget - c.sink - c.window), sink=c.sink,
-                           window=c.window)
+        return SummaryWant(slots=c.budget - c.sink - c.window, sink=c.sink, window=c.window)
 
     def feed_want(self) -> FeedWant | None:
         """What the verifier needs to feed this drafter; None when its policy is not "fed"."""

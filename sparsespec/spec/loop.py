@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.cache.feed import FeedWant
-from kvstore.cache.summary import SummaryConfig
+from kvstore.cache.summary import Summary, SummaryConfig
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.spec.acceptance import choose
 from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig, KController
@@ -207,7 +207,7 @@ class SpecEngine:
         stopper = StopChecker(self.eos_ids, list(req.stop), req.max_tokens,
                               self.max_context - len(prompt), self.tokenizer)
         gen = None if req.sampling.greedy else req.sampling.generator()
-        schedule = SummarySchedule(self.schedule, want=want, latest=summary) if spec_summaries else None
+        schedule = SummarySchedule(self.schedule, want=want, latest=_readable(summary)) if spec_summaries else None
         cohort, self._next_cohort = self._next_cohort, (self._next_cohort + 1) % self.cohorts
         return Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
                    gen, drafter_base=drafter_base, summary=schedule, feeder=feeder, can_draft=can_draft,
@@ -446,3 +446,16 @@ class SpecEngine:
                     r.finished_at = time.perf_counter()
                     break
         return committed
+
+
+def _readable(summary: bytes | None) -> bytes | None:
+    """A stored summary, or None when this build cannot read it (one stored by a verifier of an
+    older format before a take-over): a drafter would refuse it on every re-open."""
+    if summary is None:
+        return None
+    try:
+        Summary.decode(summary)
+    except InvalidArgument as e:
+        log.warning("stored KV summary dropped: %s", e)
+        return None
+    return summary

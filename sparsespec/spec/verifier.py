@@ -27,7 +27,7 @@ class Verifier:
         self.tracker: ImportanceTracker | None = None
         self.tracked = [False] * batch          # rows whose importance is tracked (spec sessions)
         if summary is not None and summary.enabled:
-            self.tracker = ImportanceTracker(summary, model.cfg.num_layers, batch, capacity)
+            self.tracker = ImportanceTracker(summary, model.cfg.num_layers, model.cfg.num_kv_heads, batch, capacity)
             self.cache.observers.append(self.tracker.observe)
         self.recorder: QueryRecorder | None = None
         if feed:

@@ -71,10 +71,22 @@ class Policy(ABC):
     @abstractmethod
     def choose(self, ctx: SelectionContext) -> torch.Tensor:
         """Returns int64 [Hkv, ctx.m]: distinct positions in [ctx.lo, ctx.hi) per KV head, best
-        first (the cache sorts them; verifier_guided fills its free slots in this order)."""
+        first (the cache sorts them)."""
+
+    def shares(self, ctx: SelectionContext) -> torch.Tensor | None:
+        """float32 [Hkv, ctx.hi - ctx.lo]: this policy's estimate of each middle position's share
+        of the layer's attention mass on the middle per KV head (about 1 in total), ranking the
+        positions as `choose` does. The scale verifier_guided compares with the verifier's
+        summary; None (the default): the policy has no estimate and cannot be its fallback."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def estimates_shares(cls: type[Policy]) -> bool:
+    """Whether the policy class implements `shares` (what verifier_guided's fallback needs)."""
+    return cls.shares is not Policy.shares
 
 
 def top_chunks(scores: torch.Tensor, span: int, chunk: int, m: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ reselect_interval appended tokens, so the selection follows the generation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvstore.cache.policies.base import Policy, SelectionContext, top_chunks
@@ -21,6 +23,20 @@ class ChunkTopKPolicy(Policy):
     name = "chunk_topk"
 
     def choose(self, ctx: SelectionContext) -> torch.Tensor:
+        scores, _ = self._chunk_scores(ctx)
+        return top_chunks(scores, ctx.hi - ctx.lo, ctx.chunk, ctx.m) + ctx.lo
+
+    def shares(self, ctx: SelectionContext) -> torch.Tensor:
+        """Every key of a chunk taken to score as the chunk's mean key against the proxy: the
+        softmax of scores / sqrt(D) over the middle's positions."""
+        scores, sizes = self._chunk_scores(ctx)                                  # [Hkv, nc], [nc]
+        logits = scores / math.sqrt(ctx.keys.shape[-1])
+        weights = (logits + sizes.log()).softmax(dim=1) / sizes                  # per position of each chunk
+        return weights.repeat_interleave(ctx.chunk, dim=1)[:, :ctx.hi - ctx.lo]  # [Hkv, span]
+
+    @staticmethod
+    def _chunk_scores(ctx: SelectionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [Hkv, nc], chunk sizes [nc]) of the middle's chunks."""
         c = ctx.chunk
         hkv, _, d = ctx.keys.shape
         span = ctx.hi - ctx.lo
@@ -33,5 +49,4 @@ class ChunkTopKPolicy(Policy):
         sizes[-1] = c - pad
         mean_keys = mid.view(hkv, nc, c, d).sum(2) / sizes.view(1, nc, 1)       # [Hkv, nc, D]
         proxy = ctx.query_proxy().to(mid.device)                                # [Hkv, D]
-        scores = torch.einsum("hcd,hd->hc", mean_keys, proxy)                   # [Hkv, nc]
-        return top_chunks(scores, span, c, ctx.m) + ctx.lo
+        return torch.einsum("hcd,hd->hc", mean_keys, proxy), sizes              # [Hkv, nc]

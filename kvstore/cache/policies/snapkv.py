@@ -22,6 +22,18 @@ class SnapKVPolicy(Policy):
     name = "snapkv"
 
     def choose(self, ctx: SelectionContext) -> torch.Tensor:
+        return self._pooled(ctx)[0].topk(ctx.m, dim=1).indices + ctx.lo         # [Hkv, m]
+
+    def shares(self, ctx: SelectionContext) -> torch.Tensor:
+        """The max-pooled window weights over the window's total weight on the middle: each
+        position scores its strongest neighbour's share (so the sum exceeds 1 where peaks spread)."""
+        pooled, total = self._pooled(ctx)
+        return pooled / total.clamp_min(1e-30)
+
+    @staticmethod
+    def _pooled(ctx: SelectionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """([Hkv, span] the window's attention weights on the middle, max-pooled; [Hkv, 1] their
+        sum before pooling)."""
         keys = ctx.keys.float()                                                 # [Hkv, n, D]
         hkv, n, d = keys.shape
         q = ctx.grouped_queries()                                               # [Hkv, G, w, D]
@@ -37,5 +49,5 @@ class SnapKVPolicy(Policy):
         logits = logits.masked_fill(~visible, float("-inf"))
         weight = logits.softmax(dim=-1).sum(dim=(1, 2))                         # [Hkv, n]
         mid = weight[:, ctx.lo:ctx.hi]                                          # [Hkv, span]
-        mid = F.max_pool1d(mid.unsqueeze(1), KERNEL, stride=1, padding=KERNEL // 2).squeeze(1)
-        return mid.topk(ctx.m, dim=1).indices + ctx.lo                          # [Hkv, m]
+        pooled = F.max_pool1d(mid.unsqueeze(1), KERNEL, stride=1, padding=KERNEL // 2).squeeze(1)
+        return pooled, mid.sum(dim=1, keepdim=True)
