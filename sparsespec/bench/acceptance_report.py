@@ -377,6 +377,43 @@ def plots(result: dict, agg: dict, img: Path) -> list[Path]:
     return out
 
 
+def family_plot(results: dict[str, dict], path: Path) -> Path:
+    """tau vs context over two (or more) model families' studies in one figure: one panel per
+    budget they share, a colour per policy, a line style per family (mean ± std over prompts,
+    greedy, the first drafter of each study)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aggs = {name: (aggregate(r["runs"]), axes(r["runs"])) for name, r in results.items()}
+    budgets = sorted(set.intersection(*(set(a[1]["budgets"]) for a in aggs.values())))
+    policies = [p for p in POLICY_ORDER if any(p in a[1]["policies"] for a in aggs.values())]
+    styles = ["-", "--", ":", "-."]
+    fig, panels = plt.subplots(1, len(budgets), figsize=(4.8 * len(budgets), 4), squeeze=False)
+    contexts = sorted({c for a in aggs.values() for c in a[1]["contexts"]})
+    for ax, b in zip(panels[0], budgets):
+        for (name, (agg, cfg)), style in zip(aggs.items(), styles):
+            drafter = cfg["drafters"][0]
+            for policy in policies:
+                pts = [(c, agg[k]["tau"], agg[k]["tau_std"]) for c in cfg["contexts"]
+                       for k in [(drafter, 0.0, c, policy, None if policy == FULL else b)] if k in agg]
+                if pts:
+                    xs, ys, es = zip(*pts)
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, linestyle=style,
+                                color=f"C{POLICY_ORDER.index(policy)}", label=f"{name} {policy}")
+        ax.set(title=f"B = {b}", xlabel="context (tokens)", ylabel="tau (tokens per verify)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+        ax.grid(alpha=0.3)
+    panels[0][-1].legend(fontsize=7, ncol=2)
+    fig.suptitle("tau vs context on two model families, greedy (mean ± std over prompts)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def render(out: Path, result: dict) -> None:
     """Everything but the JSON's runs, from the runs."""
     runs = result["runs"]
@@ -402,6 +439,16 @@ def write(out: Path, result: dict, append: bool = False) -> None:
     render(out, result)
 
 
+def _load(where: Path) -> dict:
+    return json.loads((where / "bench" / "acceptance.json").read_text())
+
+
 if __name__ == "__main__":
-    where = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
-    render(where, json.loads((where / "bench" / "acceptance.json").read_text()))
+    # OUT: render OUT again from its JSON. --families PNG LABEL=OUT LABEL=OUT ...: one tau-vs-context
+    # figure over several studies (e.g. SmolLM2 2K-8K and Gemma 3 4K-16K).
+    if len(sys.argv) > 2 and sys.argv[1] == "--families":
+        studies = {label: _load(Path(where)) for label, where in (a.split("=", 1) for a in sys.argv[3:])}
+        print(f"wrote {family_plot(studies, Path(sys.argv[2]))}")
+    else:
+        where = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
+        render(where, _load(where))
