@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttft-contexts", default=None,
                        help="capacity: contexts whose time to first token is measured through the services "
                             "(default 4096; '' for none)")
+    bench.add_argument("--ttft-prompts", type=int, default=None,
+                       help="capacity: prompts per time-to-first-token cell (default 3)")
     bench.add_argument("--json", default=None, help="capacity: also write the records to this JSON file")
     bench.add_argument("--device", default=None, help="capacity: cpu | cuda | cuda:N for the in-process cells (default cpu)")
     for module in EXTENSIONS.values():

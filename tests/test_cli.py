@@ -95,6 +95,7 @@ def test_bad_input_is_one_line(model_dir, tmp_path, case):
     (["--drafter-weights", "int3"], "drafter_weights"),
     (["--drafter", "/some/dir"], "drafter"),
     (["--ttft-contexts", "1234"], "ttft_contexts"),
+    (["--ttft-prompts", "0"], "ttft_prompts"),
 ])
 def test_bench_capacity_bad_flags_are_one_line_before_any_model_loads(tmp_path, args, needle):
     proc = sparsespec("bench", "capacity", "--out", tmp_path, *args, timeout=120)

@@ -68,6 +68,7 @@ class CapacityConfig:
     drafter_weights: str = "int8"                # the low-memory drafter; "same" shares the verifier's
     service_cells: tuple[tuple[int, int], ...] = ((4, 4096), (8, 8000))   # (sessions, context)
     ttft_contexts: tuple[int, ...] = (4096,)     # time to first token through the services, AR vs spec
+    ttft_prompts: int = 3                        # prompts per TTFT cell (fewer for 16K prefills on a CPU)
     threads: int | None = None
     device: str = "cpu"                          # in-process cells only (scripts/gpu_check.sh: cuda)
     dtype: str = "float32"
@@ -82,6 +83,8 @@ class CapacityConfig:
         if any(c not in self.contexts for c in self.ttft_contexts) or (self.ttft_contexts and 1 not in self.sessions):
             raise InvalidArgument("ttft_contexts", f"{self.ttft_contexts} must be among --contexts "
                                                    f"{self.contexts}, with 1 in --sessions")
+        if isinstance(self.ttft_prompts, bool) or not 1 <= self.ttft_prompts <= self.num_prompts:
+            raise InvalidArgument("ttft_prompts", f"must be in [1, {self.num_prompts}], got {self.ttft_prompts!r}")
         if not self.sessions or min(self.sessions) < 1:
             raise InvalidArgument("sessions", f"must be >= 1, got {self.sessions}")
         if self.max_tokens < 4:
@@ -341,7 +344,7 @@ class Bench:
         """Time to first token through the services, one session at a time on an idle cluster:
         the first streamed chunk of AR, of speculation with this bench's drafter, and (when that
         drafter is fed) of one that keeps its own KV (chunk_topk: it prefills the prompt itself
-        once the verifier has). Fresh sessions, 3 prompts, every output checked against AR."""
+        once the verifier has). Fresh sessions, ttft_prompts prompts, every output checked against AR."""
         from sparsespec.client import SparseSpecClient
         from sparsespec.cluster import ClusterConfig, LocalCluster
 
@@ -349,7 +352,7 @@ class Bench:
         policies = [cfg.policy] + (["chunk_topk"] if self.fed else [])
         records = []
         for context in cfg.ttft_contexts:
-            prompts = self.prompts[context][:3]
+            prompts = self.prompts[context][:cfg.ttft_prompts]
             ar_out = [self.ar_tokens[(context, i)][:8] for i in range(len(prompts))]
             times: dict[str, list[float]] = {}
             equal = True
@@ -450,15 +453,18 @@ def run_capacity(args) -> int:
                          service_cells=cells, threads=args.threads,
                          ttft_contexts=(CapacityConfig.ttft_contexts if args.ttft_contexts is None
                                         else _ints("ttft_contexts", args.ttft_contexts) if args.ttft_contexts else ()),
+                         ttft_prompts=(CapacityConfig.ttft_prompts if getattr(args, "ttft_prompts", None) is None
+                                       else args.ttft_prompts),
                          device=getattr(args, "device", None) or "cpu", dtype=getattr(args, "dtype", None) or "float32")
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     bench = Bench(cfg)
     records = bench.run()
-    command = " ".join(["sparsespec bench capacity", f"--contexts {','.join(map(str, cfg.contexts))}",
+    command = " ".join(["sparsespec bench capacity", f"--model {cfg.model}", f"--contexts {','.join(map(str, cfg.contexts))}",
                         f"--sessions {','.join(map(str, cfg.sessions))}", f"--max-tokens {cfg.max_tokens}",
                         f"--policy {cfg.policy} --budget {cfg.budget}", f"--drafter-weights {cfg.drafter_weights}",
                         f"--service-cells {','.join(f'{s}x{c}' for s, c in cfg.service_cells)}",
                         f"--ttft-contexts {','.join(map(str, cfg.ttft_contexts))}"]
+                       + ([f"--ttft-prompts {cfg.ttft_prompts}"] if cfg.ttft_prompts != CapacityConfig.ttft_prompts else [])
                        + ([f"--device {cfg.device}"] if cfg.device != "cpu" else [])
                        + ([f"-k {cfg.k}"] if cfg.k else []))
     doc = {"command": command, "config": {**cfg.__dict__}, "threads": torch.get_num_threads(), "records": records,
@@ -470,7 +476,7 @@ def run_capacity(args) -> int:
     (out / "bench").mkdir(parents=True, exist_ok=True)
     (out / "bench" / "capacity.json").write_text(json.dumps(doc, indent=1) + "\n")
     _write_markdown(out, records, command, bench.ttft)
-    _plot(out, records)
+    _plot(out, records, Path(cfg.model).name)
     bad = [r for r in records + bench.ttft if not r["outputs_equal_ar"]]
     if bad:
         print(f"error: {len(bad)} cells with outputs that differ from AR")
@@ -518,7 +524,7 @@ def _ttft_lines(ttft: list[dict]) -> list[str]:
             "| context | run | TTFT s (median) | [min, max] | vs AR | = AR |", "|---|---|---|---|---|---|", *rows]
 
 
-def _plot(out: Path, records: list[dict]) -> None:
+def _plot(out: Path, records: list[dict], model: str) -> None:
     """Aggregate decode tok/s against S, one panel per context; error bars over the S = 1 prompts."""
     try:
         import matplotlib
@@ -538,7 +544,7 @@ def _plot(out: Path, records: list[dict]) -> None:
             err = [[v - r["spread_tok_s"]["min"] if r["sessions"] == 1 else 0 for v, r in zip(y, rs)],
                    [r["spread_tok_s"]["max"] - v if r["sessions"] == 1 else 0 for v, r in zip(y, rs)]]
             ax.errorbar([r["sessions"] for r in rs], y, yerr=err, marker=marker, capsize=3, label=mode)
-        ax.set_title(f"SmolLM2-135M, context {context}")
+        ax.set_title(f"{model}, context {context}")
         ax.set_xlabel("concurrent sessions S")
         ax.set_ylabel("aggregate decode tok/s")
         ax.grid(alpha=0.3)
