@@ -60,6 +60,10 @@ def test_fed_drafter_equals_ar(tiny_model, prompt, ar_tokens, drafter, budget, k
     m = out.metrics
     assert m.rounds > 0 and m.feeds_sent == m.rounds and m.drafter_failures == 0
     assert m.drafter_kv_host_bytes == 0                 # no host tier
+    # The traffic by kind adds up: one opening selection, then blocks and re-selections.
+    assert m.feed_open_bytes > 0 and m.feed_blocks + m.feed_refreshes + 1 == m.feeds_sent
+    assert m.feed_open_bytes + m.feed_refresh_bytes + m.feed_block_bytes == m.feed_bytes
+    assert 0 < m.feed_s < m.decode_s
     if budget == 512 and drafter == "same":              # the whole context, exact: every draft is the verifier's
         assert m.alpha == 1.0
 

@@ -124,6 +124,20 @@ def _traffic(runs: list[dict]) -> dict:
                     "feeds_per_session_median": statistics.median(r["feeds_sent"] for r in fed),
                     "feed_vs_full_kv_max": max(r["feed_bytes"] / r["drafter_full_kv_bytes"] for r in fed),
                     "fed_host_bytes_max": max(r["drafter_kv_host_bytes"] for r in fed)})
+        if all("feed_open_bytes" in r for r in fed):     # runs recorded before the breakdown lack it
+            def med(values):
+                values = list(values)
+                return statistics.median(values) if values else None
+            out.update({
+                "feed_open_bytes_median": med(r["feed_open_bytes"] for r in fed),
+                "feed_block_bytes_per_round_median": med(r["feed_block_bytes"] / r["feed_blocks"]
+                                                         for r in fed if r["feed_blocks"]),
+                "feed_refresh_bytes_median": med(r["feed_refresh_bytes"] / r["feed_refreshes"]
+                                                 for r in fed if r["feed_refreshes"]),
+                "feed_refreshes_per_session_median": med(r["feed_refreshes"] for r in fed),
+                "feed_time_share_median": med(r["feed_s"] / r["decode_s"] for r in fed if r["decode_s"] > 0),
+                "feed_time_share_max": max((r["feed_s"] / r["decode_s"] for r in fed if r["decode_s"] > 0),
+                                           default=None)})
     return out
 
 
@@ -221,6 +235,17 @@ def markdown(result: dict, agg: dict, by_source: dict, gaps: list[dict], source_
                   f"(max {t['feed_bytes_per_session_max']}, {t['feed_vs_full_kv_max']:.2e} of the drafter's full KV "
                   f"bytes at most), median {t['feeds_per_session_median']} feeds per session; drafter host "
                   f"bytes at most {t['fed_host_bytes_max']}.", ""]
+    if t.get("feed_open_bytes_median") is not None:
+        def mb(x):
+            return "-" if x is None else f"{x / 1e6:.2f} MB"
+
+        def pct(x):
+            return "-" if x is None else f"{100 * x:.1f}%"
+        lines += [f"Feed traffic by kind (medians over fed sessions): the first selection {mb(t['feed_open_bytes_median'])}; "
+                  f"a round's committed K/V {mb(t['feed_block_bytes_per_round_median'])}; a re-selection "
+                  f"{mb(t['feed_refresh_bytes_median'])} ({t['feed_refreshes_per_session_median']} per session); "
+                  f"making feeds takes {pct(t['feed_time_share_median'])} of decode time "
+                  f"(max {pct(t['feed_time_share_max'])}).", ""]
     if "summary_bytes_max" in t:
         lines += [f"Summary traffic (verifier_guided): at most {t['summary_bytes_max']} bytes per session "
                   f"({t['traffic_vs_full_kv_max']:.2e} of the drafter's full KV bytes); "

@@ -13,7 +13,8 @@ whole selection.
 
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from kvstore.cache.policies.base import choose_view
 from sparsespec.errors import InvalidArgument
 
 WIRE_DTYPE = torch.bfloat16   # K/V on the wire (the drafter only proposes: its rounding never reaches an output)
+KINDS = ("open", "refresh", "block")
 
 
 def feedable(want: FeedWant, model) -> str | None:
@@ -59,12 +61,24 @@ class Feeder:
     selection: list[torch.Tensor] | None = None   # [layers] x [Hkv, m]: the drafter's selected positions
     selected_at: int = 0                          # the length that selection was made at
     fed: int = 0                                  # the drafter's exact length
-    sent: int = 0                                 # feeds delivered
-    bytes_sent: int = 0
-    selections: int = 0                           # of which selections
-    _next: tuple | None = None                    # the mirror after the feed in flight
+    # Feeds delivered, by kind: "open" (the first selection, or one after a reset), "refresh" (a
+    # later re-selection), "block" (a round's committed K/V): count, bytes; "seconds" making them.
+    traffic: Counter = field(default_factory=Counter)
+    _next: tuple | None = None                    # the mirror after the feed in flight, and its kind
     _recent: deque = field(default_factory=deque)  # (drafted, accepted) since the last selection
-    _counted: tuple[int, int] = (0, 0)             # (sent, bytes_sent) at the last take_counts
+    _counted: Counter = field(default_factory=Counter)   # traffic at the last take_counts
+
+    @property
+    def sent(self) -> int:
+        return sum(self.traffic[k] for k in KINDS)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(self.traffic[f"{k}_bytes"] for k in KINDS)
+
+    @property
+    def selections(self) -> int:
+        return self.traffic["open"] + self.traffic["refresh"]
 
     def reset(self) -> None:
         """The drafter lost the session (or never had it): the next feed is a whole selection."""
@@ -72,33 +86,36 @@ class Feeder:
 
     def next(self, verifier, row: int, k: int) -> bytes:
         """This round's feed for a draft of k tokens: everything committed but the pending token."""
+        t0 = time.perf_counter()
         length = verifier.length(row)
         tail = length - self.selected_at
         w = self.want
         if self.selection is None or tail + k > w.tail_cap or self._dropping():
+            kind = "open" if self.selection is None else "refresh"
             feed = self._select(verifier, row, length)
-            self._next = (list(feed.positions), length, length)
+            self._next = (list(feed.positions), length, length, kind)
         else:
             feed = Feed(self.fed, length, block=verifier.kv_block(row, w.layers, self.fed, length))
-            self._next = (self.selection, self.selected_at, length)
-        return feed.encode(WIRE_DTYPE)
+            self._next = (self.selection, self.selected_at, length, "block")
+        data = feed.encode(WIRE_DTYPE)
+        self.traffic["seconds"] += time.perf_counter() - t0
+        return data
 
     def delivered(self, data: bytes) -> None:
         """The drafter took the feed in flight: the mirror moves to what it now holds."""
         if self._next is None:
             return
-        if self._next[0] is not self.selection:
-            self.selections += 1
+        self.selection, self.selected_at, self.fed, kind = self._next
+        if kind != "block":
             self._recent.clear()
-        self.selection, self.selected_at, self.fed = self._next
         self._next = None
-        self.sent += 1
-        self.bytes_sent += len(data)
+        self.traffic[kind] += 1
+        self.traffic[f"{kind}_bytes"] += len(data)
 
-    def take_counts(self) -> tuple[int, int]:
-        """(feeds, bytes) delivered since the last call: a turn's share (the feeder lives across turns)."""
-        counts = (self.sent - self._counted[0], self.bytes_sent - self._counted[1])
-        self._counted = (self.sent, self.bytes_sent)
+    def take_counts(self) -> Counter:
+        """The traffic since the last call: a turn's share (the feeder lives across turns)."""
+        counts = self.traffic - self._counted
+        self._counted = Counter(self.traffic)
         return counts
 
     def observe(self, drafted: int, accepted: int) -> None:

@@ -23,7 +23,7 @@ from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
 from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
-from sparsespec.spec.feed import Feeder, feedable
+from sparsespec.spec.feed import KINDS, Feeder, feedable
 from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient, OpenReply
 from sparsespec.spec.verifier import Verifier
 
@@ -273,7 +273,10 @@ class SpecEngine:
         if run.summary is not None:
             m.summaries_sent, m.summary_bytes = run.summary.sent, run.summary.bytes_sent
         if run.feeder is not None:
-            m.feeds_sent, m.feed_bytes = run.feeder.take_counts()
+            t = run.feeder.take_counts()
+            m.feeds_sent, m.feed_bytes = sum(t[k] for k in KINDS), sum(t[f"{k}_bytes"] for k in KINDS)
+            m.feed_open_bytes, m.feed_refreshes, m.feed_refresh_bytes = t["open_bytes"], t["refresh"], t["refresh_bytes"]
+            m.feed_blocks, m.feed_block_bytes, m.feed_s = t["block"], t["block_bytes"], t["seconds"]
         self.verifier.commit(run.row, min(self.verifier.length(run.row), len(run.tokens) - 1))
         return GenerationResult(list(run.generated), run.stopper.final_text(), m)
 

@@ -29,7 +29,13 @@ class RequestMetrics:
     summaries_sent: int = 0        # KV summaries the verifier delivered to the drafter
     summary_bytes: int = 0         # their wire bytes, in total
     feeds_sent: int = 0            # KV feeds the verifier delivered to a fed drafter
-    feed_bytes: int = 0            # their wire bytes, in total
+    feed_bytes: int = 0            # their wire bytes, in total, of which:
+    feed_open_bytes: int = 0       #   the session's first selection (and one after a drafter failure)
+    feed_refreshes: int = 0        #   re-selections, and their bytes
+    feed_refresh_bytes: int = 0
+    feed_blocks: int = 0           #   rounds' committed K/V, and their bytes
+    feed_block_bytes: int = 0
+    feed_s: float = 0.0            # verifier time spent making feeds (in decode_s, outside draft_s and verify_s)
     stop_reason: str = ""
 
     def record_round(self, k: int, accepted: int) -> None:
@@ -85,6 +91,9 @@ class RequestMetrics:
             "drafter_failures": self.drafter_failures,
             "summaries_sent": self.summaries_sent, "summary_bytes": self.summary_bytes,
             "feeds_sent": self.feeds_sent, "feed_bytes": self.feed_bytes,
+            "feed_open_bytes": self.feed_open_bytes, "feed_refreshes": self.feed_refreshes,
+            "feed_refresh_bytes": self.feed_refresh_bytes, "feed_blocks": self.feed_blocks,
+            "feed_block_bytes": self.feed_block_bytes, "feed_s": round(self.feed_s, 4),
             "draft_overhead_p50_ms": round(_percentile(self.draft_overhead_s, 50) * 1e3, 3),
             "draft_overhead_p95_ms": round(_percentile(self.draft_overhead_s, 95) * 1e3, 3),
             "stop_reason": self.stop_reason,
