@@ -22,6 +22,7 @@ subtracts it (`NORM_OFFSET`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from kvstore.cache.base import KVCache
 from sparsespec.models.config import SLIDING, ModelConfig
-from sparsespec.models.llama import POSITION_SLACK, LlamaModel, RMSNorm
+from sparsespec.models.llama import MLP, POSITION_SLACK, LlamaModel, RMSNorm
 from sparsespec.models.packed import PackedLinear
 from sparsespec.models.rope import RotaryTable, apply_rotary
 
@@ -88,19 +89,6 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class GeGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self._packed = PackedLinear(self.gate_proj, self.up_proj)
-
-    def forward(self, x):
-        gate, up = self._packed(x).chunk(2, dim=-1)                              # [B, T, I] each
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-
-
 class Gemma3Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -109,7 +97,7 @@ class Gemma3Block(nn.Module):
         self.self_attn = Gemma3Attention(cfg, layer)
         self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
-        self.mlp = GeGLU(cfg)
+        self.mlp = MLP(cfg, act=functools.partial(F.gelu, approximate="tanh"))
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x, rotary, cache):

@@ -57,8 +57,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU by default, GeGLU for Gemma 3."""
+
+    def __init__(self, cfg: ModelConfig, act=F.silu):
         super().__init__()
+        self.act = act
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -66,7 +69,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self._packed(x).chunk(2, dim=-1)                              # [B, T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
