@@ -121,12 +121,14 @@ def _safe(fn):
     return read
 
 
-def watch_verifier(scheduler, kv_bytes_per_token: int) -> None:
+def watch_verifier(scheduler, row_bytes) -> None:
+    """row_bytes(n): the KV bytes a verifier row of n tokens holds (FullKVCache.row_bytes: a
+    local layer keeps at most its ring)."""
     RUNNING.set_function(_safe(lambda: len(scheduler._active)))
     WAITING.set_function(_safe(lambda: scheduler._pending.qsize()))
-    VERIFIER_KV.set_function(_safe(lambda: kv_bytes_per_token * (
-        sum(len(j.run.tokens) for j in list(scheduler._active.values()) if j.run is not None)
-        + sum(len(p.context) for p in list(scheduler._parked.values())))))
+    VERIFIER_KV.set_function(_safe(lambda: (
+        sum(row_bytes(len(j.run.tokens)) for j in list(scheduler._active.values()) if j.run is not None)
+        + sum(row_bytes(len(p.context)) for p in list(scheduler._parked.values())))))
 
 
 def watch_drafter(host) -> None:

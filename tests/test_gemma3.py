@@ -241,39 +241,122 @@ def dense_window(q, keys, values, positions, window):
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
 
 
-def test_windowed_full_cache_equals_dense_reference():
-    W, B, H, Hkv, D, cap = 8, 3, 4, 2, 16, 96
-    g = torch.Generator().manual_seed(0)
-    windows = (W, None)
-    cache = FullKVCache(2, Hkv, D, cap, B, windows=windows)
-    ref_k = torch.zeros(B, Hkv, cap, D)
-    ref_v = torch.zeros(B, Hkv, cap, D)
+class _Mirror:
+    """Caches fed the same random q/k/v as a dense reference that keeps every position: each
+    forward's output of every cache must equal softmax over the explicit window mask."""
 
-    def step(t):
-        q = torch.randn(B, H, t, D, generator=g)
-        k = torch.randn(B, Hkv, t, D, generator=g)
-        v = torch.randn(B, Hkv, t, D, generator=g)
-        positions = cache.begin_forward(t)
-        outs = [cache.attend(layer, q, k, v) for layer in range(2)]
-        cache.end_forward()
-        for b in range(B):
-            p0 = int(positions[b, 0])
-            ref_k[b, :, p0:p0 + t], ref_v[b, :, p0:p0 + t] = k[b], v[b]
+    def __init__(self, caches, B, H, Hkv, D, cap, window, seed=0):
+        self.caches, self.B, self.H, self.Hkv, self.D, self.W = caches, B, H, Hkv, D, window
+        self.g = torch.Generator().manual_seed(seed)
+        self.ref_k, self.ref_v = torch.zeros(B, Hkv, cap, D), torch.zeros(B, Hkv, cap, D)
+
+    def step(self, t, rows=None):
+        rows = list(range(self.B)) if rows is None else rows
+        n = len(rows)
+        q = torch.randn(n, self.H, t, self.D, generator=self.g)
+        k = torch.randn(n, self.Hkv, t, self.D, generator=self.g)
+        v = torch.randn(n, self.Hkv, t, self.D, generator=self.g)
+        outs = []
+        for cache in self.caches:
+            cache.set_active(rows)
+            positions = cache.begin_forward(t)
+            outs.append([cache.attend(layer, q, k, v) for layer in range(2)])
+            cache.end_forward()
+            cache.set_active(None)
+        for i, b in enumerate(rows):
+            p0 = int(positions[i, 0])
+            self.ref_k[b, :, p0:p0 + t], self.ref_v[b, :, p0:p0 + t] = k[i], v[i]
         end = int(positions.max()) + 1
-        want = dense_window(q, ref_k[:, :, :end], ref_v[:, :, :end], positions, W)
-        assert max_diff(outs[0], want) <= 1e-5
-        # the global layer: the same reference with an infinite window
-        assert max_diff(outs[1], dense_window(q, ref_k[:, :, :end], ref_v[:, :, :end], positions, cap)) <= 1e-5
+        ks, vs = self.ref_k[rows, :, :end], self.ref_v[rows, :, :end]
+        want = dense_window(q, ks, vs, positions, self.W)
+        want_global = dense_window(q, ks, vs, positions, 10 ** 9)
+        for local, glob in outs:
+            assert max_diff(local, want) <= 1e-5
+            assert max_diff(glob, want_global) <= 1e-5
 
-    step(37)                        # prefill: 5 query blocks of W, each over < 2W keys
+    def truncate(self, row, n):
+        for cache in self.caches:
+            cache.truncate(row, n)
+
+
+def test_windowed_full_cache_equals_dense_reference():
+    W, B, H, Hkv, D, cap = 8, 3, 4, 2, 16, 72
+    cache = FullKVCache(2, Hkv, D, cap, B, windows=(W, None))
+    assert not cache.ring[0]        # W - 1 + 66 >= 72: clamped, every position in its own slot
+    m = _Mirror([cache], B, H, Hkv, D, cap, W)
+    m.step(37)                      # prefill: 5 query blocks of W, each over < 2W keys
     for _ in range(3):
-        step(1)                     # decode
-    cache.truncate(0, 30)           # rollback: ragged rows
-    cache.truncate(2, 12)
-    step(5)                         # a verify over rows of different lengths
-    step(1)
-    cache.truncate(1, 3)            # roll back into the first window, then continue
-    step(20)                        # a multi-token extend over ragged rows
+        m.step(1)                   # decode
+    m.truncate(0, 30)               # rollback: ragged rows
+    m.truncate(2, 12)
+    m.step(5)                       # a verify over rows of different lengths
+    m.step(1)
+    m.truncate(1, 3)                # roll back into the first window, then continue
+    m.step(20)                      # a multi-token extend over ragged rows
+
+
+@pytest.mark.parametrize("block", [None, 5])
+def test_ring_cache_equals_dense_reference_and_full_storage(block):
+    """A local layer kept as a ring of R = W - 1 + SB slots (SB = 66 by default; 5 to cross many
+    sub-blocks): a prefill over several rings, decode, ragged verifies, rows forwarded alone,
+    rollbacks then continuing, all equal to the dense reference and to full storage."""
+    W, B, H, Hkv, D, cap = 8, 3, 4, 2, 16, 600
+    ring = FullKVCache(2, Hkv, D, cap, B, windows=(W, None), ring_block=block)
+    full = FullKVCache(2, Hkv, D, cap, B, windows=(W, None), ring_block=cap)   # the previous storage
+    R = W - 1 + (block or 66)
+    assert ring.ring == [True, False] and ring.slots == [R, cap] and not any(full.ring)
+    m = _Mirror([ring, full], B, H, Hkv, D, cap, W)
+    m.step(300)                     # a prefill of > 4 rings, in sub-blocks of SB
+    for _ in range(3):
+        m.step(1)                   # decode
+    m.step(6, rows=[2, 0])          # two rows alone, out of order (a gather)
+    m.step(2, rows=[1])
+    m.truncate(0, 305)              # roll back into the last forward: ragged rows
+    m.truncate(1, 304)
+    m.step(5)                       # a verify over rows of different lengths
+    m.truncate(2, 309 + 2)          # accept 2 of the verify's 5 (row 2 was 309 long before it)
+    m.step(4)
+    m.step(1)
+    m.step(2 * R + 3, rows=[0])     # a long extend on one row (sub-blocks of SB)
+    m.step(3)
+    # a rollback that needs positions the ring overwrote is refused, and changes nothing
+    top, sb = int(ring.top[0]), R - W + 1
+    assert not ring.can_truncate(0, top - sb) and ring.can_truncate(0, top - sb + 1)
+    with pytest.raises(ValueError, match="no longer holds"):
+        ring.truncate(0, top - sb)
+    assert int(ring.lengths[0]) == top
+    m.truncate(0, top - sb + 1)     # the deepest exact one: SB - 1 back
+    m.step(3)
+    m.truncate(1, 0)                # an empty row always works: a new prefill
+    m.step(50, rows=[1])
+    m.step(1)
+    # exact reads by position, and a refused one below what the ring holds
+    n = int(ring.lengths[2])
+    lo = ring.held_from(2, 0)
+    assert lo == int(ring.top[2]) - R
+    k, v = ring.read(2, 0, lo, n)
+    assert torch.equal(k, m.ref_k[2, :, lo:n]) and torch.equal(v, m.ref_v[2, :, lo:n])
+    with pytest.raises(ValueError, match="holds positions"):
+        ring.read(2, 0, lo - 1, n)
+    assert torch.equal(ring.read(2, 1, 0, n)[0], m.ref_k[2, :, :n])
+
+
+def test_ring_cache_bytes():
+    """device_bytes / used_bytes exact; a local layer keeps its ring, not the capacity."""
+    W, Hkv, D, cap, B = 8, 2, 16, 4096, 2
+    ring = FullKVCache(3, Hkv, D, cap, B, windows=(W, W, None))
+    full = FullKVCache(3, Hkv, D, cap, B)
+    R, entry = W - 1 + 66, 2 * Hkv * D * 4               # K and V, fp32
+    assert ring.device_bytes() == B * (2 * R + cap) * entry
+    assert full.device_bytes() == B * 3 * cap * entry
+    assert ring.device_bytes() / full.device_bytes() == (2 * R + cap) / (3 * cap)
+    ring.lengths[:] = torch.tensor([50, 1000])
+    assert ring.used_bytes() == ((50 * 3) + (2 * R + 1000)) * entry
+    assert ring.row_bytes(1000) == (2 * R + 1000) * entry
+    cfg = tiny_gemma3_config()
+    cache = FullKVCache.for_model(Gemma3Model(cfg), 256)
+    assert cache.device_bytes() == cfg.kv_bytes(256, 4, 256) == cache.row_bytes(256)
+    assert cfg.kv_bytes(100, 4) == cache.row_bytes(100) < 100 * cfg.kv_bytes_per_token(4)
 
 
 def test_causal_block_mask_window():

@@ -137,3 +137,57 @@ def test_gemma3_through_the_services_with_a_fed_drafter(gemma_dir, redis_srv):
             out = client.generate(text, max_tokens=32)
     assert_greedy_equal(model, ids, want, out.token_ids, "gemma3 services")
     assert out.metrics["feeds_sent"] > 0 and out.metrics["drafter_failures"] == 0
+
+
+@pytest.mark.parametrize("policy", ["fed", "chunk_topk"])
+def test_greedy_equals_ar_through_the_verifiers_rings(gemma_dir, policy):
+    """The verifier keeps a local layer as a ring of R = W - 1 + SB = 81 slots (W = 16, SB = 66):
+    a prompt of more than 3R, prefilled in sub-blocks of SB that wrap the ring several times, then
+    speculation (a fed drafter fed from the rings, an own-KV one) equal to AR."""
+    model = load_model(gemma_dir, max_context=512).eval()
+    prompt = torch.randint(3, 128, (260,), generator=torch.Generator().manual_seed(5)).tolist()
+    ar_engine = SpecEngine(model, None, max_context=512)
+    cache = ar_engine.verifier.cache
+    R = 16 - 1 + 66
+    assert [cache.slots[i] for i, w in enumerate(model.cfg.layer_windows) if w is not None] == [R] * 4
+    assert cache.device_bytes() == cache.batch * model.cfg.kv_bytes(cache.capacity, 4, cache.capacity)
+    ar = ar_engine.generate(GenerationRequest(prompt, NEW, mode="ar")).token_ids
+    engine, _ = build_engine(EngineConfig(model=str(gemma_dir), drafter="same", policy=policy, budget=24,
+                                          max_context=512), verifier=model)
+    out = engine.generate(GenerationRequest(prompt, NEW, k=4))
+    assert_greedy_equal(model, prompt, ar, out.token_ids, f"gemma3 rings {policy}")
+    assert out.metrics.drafted > 0 and out.metrics.drafter_failures == 0
+    if policy == "fed":
+        assert out.metrics.feeds_sent > 0
+    # a long rollback the ring cannot serve: a new turn that diverges early re-prefills, exactly
+    v = engine.verifier
+    assert not v.can_commit(0, 100)
+    turn = prompt[:100] + [7, 8, 9] + prompt[103:200]
+    want = SpecEngine(model, None, max_context=512).generate(GenerationRequest(turn, 8, mode="ar")).token_ids
+    run = engine.start(GenerationRequest(turn, 8, mode="ar"), 0, cached=100)
+    while not run.done:
+        engine.step([run])
+    engine.release(run)
+    res = engine.finish(run)
+    assert res.token_ids == want and res.metrics.reused_prefix_tokens == 0
+
+
+@pytest.mark.parametrize("policy", ["chunk_topk", "full"])
+def test_drafter_adopts_a_prefix_from_the_verifiers_rings(gemma, policy):
+    """What the benches do: a drafter starts from the verifier's K/V of a prompt's first n
+    tokens (a local layer gives only what its ring holds) and computes the rest; its logits are
+    those of a drafter that prefilled everything itself."""
+    from sparsespec.spec.drafter import Drafter
+    from sparsespec.spec.verifier import Verifier
+    prompt = torch.randint(3, 128, (250,), generator=torch.Generator().manual_seed(9)).tolist()
+    verifier = Verifier(gemma, 256)
+    verifier.prefill(0, prompt)
+    n = len(prompt) - 64
+    kv = [verifier.kv(0, layer, n) for layer in range(gemma.cfg.num_layers)]
+    starts = [s for _, _, s in kv]
+    assert max(starts) > 0 and min(starts) == 0        # the local layers' rings went round
+    sparse = SparseConfig(policy=policy, budget=None if policy == "full" else 32)
+    own, adopted = Drafter(gemma, sparse, 256), Drafter(gemma, sparse, 256)
+    own.start(prompt)
+    adopted.start_from([k for k, _, _ in kv], [v for _, v, _ in kv], prompt, n)
+    assert torch.allclose(own._last_logits, adopted._last_logits, atol=1e-5)

@@ -95,6 +95,15 @@ def test_summary_config_is_validated():
     with pytest.raises(InvalidArgument, match="at most one group per scored layer") as e:
         SummaryConfig(groups=4).groups_for(30)
     assert e.value.field == "summary.groups"
+    # with local layers (Gemma 3: every 6th global) only global layers are scored
+    gemma = ((512,) * 5 + (None,)) * 3
+    assert SummaryConfig().layers_for(18, gemma) == (5, 11, 17)
+    assert SummaryConfig(auto_layers=2).layers_for(18, gemma) == (5, 17)
+    assert SummaryConfig(auto_layers=1).layers_for(18, gemma) == (11,)
+    assert SummaryConfig().layers_for(30, (None,) * 30) == (8, 15, 22)   # no local layer: as before
+    with pytest.raises(InvalidArgument, match="layer 3 is a local") as e:
+        SummaryConfig(layers=(3, 5)).layers_for(18, gemma)
+    assert e.value.field == "summary.layers"
     for fallback in ("full", "streaming", "verifier_guided"):   # it must estimate shares and read no summary
         with pytest.raises(InvalidArgument) as e:
             SparseConfig(policy="verifier_guided", budget=64, fallback=fallback)

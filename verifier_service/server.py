@@ -108,7 +108,7 @@ class VerifierServer:
         self.sessions = DurableSessions(self.store, cfg.worker_id, cfg.lease_ms)
         self.scheduler = Scheduler(engine, self.sessions, cfg.max_queue)
         from sparsespec import telemetry
-        telemetry.watch_verifier(self.scheduler, model.cfg.kv_bytes_per_token(model.dtype.itemsize))
+        telemetry.watch_verifier(self.scheduler, engine.verifier.cache.row_bytes)
         self.metrics_port = telemetry.serve(cfg.host, cfg.metrics_port)
         info = dict(model=str(cfg.model), vocab_size=model.cfg.vocab_size, max_context=engine.max_context,
                     num_layers=model.cfg.num_layers, dtype=str(model.dtype).removeprefix("torch."))

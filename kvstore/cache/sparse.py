@@ -245,8 +245,9 @@ class SparseKVCache(KVCache):
 
         0 before the first selection: the prefill attends over the host tier. "full": the length.
         """
-        if self._full is not None:
-            return self.length
+        if self._full is not None:   # a local layer of "full" keeps its ring (FullKVCache)
+            slots = self._full.slots
+            return min(self.length, max(slots) if layer is None else slots[layer])
         if not self.selected:
             return 0
         return (max(self._num_sel) if layer is None else self._num_sel[layer]) + self.tail_length
@@ -379,29 +380,35 @@ class SparseKVCache(KVCache):
 
     # --- rollback and selection -----------------------------------------------------------
 
-    def adopt_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Start from an exact prefix computed elsewhere: per layer K/V [Hkv, n, D], rotated
-        (e.g. the verifier's own cache rows, for a drafter that shares those layers). The cache
-        is left in its prefill phase, exactly as if the n tokens had been appended here, so a
-        sweep over many policies and budgets pays for one prefill. Queries are not recorded:
-        append the last obs_window tokens normally before the first selection."""
+    def adopt_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int | None = None) -> None:
+        """Start from an exact prefix of `length` tokens computed elsewhere: per layer K/V
+        [Hkv, m, D] of positions [length - m, length), rotated (e.g. the verifier's own cache
+        rows, for a drafter that shares those layers: Verifier.kv). m = length on a global layer;
+        a local layer may give only its last min(length, W) (all a verifier's ring holds: no
+        query here reads further back, the selection keeps the window, and a rollback never goes
+        below `length`). length defaults to keys[0].shape[1]. The cache is left in its prefill
+        phase, exactly as if the tokens had been appended here, so a sweep over many policies and
+        budgets pays for one prefill. Queries are not recorded: append the last obs_window tokens
+        normally before the first selection."""
         if self.length:
             raise RuntimeError("adopt_prefix needs an empty cache")
         if len(keys) != self.num_layers or len(values) != self.num_layers:
             raise ValueError(f"need K/V for {self.num_layers} layers, got {len(keys)} / {len(values)}")
-        n = keys[0].shape[1]
+        n = keys[0].shape[1] if length is None else length
         if n > self.capacity:
             raise ContextOverflow("length", f"prefix of {n} exceeds capacity {self.capacity}")
-        full = self._full
+        for layer, w in enumerate(self.layer_windows):
+            m = keys[layer].shape[1]
+            if not (n if w is None else min(n, w)) <= m <= n or values[layer].shape[1] != m:
+                raise ValueError(f"layer {layer}: {m} entries for a prefix of {n}")
+        if self._full is not None:
+            self._full.load(0, keys, values, n)
+            return
         for layer in range(self.num_layers):
-            k_dest = full.k[layer][0] if full is not None else self.host_k[layer]     # [Hkv, capacity, D]
-            v_dest = full.v[layer][0] if full is not None else self.host_v[layer]
-            k_dest[:, :n] = keys[layer]
-            v_dest[:, :n] = values[layer]
-        if full is not None:
-            full.lengths[0] = n
-        else:
-            self._length = n
+            m = keys[layer].shape[1]
+            self.host_k[layer][:, n - m:n] = keys[layer]                               # [Hkv, capacity, D]
+            self.host_v[layer][:, n - m:n] = values[layer]
+        self._length = n
 
     def set_summary(self, summary) -> bool:
         """Take the verifier's latest summary (a kvstore.cache.summary.DrafterSummary). A policy that reads it

@@ -63,22 +63,39 @@ class SummaryConfig:
                 raise InvalidArgument("summary.layers", f"must be non-negative layer indices, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
 
-    def layers_for(self, num_layers: int) -> tuple[int, ...]:
+    def layers_for(self, num_layers: int, windows: tuple[int | None, ...] | None = None) -> tuple[int, ...]:
         """The scored layers of a num_layers-deep verifier: the given ones, or `auto_layers`
-        evenly spaced strictly inside (layer 0 and the last attend mostly locally)."""
+        evenly spaced strictly inside (layer 0 and the last attend mostly locally).
+
+        With local layers (`windows`, ModelConfig.layer_windows: Gemma 3) only global layers are
+        scored: a local layer attends within its window, which the drafter keeps anyway (and the
+        verifier keeps it as a ring, not by position). Auto: `auto_layers` of the global layers,
+        evenly spaced from the first to the last; a local layer named in `layers` is refused."""
+        local = {i for i, w in enumerate(windows or ()) if w is not None}
         if self.layers is not None:
             bad = [x for x in self.layers if x >= num_layers]
             if bad:
                 raise InvalidArgument("summary.layers", f"layer {bad[0]} does not exist (the verifier has "
                                                         f"{num_layers} layers)")
+            bad = [x for x in self.layers if x in local]
+            if bad:
+                raise InvalidArgument("summary.layers", f"layer {bad[0]} is a local (sliding-window) layer; "
+                                                        f"only global layers are scored")
             return self.layers
+        if local:
+            glob = [i for i in range(num_layers) if i not in local]
+            n = min(self.auto_layers, len(glob))
+            if n <= 1:
+                return tuple(glob[len(glob) // 2:][:n])
+            return tuple(sorted({glob[round(i * (len(glob) - 1) / (n - 1))] for i in range(n)}))
         n = min(self.auto_layers, num_layers)
         return tuple(sorted({round((i + 1) * num_layers / (n + 1)) for i in range(n)} - {num_layers}))
 
-    def groups_for(self, num_layers: int) -> tuple[tuple[int, ...], ...]:
+    def groups_for(self, num_layers: int, windows: tuple[int | None, ...] | None = None
+                   ) -> tuple[tuple[int, ...], ...]:
         """The scored layers split into `groups` runs of consecutive ones by depth (the i-th of n
         goes to group i * G // n): what one entry of a summary averages over."""
-        layers = self.layers_for(num_layers)
+        layers = self.layers_for(num_layers, windows)
         g = len(layers) if self.groups is None else self.groups
         if g > len(layers):
             raise InvalidArgument("summary.groups", f"{g} groups of {len(layers)} scored layers: at most "
@@ -111,10 +128,11 @@ class ImportanceTracker:
     `begin(rows, tracked, lengths)` / `end()`. Rows not tracked (AR sessions) cost nothing.
     """
 
-    def __init__(self, config: SummaryConfig, num_layers: int, num_kv_heads: int, batch: int, capacity: int):
+    def __init__(self, config: SummaryConfig, num_layers: int, num_kv_heads: int, batch: int, capacity: int,
+                 windows: tuple[int | None, ...] | None = None):
         self.config = config
         self.num_layers = num_layers
-        groups = config.groups_for(num_layers)
+        groups = config.groups_for(num_layers, windows)   # global layers only (see layers_for)
         self.group_of = {layer: g for g, members in enumerate(groups) for layer in members}
         self._weight = [1.0 / len(members) for members in groups]      # a group averages its layers
         # The verifier layer each group stands for (the rounded mean depth; increasing).
@@ -141,6 +159,8 @@ class ImportanceTracker:
         group = self.group_of.get(layer)
         if group is None or not any(self._tracked):
             return
+        if keys is None:   # a local layer: FullKVCache shows its q only (layers_for scores none)
+            raise RuntimeError(f"layer {layer} is local: the tracker scores global layers only")
         t0 = time.perf_counter()
         idx = [i for i, on in enumerate(self._tracked) if on]
         w = min(q.shape[2], self.config.query_window)
@@ -182,7 +202,7 @@ class ImportanceTracker:
         (None when there is nothing to say)."""
         c = self.config.chunk
         lo, hi = want.sink, length - want.window
-        if want.slots < 1 or hi - lo < 1 or int(self.forwards[row]) == 0:
+        if not self.group_layers or want.slots < 1 or hi - lo < 1 or int(self.forwards[row]) == 0:
             return None
         first, last = lo // c, -(-hi // c)                                     # chunks touching [lo, hi)
         groups, heads = self.scores.shape[1:3]

@@ -130,8 +130,9 @@ def drafter_spec(spec: str) -> str:
 
 
 def adopting(prefix):
-    """A DrafterHost start strategy: sessions start from a known exact prefix (see module doc)."""
-    return lambda drafter, tokens: drafter.start_from(*prefix, tokens)
+    """A DrafterHost start strategy: sessions start from a known exact prefix (see module doc):
+    (keys, values) or (keys, values, length) as Drafter.start_from takes them."""
+    return lambda drafter, tokens: drafter.start_from(prefix[0], prefix[1], tokens, *prefix[2:])
 
 
 class Study:
@@ -176,28 +177,30 @@ class Study:
         queries = None if self.recorder is None else [q.clone() for q in self.recorder._rings[0]]
         state = PromptState(ids, info, [], 0.0, self.tracker.scores[0].clone(), self.tracker.forwards[0].clone(),
                             queries)
-        ar = self._run(state, GenerationRequest(ids, self.cfg.max_tokens, mode="ar"))
-        state.ar_tokens, state.ar_tokens_per_s = ar["token_ids"], ar["tokens_per_s"]
         n = len(ids) - OWN_TAIL
-        for name, model in self.drafter_models.items():
+        for name, model in self.drafter_models.items():   # before any decode: a local layer's ring moves on
             if heldout or any(p != FED for p in self.policies_for(name)):   # a fed drafter needs none
                 state.prefixes[name] = self._prefix(model, ids[:n])
+        ar = self._run(state, GenerationRequest(ids, self.cfg.max_tokens, mode="ar"))
+        state.ar_tokens, state.ar_tokens_per_s = ar["token_ids"], ar["tokens_per_s"]
         state.prepare_s = time.perf_counter() - t0
         return state
 
     def _prefix(self, model, tokens: list[int]):
-        """K/V [Hkv, n, D] per layer of `tokens` under the drafter model: slices of the verifier's
-        row when the drafter's layers are the verifier's own, else one prefill of its own."""
+        """(keys, values, n): per layer the K/V of `tokens` under the drafter model, [Hkv, n, D] (a
+        local layer: [Hkv, m, D] of its last m, what a ring holds): slices of the verifier's row
+        when the drafter's layers are the verifier's own (a copy of a local layer's ring: taken
+        before the row decodes), else one prefill of its own."""
         v, n = self.verifier, len(tokens)
         if all(a is b for a, b in zip(model.layers, v.layers)):
-            cache = self.engine.verifier.cache
-            return ([cache.k[i][0, :, :n] for i in range(len(model.layers))],
-                    [cache.v[i][0, :, :n] for i in range(len(model.layers))])
+            kv = [self.engine.verifier.kv(0, i, n) for i in range(len(model.layers))]   # a local layer: its ring
+            return [k for k, _, _ in kv], [x for _, x, _ in kv], n
         cache = FullKVCache.for_model(model, n)
         with torch.inference_mode():
             for i in range(0, n, PREFILL_CHUNK):
                 model(torch.tensor([tokens[i:i + PREFILL_CHUNK]], device=model.device), cache, last_only=True)
-        return [k[0] for k in cache.k], [x[0] for x in cache.v]
+        kv = [cache.read(0, i, cache.held_from(0, i), n) for i in range(len(model.layers))]
+        return [k for k, _ in kv], [x for _, x in kv], n
 
     def run_config(self, state: PromptState, drafter: str, policy: str, budget: int | None, k: int,
                    temperature: float) -> dict:
@@ -213,7 +216,7 @@ class Study:
         run = self._run(state, GenerationRequest(state.ids, self.cfg.max_tokens, sampling, k=k))
         run["tracker_s"] = self.tracker.seconds - tracker_s
         model = self.drafter_models[drafter]
-        run["drafter_full_kv_bytes"] = len(state.ids) * model.cfg.kv_bytes_per_token(model.dtype.itemsize)
+        run["drafter_full_kv_bytes"] = model.cfg.kv_bytes(len(state.ids), model.dtype.itemsize)
         if temperature == 0:
             run["first_divergence"] = first_divergence(run["token_ids"], state.ar_tokens)
             run["equal_to_ar"] = run["first_divergence"] is None

@@ -133,6 +133,7 @@ class Bench:
         self.prompts: dict[int, list[list[int]]] = {}          # context -> reporting prompts
         self.k_of: dict[tuple[int, int], int] = {}              # (context, S) -> k used
         self.ar_tokens: dict[tuple[int, int], list[int]] = {}   # (context, prompt) -> AR output
+        self._prefixes: dict[int, tuple] = {}                   # row -> its prompt's prefix K/V (_prefix)
 
     # --- in process ------------------------------------------------------------------------
 
@@ -149,14 +150,23 @@ class Bench:
             t0 = time.perf_counter()
             self.engine.verifier.prefill(row, ids[:-1])
             out.append(time.perf_counter() - t0)
+            if not self.fed:
+                self._prefixes[row] = self._prefix(row, len(ids) - OWN_TAIL)
         return out
+
+    def _prefix(self, row: int, n: int):
+        """The verifier's K/V of the row's first n tokens, taken right after its prefill: views of
+        a global layer (positions below n are never rewritten), a copy of what a local layer's ring
+        holds (later decodes overwrite it)."""
+        verifier, layers = self.engine.verifier, len(self.drafter_model.layers)
+        kv = [verifier.kv(row, i, n) for i in range(layers)]            # [Hkv, n - start, D] each
+        return [k for k, _, _ in kv], [x for _, x, _ in kv], n
 
     def _adopt(self, row: int, n: int):
         """Start a drafter session from the verifier's K/V of the row's first n tokens."""
-        cache, layers = self.engine.verifier.cache, len(self.drafter_model.layers)
-        keys = [cache.k[i][row, :, :n] for i in range(layers)]          # [Hkv, n, D] each
-        values = [cache.v[i][row, :, :n] for i in range(layers)]
-        return adopting((keys, values))
+        prefix = self._prefixes[row]
+        assert prefix[2] == n, (prefix[2], n)
+        return adopting(prefix)
 
     def decode(self, rows: list[int], prompts: list[list[int]], mode: str, k: int, max_tokens: int) -> dict:
         """Decode the prompts in their (prefilled) rows together; the rows keep their prompts."""

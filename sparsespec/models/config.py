@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sparsespec.errors import ModelLoadError
+from sparsespec.kernels.attention import MAX_BLOCK
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3")
@@ -17,6 +18,21 @@ HIDDEN_ACTS = {"llama": ("silu",), "mistral": ("silu",), "qwen2": ("silu",), "ge
 GEMMA3_DEFAULTS = {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256,
                    "sliding_window": 4096, "sliding_window_pattern": 6, "max_position_embeddings": 131_072,
                    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "vocab_size": 262_208}
+
+
+def ring_block(window: int) -> int:
+    """SB of a local layer's ring in a FullKVCache: the most new tokens one pass over the ring
+    attends (a longer forward goes in sub-blocks of SB); a rollback of up to SB - 1 positions
+    is exact. max(MAX_BLOCK, W) + 1: a verify (k + 1 <= MAX_BLOCK) is one pass and rolls back
+    exactly even to its start, and a prefill chunk of 2048 is 4 passes at W = 512 (R = 1024)."""
+    return max(MAX_BLOCK, window) + 1
+
+
+def ring_slots(window: int, capacity: int | None, block: int | None = None) -> int:
+    """Slots R of a local layer (window W) in a FullKVCache of `capacity` tokens: R = W - 1 + SB
+    (position p in slot p % R), clamped to the capacity (None: unbounded)."""
+    r = window - 1 + (ring_block(window) if block is None else block)
+    return r if capacity is None else min(r, capacity)
 
 
 @dataclass(frozen=True)
@@ -107,8 +123,20 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K and V for one token across all layers."""
+        """Bytes of K and V for one token across all layers (every layer keeping it: a cache
+        with local layers keeps less, see `kv_bytes`)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def kv_slots(self, capacity: int | None) -> tuple[int, ...]:
+        """Per layer, the entries a FullKVCache of `capacity` tokens (None: unbounded) keeps per
+        row: the capacity on a global layer, a local layer's ring (`ring_slots`)."""
+        return tuple(capacity if w is None else ring_slots(w, capacity) for w in self.layer_windows)
+
+    def kv_bytes(self, tokens: int, dtype_bytes: int, capacity: int | None = None) -> int:
+        """Bytes of K and V a FullKVCache row holding `tokens` entries keeps: every token on a
+        global layer, at most its ring on a local one (tokens x kv_bytes_per_token for Llama)."""
+        per_entry = 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+        return per_entry * sum(tokens if s is None else min(tokens, s) for s in self.kv_slots(capacity))
 
     def truncated(self, num_layers: int) -> "ModelConfig":
         """The config of a layer-truncated copy (the `layers:N` drafter)."""

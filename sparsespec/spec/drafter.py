@@ -74,15 +74,17 @@ class Drafter:
         self._append(tokens)
 
     @torch.inference_mode()
-    def start_from(self, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: list[int]) -> None:
-        """`start(tokens)` for a drafter whose first n = keys[0].shape[1] tokens' K/V are already
-        known exactly (SparseKVCache.adopt_prefix): only tokens[n:] are computed."""
-        n = keys[0].shape[1]
+    def start_from(self, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: list[int],
+                   length: int | None = None) -> None:
+        """`start(tokens)` for a drafter whose first n = `length` tokens' K/V are already known
+        exactly (SparseKVCache.adopt_prefix: a local layer may give only its window; n defaults
+        to keys[0].shape[1]): only tokens[n:] are computed."""
+        n = keys[0].shape[1] if length is None else length
         if not 0 < n < len(tokens):
             raise ValueError(f"a prefix of {n} entries needs more than {n} tokens, got {len(tokens)}")
         self.cache.truncate(0)
         self._drafts, self._draft_logits = [], []
-        self.cache.adopt_prefix(keys, values)
+        self.cache.adopt_prefix(keys, values, n)
         self.committed_len = n
         self._append(tokens[n:], upkeep_first=False)   # still the prefill phase: exact attention
 

@@ -33,8 +33,8 @@ def session_cost(cfg: ModelConfig, dtype: torch.dtype, capacity: int, sparse: Sp
     """Bytes a SparseKVCache for `cfg` with `capacity` tokens allocates (see kvstore/cache/sparse.py)."""
     item = torch.empty((), dtype=dtype).element_size()
     L, H, Hkv, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if sparse.keeps_all:                                      # FullKVCache, batch 1, no host tier
-        return SessionCost(device_bytes=2 * L * Hkv * capacity * D * item, host_bytes=0)
+    if sparse.keeps_all:                                      # FullKVCache, batch 1, no host tier: local layers a ring
+        return SessionCost(device_bytes=cfg.kv_bytes(capacity, item, capacity), host_bytes=0)
     # Per layer keep + tail_cap rows: keep is the budget, or a local layer's window.
     rows = sum((sparse.budget if w is None else w) + sparse.tail_cap for w in cfg.layer_windows)
     kv = 2 * Hkv * rows * D * item                            # dev_k, dev_v [Hkv, rows_l, D] per layer

@@ -138,9 +138,10 @@ class Feeder:
         windows = verifier.model.cfg.layer_windows       # the drafter's layers are the verifier's first ones
         positions, added_k, added_v = [], [], []
         for layer in range(w.layers):
-            keys, values = verifier.kv(row, layer, length)                     # [Hkv, n, D] each
+            keys, values, first = verifier.kv(row, layer, length)              # [Hkv, length - first, D] each
 
             def context(lo: int, hi: int, m: int, layer=layer, keys=keys) -> SelectionContext:
+                # only for a middle to choose: a global layer, whose keys start at position 0
                 q, qpos = verifier.recorder.queries(row, layer, length)        # [H, w, D], [w]
                 return SelectionContext(layer=layer, length=length, keys=keys, queries=q,
                                         query_positions=qpos, group_size=group, chunk=w.chunk,
@@ -150,7 +151,9 @@ class Feeder:
             pos = choose_view(policy, length, *((w.budget, w.sink, w.window) if local is None else (local, 0, local)),
                               w.kv_heads, context)                              # [Hkv, m]
             missing = ~held(pos, self._holding(layer))
-            idx = pos.unsqueeze(-1).expand(-1, -1, keys.shape[-1])             # [Hkv, m, D]
+            # A local layer's keys start at `first` (what its ring holds): its selection, the
+            # window [length - W, length), lies inside, as Verifier.kv promises.
+            idx = (pos - first).unsqueeze(-1).expand(-1, -1, keys.shape[-1])   # [Hkv, m, D]
             added_k.append(keys.gather(1, idx)[missing])                       # [a, D]
             added_v.append(values.gather(1, idx)[missing])
             positions.append(pos)

@@ -182,6 +182,8 @@ class SpecEngine:
         self.verifier.track(row, spec_summaries)
         self.verifier.record(row, req.mode == "spec" and self.feed)
         cached = min(cached, len(prompt) - 1, self.verifier.length(row))
+        if cached > 0 and not self.verifier.can_commit(row, cached):
+            cached = 0       # a local layer's ring no longer holds what the rollback needs: prefill
         if cached > 0:
             self.verifier.commit(row, cached)
             if cached < len(prompt) - 1:
@@ -269,7 +271,7 @@ class SpecEngine:
         m.decode_s = (run.finished_at or time.perf_counter()) - run.started_at
         m.generated = len(run.generated)
         m.stop_reason = run.stopper.reason
-        m.verifier_kv_bytes = len(run.tokens) * self.model.cfg.kv_bytes_per_token(self.model.dtype.itemsize)
+        m.verifier_kv_bytes = self.verifier.cache.row_bytes(len(run.tokens))
         if run.summary is not None:
             m.summaries_sent, m.summary_bytes = run.summary.sent, run.summary.bytes_sent
         if run.feeder is not None:

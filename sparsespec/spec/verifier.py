@@ -27,7 +27,9 @@ class Verifier:
         self.tracker: ImportanceTracker | None = None
         self.tracked = [False] * batch          # rows whose importance is tracked (spec sessions)
         if summary is not None and summary.enabled:
-            self.tracker = ImportanceTracker(summary, model.cfg.num_layers, model.cfg.num_kv_heads, batch, capacity)
+            c = model.cfg
+            self.tracker = ImportanceTracker(summary, c.num_layers, c.num_kv_heads, batch, capacity,
+                                             windows=c.layer_windows)   # scores global layers only
             self.cache.observers.append(self.tracker.observe)
         self.recorder: QueryRecorder | None = None
         if feed:
@@ -51,14 +53,18 @@ class Verifier:
         if self.recorder is not None:
             self.recorder.record(row, on)
 
-    def kv(self, row: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The row's exact K, V of positions [0, length) in `layer`: [Hkv, length, D] each (views)."""
-        return self.cache.k[layer][row, :, :length], self.cache.v[layer][row, :, :length]
+    def kv(self, row: int, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(K, V, start): the row's exact K/V of positions [start, length) in `layer`, [Hkv,
+        length - start, D] each, in position order. start is 0 on a global layer (views); on a
+        local layer kept as a ring it is the lowest position still held (a copy of what is held,
+        which covers the window [length - W, length) a selection keeps there)."""
+        start = min(self.cache.held_from(row, layer), length)
+        return (*self.cache.read(row, layer, start, length), start)
 
     def kv_block(self, row: int, layers: int, start: int, end: int) -> torch.Tensor:
-        """[layers, 2, Hkv, end - start, D]: the row's K/V of positions [start, end), first `layers` layers."""
-        return torch.stack([torch.stack([self.cache.k[i][row, :, start:end], self.cache.v[i][row, :, start:end]])
-                            for i in range(layers)])
+        """[layers, 2, Hkv, end - start, D]: the row's K/V of positions [start, end), first
+        `layers` layers (positions a local layer's ring no longer holds raise ValueError)."""
+        return torch.stack([torch.stack(self.cache.read(row, i, start, end)) for i in range(layers)])
 
     def _forward(self, rows: list[int], ids: torch.Tensor, last_only: bool) -> torch.Tensor:
         """One forward over `rows` (ids [R, T]), bracketed for the tracker and the recorder."""
@@ -105,6 +111,12 @@ class Verifier:
     def commit(self, row: int, length: int) -> None:
         """Keep `length` cached tokens in row (rolls back rejected drafts and pads)."""
         self.cache.truncate(row, length)
+
+    def can_commit(self, row: int, length: int) -> bool:
+        """Whether the row can roll back to `length` exactly: a local layer's ring keeps only
+        the last few hundred positions (FullKVCache.can_truncate); a longer rollback (a new turn
+        that diverges early) needs a new prefill."""
+        return self.cache.can_truncate(row, length)
 
     def length(self, row: int) -> int:
         return int(self.cache.lengths[row])

@@ -56,7 +56,7 @@ def prefix_views(model, prefix_ids: torch.Tensor, budgets: list[int | None],
     A budget >= P keeps everything (as the cache does), so it is the full view too.
     """
     p = prefix_ids.shape[1]
-    full = FullKVCache.for_model(model, p)
+    full = FullKVCache.for_model(model, p, rings=False)    # read by position below
     sparse = {b: SparseKVCache.for_model(model, p, sparse_config(policy, b))
               for b in dict.fromkeys(budgets) if b is not None and b < p}
     model(prefix_ids, TeeCache(full, list(sparse.values())), last_only=True)
