@@ -31,6 +31,30 @@ def random_model(seed: int = 0, vocab: int = 128, layers: int = 2, std: float = 
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny tensors gain nothing from a second intra-op thread, and on a busy 2-core machine every
+    OpenMP region can stall for a scheduler tick (measured: a 64-token SmolLM2 forward took 11.8 s
+    with 2 threads, 0.58 s with 1). A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_intra_op_thread")`; restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    """The reference implementation for parity tests, quiet."""
+    tf = pytest.importorskip("transformers")
+    tf.logging.set_verbosity_error()
+    try:
+        tf.utils.logging.disable_progress_bar()
+    except AttributeError:
+        pass
+    return tf
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return random_model(seed=0)

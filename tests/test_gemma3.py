@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from checks import max_diff, one_line_error
 from equality import assert_greedy_equal
 from kvstore.cache.full import FullKVCache
 from sparsespec.errors import InvalidArgument, ModelLoadError
@@ -29,28 +30,11 @@ from sparsespec.models.testing import (char_tokenizer, save_gguf, save_random_mo
 from sparsespec.models.truncate import layer_truncated
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 TOL = 1e-4
 REAL_TOL = 1e-3
 SEQ = 70  # > 4 windows of 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def transformers():
-    tf = pytest.importorskip("transformers")
-    tf.logging.set_verbosity_error()
-    try:
-        tf.utils.logging.disable_progress_bar()
-    except AttributeError:
-        pass
-    return tf
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +59,6 @@ def forward(model, ids, windows="model"):
                         windows=c.layer_windows if windows == "model" else windows)
     with torch.no_grad():
         return model(ids, cache)
-
-
-def max_diff(a, b) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:

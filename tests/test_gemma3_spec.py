@@ -22,16 +22,10 @@ from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDr
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.tokens import encode_prompt
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 POLICIES = ("streaming", "chunk_topk", "snapkv", "verifier_guided", "fed")
 PROMPT_LEN, NEW = 60, 40          # > 3 windows of 16 before decoding starts
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

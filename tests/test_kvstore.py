@@ -21,19 +21,11 @@ from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.models.config import ModelConfig
 from sparsespec.models.llama import LlamaModel
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 SPARSE = ("streaming", "chunk_topk", "snapkv", "verifier_guided")
 L, H, HKV, D = 2, 4, 2, 16
 G = H // HKV
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds wake-up latency (badly so on a
-    loaded 2-core machine). Restored afterwards for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Stream:

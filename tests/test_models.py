@@ -16,36 +16,17 @@ import zipfile
 import pytest
 import torch
 
+from checks import max_diff, one_line_error
 from kvstore.cache.full import FullKVCache
 from sparsespec.errors import InvalidArgument, ModelLoadError
 from sparsespec.models import load_config, load_model, load_tokenizer, registry, save_model
 from sparsespec.models.loader import CONVERT_MARKER, convert_gguf_to_dir
 from sparsespec.models.testing import random_model, save_gguf, save_random_model, tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 TOL = 1e-4
 SEQ = 48
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """On a busy 2-core machine every OpenMP region can stall for a scheduler tick: measured here,
-    a 64-token SmolLM2 forward took 11.8 s with 2 threads and 0.58 s with 1 while other test
-    runs shared the cores. Tiny tensors gain nothing from threads anyway."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def transformers():
-    tf = pytest.importorskip("transformers")
-    tf.logging.set_verbosity_error()
-    try:
-        tf.utils.logging.disable_progress_bar()
-    except AttributeError:
-        pass
-    return tf
 
 
 def hf_model(transformers, path, **kwargs):
@@ -71,18 +52,6 @@ def ours_incremental(model, ids, prefill):
         for t in range(prefill, ids.shape[1]):
             out.append(model(ids[:, t:t + 1], cache))
     return torch.cat(out, dim=1)
-
-
-def max_diff(a, b) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
 
 
 # ------------------------------------------------------------------------------------------------

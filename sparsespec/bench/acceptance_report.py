@@ -182,19 +182,22 @@ def _closed(g: dict) -> str:
     return f"{100 * g['closed']:.0f}%" + (" (below best)" if g["below_best"] else "")
 
 
-def tau_table(agg: dict, cfg: dict, drafter: str, temperature: float) -> list[str]:
-    """Rows (context, policy), columns the budgets and the full cache: tau mean ± std (n)."""
+def tau_table(agg: dict, cfg: dict, drafter: str, temperature: float, std: bool = True) -> list[str]:
+    """Rows (context, policy), columns the budgets and the full cache: tau mean ± std with the
+    prompt count (std), or mean [min, max] (a per-source table, where n is small)."""
     budgets = cfg["budgets"]
-    lines = ["| context | policy | " + " | ".join(f"B={b}" for b in budgets) + " | full | n |",
-             "|" + "---|" * (4 + len(budgets))]
+    lines = ["| context | policy | " + " | ".join(f"B={b}" for b in budgets) + " | full |" + (" n |" if std else ""),
+             "|" + "---|" * (3 + len(budgets) + std)]
     for context in cfg["contexts"]:
         full = agg.get((drafter, temperature, context, FULL, None))
         for policy in [p for p in cfg["policies"] if p != FULL]:
             cells = [agg.get((drafter, temperature, context, policy, b)) for b in budgets]
             if not any(cells):
                 continue
-            n = max([c["n"] for c in cells if c] + [full["n"] if full else 0])
-            lines.append(f"| {context} | {policy} | " + " | ".join(_tau(c) for c in cells) + f" | {_tau(full)} | {n} |")
+            row = f"| {context} | {policy} | " + " | ".join(_tau(c, std=std) for c in cells) + f" | {_tau(full, std=std)} |"
+            if std:
+                row += f" {max([c['n'] for c in cells if c] + [full['n'] if full else 0])} |"
+            lines.append(row)
     return lines
 
 
@@ -264,23 +267,9 @@ def markdown(result: dict, agg: dict, by_source: dict, gaps: list[dict], source_
                       *tau_table(agg, cfg, drafter, temp), ""]
             for source in cfg["sources"]:
                 src = {k[:3] + k[4:]: v for k, v in by_source.items() if k[3] == source}
-                lines += [f"### {source} only (mean [min, max])", "", *_source_table(src, cfg, drafter, temp), ""]
+                lines += [f"### {source} only (mean [min, max])", "", *tau_table(src, cfg, drafter, temp, std=False), ""]
     lines += ["## Cost", "", *cost_lines(result), ""]
     return "\n".join(lines) + "\n"
-
-
-def _source_table(agg: dict, cfg: dict, drafter: str, temperature: float) -> list[str]:
-    budgets = cfg["budgets"]
-    lines = ["| context | policy | " + " | ".join(f"B={b}" for b in budgets) + " | full |",
-             "|" + "---|" * (3 + len(budgets))]
-    for context in cfg["contexts"]:
-        full = agg.get((drafter, temperature, context, FULL, None))
-        for policy in [p for p in cfg["policies"] if p != FULL]:
-            cells = [agg.get((drafter, temperature, context, policy, b)) for b in budgets]
-            if any(cells):
-                lines.append(f"| {context} | {policy} | " + " | ".join(_tau(c, std=False) for c in cells)
-                             + f" | {_tau(full, std=False)} |")
-    return lines
 
 
 def cost_lines(result: dict) -> list[str]:
@@ -425,14 +414,17 @@ def family_plot(results: dict[str, dict], path: Path) -> Path:
                 if pts:
                     xs, ys, es = zip(*pts)
                     ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, linestyle=style,
-                                color=f"C{POLICY_ORDER.index(policy)}", label=f"{name} {policy}")
+                                color=f"C{POLICY_ORDER.index(policy)}",
+                                label=f"{name} {policy} (k={results[name]['k'][drafter]})")
         ax.set(title=f"B = {b}", xlabel="context (tokens)", ylabel="tau (tokens per verify)")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(contexts, [f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts])
+        ticks = [c for i, c in enumerate(contexts) if i == 0 or c > 1.1 * contexts[i - 1]]  # 8000 ~ 8192
+        ax.set_xticks(ticks, [f"{round(c / 1024)}K" for c in ticks])
         ax.grid(alpha=0.3)
-    panels[0][-1].legend(fontsize=7, ncol=2)
+    handles, labels = panels[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(policies), fontsize=8)
     fig.suptitle("tau vs context on two model families, greedy (mean ± std over prompts)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 * len(aggs) + 0.02, 1, 1))  # room for the legend below
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

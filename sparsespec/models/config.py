@@ -249,12 +249,12 @@ class ModelConfig:
             raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
 
     def to_hf(self) -> dict[str, Any]:
-        if self.model_type == "gemma3":
-            return self._gemma3_to_hf()
-        archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        """config.json in Hugging Face's names: the fields every family shares, then its own."""
+        archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gemma3": "Gemma3ForCausalLM"}
         out = {
             "architectures": [archs[self.model_type]],
-            "model_type": self.model_type,
+            "model_type": "gemma3_text" if self.model_type == "gemma3" else self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -268,38 +268,21 @@ class ModelConfig:
             "rope_scaling": self.rope_scaling,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
-            "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
         }
+        if self.model_type == "gemma3":
+            out.update({
+                "rope_local_base_freq": self.rope_local_base_freq,
+                "hidden_activation": self.hidden_act,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "sliding_window": self.sliding_window,
+                "layer_types": list(self.layer_types),
+                "final_logit_softcapping": None,
+                "attn_logit_softcapping": None,
+            })
+        else:
+            out["hidden_act"] = self.hidden_act
         if self.model_type == "mistral":
             out["sliding_window"] = None
         return out
-
-    def _gemma3_to_hf(self) -> dict[str, Any]:
-        return {
-            "architectures": ["Gemma3ForCausalLM"],
-            "model_type": "gemma3_text",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_local_base_freq": self.rope_local_base_freq,
-            "rope_scaling": self.rope_scaling,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": False,
-            "hidden_activation": self.hidden_act,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "sliding_window": self.sliding_window,
-            "layer_types": list(self.layer_types),
-            "final_logit_softcapping": None,
-            "attn_logit_softcapping": None,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
-        }
