@@ -59,7 +59,7 @@ if [ "$DRY" = 1 ]; then
   export SPARSESPEC_CHECK_TOKENS=8 SPARSESPEC_CHECK_CONTEXT=200
   "$PY" -c "import sys; from sparsespec.models.testing import save_random_model, tiny_config
 save_random_model(sys.argv[1], tiny_config(max_position_embeddings=512, eos_token_ids=()), seed=3)" "$WORK/tiny"
-  CAPACITY=(--model "$WORK/tiny" --contexts 160 --sessions 1,2 --max-tokens 8 -k 2 --drafter-weights same --threads 1)
+  CAPACITY=(--model "$WORK/tiny" --contexts 160 --sessions 1,2 --max-tokens 8 -k 2 --drafter-weights same --threads 1 --adaptive)
   LIMITS=(120 180 120)
   # The whole kernel file runs in the suite; here one ragged verify, the dispatch and speculation
   # on the kernels: enough to show the step's wiring in CI's time.
@@ -67,7 +67,7 @@ save_random_model(sys.argv[1], tiny_config(max_position_embeddings=512, eos_toke
 else
   DEVICE=cuda
   CAPACITY=(--model smollm2-135m --device cuda --contexts 4096,8000 --sessions 1,8,32 --max-tokens 64 -k 4
-            --drafter-weights same)
+            --drafter-weights same --adaptive)
   LIMITS=(90 150 210)
   KERNELS=()
 fi

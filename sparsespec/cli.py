@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttft-prompts", type=int, default=None,
                        help="capacity: prompts per time-to-first-token cell (default 3)")
     bench.add_argument("--json", default=None, help="capacity: also write the records to this JSON file")
+    bench.add_argument("--adaptive", action="store_true",
+                       help="capacity: also run every cell with adaptive k (an 'adaptive' row beside spec)")
     bench.add_argument("--device", default=None, help="capacity: cpu | cuda | cuda:N for the in-process cells (default cpu)")
     for module in EXTENSIONS.values():
         importlib.import_module(module).add_parser(sub)

@@ -33,6 +33,7 @@ def test_cpu_dry_run_passes_and_writes_one_file(tmp_path):
         assert f"-- {name}: rc=0" in text
     assert " failed" not in text and "3 passed in" in text       # lossless: tiny k=1, k=4, SmolLM2
     assert "capacity table" in text and "**no**" not in text     # every capacity cell equals AR
+    assert "| 160 | 2 | adaptive |" in text                      # adaptive k ran, and equals AR too
 
 
 def test_bad_use_is_one_line():

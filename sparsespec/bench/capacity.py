@@ -7,6 +7,9 @@ verifier's AR step grows with S x context. Per (context, S) cell this measures:
 
 - **ar**: the verifier alone, batched over the S sessions (the baseline).
 - **spec**: the same engine and rows with the drafter in process (batched drafting).
+- **adaptive** (with `--adaptive`): spec again, each session with adaptive k (spec/adaptive.py),
+  which may switch speculation off where it does not pay: the run that shows it never leaves a
+  session much slower than AR.
 - **services** (the cells named by `--service-cells`): a real local cluster (redis-server, a
   drafter process, a verifier process, gRPC on 127.0.0.1) driven through the SDK.
 
@@ -26,6 +29,7 @@ component times give the cost model per cell: tau / (k c_draft + c_verify), in A
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import threading
 import time
@@ -42,6 +46,7 @@ from sparsespec.data import kjv
 from sparsespec.errors import InvalidArgument
 from sparsespec.models.quant import check_drafter_weights, drafter_weights
 from kvstore.cache.policies import get_policy
+from sparsespec.spec.adaptive import AdaptiveConfig
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.feed import Feeder
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
@@ -69,6 +74,7 @@ class CapacityConfig:
     service_cells: tuple[tuple[int, int], ...] = ((4, 4096), (8, 8000))   # (sessions, context)
     ttft_contexts: tuple[int, ...] = (4096,)     # time to first token through the services, AR vs spec
     ttft_prompts: int = 3                        # prompts per TTFT cell (fewer for 16K prefills on a CPU)
+    adaptive: bool = False                       # also an adaptive-k row per cell
     threads: int | None = None
     device: str = "cpu"                          # in-process cells only (scripts/gpu_check.sh: cuda)
     dtype: str = "float32"
@@ -169,9 +175,12 @@ class Bench:
         return adopting(prefix)
 
     def decode(self, rows: list[int], prompts: list[list[int]], mode: str, k: int, max_tokens: int) -> dict:
-        """Decode the prompts in their (prefilled) rows together; the rows keep their prompts."""
+        """Decode the prompts in their (prefilled) rows together; the rows keep their prompts.
+        mode: ar | spec | adaptive (spec with adaptive k, starting at k)."""
         e = self.engine
         host = None
+        adaptive = AdaptiveConfig(enabled=mode == "adaptive", k_max=max(2 * k, 8))
+        mode = "spec" if mode == "adaptive" else mode
         if mode == "spec":
             host = DrafterHost(self.drafter_model, DrafterHostConfig(self.sparse, self.max_context))
             e.drafter = LocalDrafterClient(host)
@@ -179,7 +188,7 @@ class Bench:
         for row, ids in zip(rows, prompts):
             if host is not None and not self.fed:   # a fed drafter is fed by the engine instead
                 host.start_session = self._adopt(row, len(ids) - OWN_TAIL)
-            runs.append(e.start(GenerationRequest(ids, max_tokens, k=max(k, 1), mode=mode), row,
+            runs.append(e.start(GenerationRequest(ids, max_tokens, k=max(k, 1), adaptive=adaptive, mode=mode), row,
                                 session=f"row{row}", cached=len(ids) - 1))
         t0 = time.perf_counter()
         while any(not r.done for r in runs):
@@ -197,6 +206,7 @@ class Bench:
                 "session_tok_s": [x.tokens_per_s for x in m],
                 "tau": statistics.median(x.tau for x in m), "alpha": statistics.median(x.alpha for x in m),
                 "k": statistics.median(x.k for x in m) if mode == "spec" else 0,
+                "ar_steps": sum(x.ar_steps for x in m),
                 "verify_s_per_forward": busiest.verify_s / forwards,
                 "draft_s_per_round": busiest.draft_s / busiest.rounds if busiest.rounds else 0.0,
                 "drafter_device_bytes": max(x.drafter_kv_device_bytes for x in m),
@@ -275,19 +285,21 @@ class Bench:
                     + ", ".join(f"k={kk} {c:.2f}" for kk, c in costs["c_verify"].items())
                     + f" -> k={k} (modelled " + ", ".join(f"{kk}: {m:.2f}x" for kk, m in modelled.items()) + ")")
             self.k_of[(context, s)] = k
-            cell = {}
-            for mode in ("ar", "spec"):
+            cell, modes = {}, ("ar", "spec") + (("adaptive",) if cfg.adaptive else ())
+            for mode in modes:
                 outs = [self.decode(g, [prompts[i] for i in g], mode, k, cfg.max_tokens) for g in groups]
                 cell[mode] = outs
-            equal = all(a["tokens"] == b["tokens"] for a, b in zip(cell["ar"], cell["spec"]))
+            equal = all(a["tokens"] == b["tokens"] for m in modes[1:] for a, b in zip(cell["ar"], cell[m]))
             for g, out in zip(groups, cell["ar"]):
                 for i, toks in zip(g, out["tokens"]):
                     self.ar_tokens[(context, i)] = toks
             ar_step = statistics.median(o["verify_s_per_forward"] for o in cell["ar"])
-            for mode in ("ar", "spec"):
-                outs = cell[mode]
-                rates = [o["decode_tok_s"] for o in outs] if s == 1 else outs[0]["session_tok_s"]
-                rec = {"mode": mode, "sessions": s, "context": context, "k": k if mode == "spec" else 0,
+            rates_of = {m: [o["decode_tok_s"] for o in cell[m]] if s == 1 else cell[m][0]["session_tok_s"]
+                        for m in modes}                                # per prompt (S = 1) or per session
+            for mode in modes:
+                outs, rates = cell[mode], rates_of[mode]
+                rec = {"mode": mode, "sessions": s, "context": context,
+                       "k": k if mode == "spec" else statistics.median(o["k"] for o in outs) if mode == "adaptive" else 0,
                        "k_modelled_speedup": modelled if mode == "spec" else {},
                        "decode_tok_s": statistics.median(o["decode_tok_s"] for o in outs),
                        "spread_tok_s": _spread(rates), "runs": len(outs),
@@ -297,7 +309,8 @@ class Bench:
                        "prefill_s": _spread([prefill_s[i] for g in groups for i in g]),
                        "ar_step_ms": 1e3 * ar_step,
                        "drafter_device_bytes": max(o["drafter_device_bytes"] for o in outs),
-                       "drafter_failures": sum(o["drafter_failures"] for o in outs)}
+                       "drafter_failures": sum(o["drafter_failures"] for o in outs),
+                       "ar_steps": sum(o["ar_steps"] for o in outs)}
                 if mode == "spec":
                     verify = statistics.median(o["verify_s_per_forward"] for o in outs)
                     draft = statistics.median(o["draft_s_per_round"] for o in outs)
@@ -305,11 +318,18 @@ class Bench:
                                c_verify=verify / ar_step, c_draft=draft / k / ar_step,
                                predicted_speedup=rec["tau"] / (draft / ar_step + verify / ar_step))
                 records.append(rec)
-            ar, sp = records[-2], records[-1]
-            sp["speedup"] = sp["decode_tok_s"] / ar["decode_tok_s"]
+            ar, sp = records[-len(modes)], records[-len(modes) + 1]
+            for rec in records[-len(modes) + 1:]:
+                rec["speedup"] = rec["decode_tok_s"] / ar["decode_tok_s"]
+                # the session (prompt, or row of the batch) that gained least against its own AR run
+                rec["worst_session_vs_ar"] = min(x / y for x, y in zip(rates_of[rec["mode"]], rates_of["ar"]))
             log(f"  S={s}: AR {ar['decode_tok_s']:.2f} tok/s, spec {sp['decode_tok_s']:.2f} tok/s "
                 f"({sp['speedup']:.2f}x; model {sp['predicted_speedup']:.2f}x) tau {sp['tau']:.2f} k={k} "
                 f"c_draft {sp['c_draft']:.2f} c_verify {sp['c_verify']:.2f} equal={equal}")
+            if cfg.adaptive:
+                ad = records[-1]
+                log(f"  S={s}: adaptive {ad['decode_tok_s']:.2f} tok/s ({ad['speedup']:.2f}x; worst session "
+                    f"{ad['worst_session_vs_ar']:.2f}x its AR), median k {ad['k']}, {ad['ar_steps']} plain steps")
         return records
 
     # --- through the services ----------------------------------------------------------------
@@ -385,7 +405,7 @@ class Bench:
             ar = statistics.median(times["ar"])
             for label, ts in times.items():
                 rec = {"mode": f"ttft-{label}", "sessions": 1, "context": context, "ttft_s": _spread(ts),
-                       "ttft_vs_ar": statistics.median(ts) / ar, "outputs_equal_ar": equal}
+                       "prompts": len(ts), "ttft_vs_ar": statistics.median(ts) / ar, "outputs_equal_ar": equal}
                 records.append(rec)
                 log(f"  TTFT {label}: median {rec['ttft_s']['median']:.2f} s ({rec['ttft_vs_ar']:.2f}x AR)")
         return records
@@ -463,6 +483,7 @@ def run_capacity(args) -> int:
                          service_cells=cells, threads=args.threads,
                          ttft_contexts=(CapacityConfig.ttft_contexts if args.ttft_contexts is None
                                         else _ints("ttft_contexts", args.ttft_contexts) if args.ttft_contexts else ()),
+                         adaptive=bool(getattr(args, "adaptive", False)),
                          ttft_prompts=(CapacityConfig.ttft_prompts if getattr(args, "ttft_prompts", None) is None
                                        else args.ttft_prompts),
                          device=getattr(args, "device", None) or "cpu", dtype=getattr(args, "dtype", None) or "float32")
@@ -472,11 +493,13 @@ def run_capacity(args) -> int:
     command = " ".join(["sparsespec bench capacity", f"--model {cfg.model}", f"--contexts {','.join(map(str, cfg.contexts))}",
                         f"--sessions {','.join(map(str, cfg.sessions))}", f"--max-tokens {cfg.max_tokens}",
                         f"--policy {cfg.policy} --budget {cfg.budget}", f"--drafter-weights {cfg.drafter_weights}",
-                        f"--service-cells {','.join(f'{s}x{c}' for s, c in cfg.service_cells)}",
+                        f"--service-cells {shlex.quote(','.join(f'{s}x{c}' for s, c in cfg.service_cells))}",
                         f"--ttft-contexts {','.join(map(str, cfg.ttft_contexts))}"]
                        + ([f"--ttft-prompts {cfg.ttft_prompts}"] if cfg.ttft_prompts != CapacityConfig.ttft_prompts else [])
                        + ([f"--device {cfg.device}"] if cfg.device != "cpu" else [])
-                       + ([f"-k {cfg.k}"] if cfg.k else []))
+                       + ([f"-k {cfg.k}"] if cfg.k else [])
+                       + (["--adaptive"] if cfg.adaptive else [])
+                       + ([f"--out {args.out}"] if args.out != "docs" else []))
     doc = {"command": command, "config": {**cfg.__dict__}, "threads": torch.get_num_threads(), "records": records,
            "ttft": bench.ttft}
     if args.json:
@@ -503,8 +526,9 @@ def _write_markdown(out: Path, records: list[dict], command: str, ttft: list[dic
         cost = f"{r['c_draft']:.2f} / {r['c_verify']:.2f}" if "c_draft" in r else "-"
         model = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "-"
         lines.append(" | ".join([
-            f"| {r['context']}", str(r["sessions"]), r["mode"], str(r["k"] or "-"), f"{r['decode_tok_s']:.2f}",
-            f"[{sp['min']:.2f}, {sp['median']:.2f}, {sp['max']:.2f}]", f"{r.get('speedup', 1.0):.2f}x",
+            f"| {r['context']}", str(r["sessions"]), r["mode"], (f"{r['k']:.3g}" if r["k"] else "-"), f"{r['decode_tok_s']:.2f}",
+            f"[{sp['min']:.2f}, {sp['median']:.2f}, {sp['max']:.2f}]", f"{r.get('speedup', 1.0):.2f}x"
+            + (f" (worst session {r['worst_session_vs_ar']:.2f}x)" if "worst_session_vs_ar" in r else ""),
             f"{r['tau']:.2f}", f"{r['alpha']:.2f}", cost, model, str(r["drafter_device_bytes"] or "-"),
             f"{timing['median']:.1f}", ("yes" if r["outputs_equal_ar"] else "**no**") + " |"]))
     section = "\n".join([
@@ -517,7 +541,9 @@ def _write_markdown(out: Path, records: list[dict], command: str, ttft: list[dic
         "tok/s = tokens generated by all sessions / decode wall time. Spread: over 3 prompts (S = 1) or "
         "over the sessions' own rates (S > 1). c_draft = one draft position's time / an AR step, "
         "c_verify = a (k+1)-token verify / an AR step, both at the same S; model = tau / (k c_draft + "
-        "c_verify).", "", *lines, *_ttft_lines(ttft), END])
+        "c_verify). worst session: the prompt (S = 1) or batch row (S > 1) that gained least against its "
+        "own AR rate. adaptive (with --adaptive): adaptive k from k, speculation off where it does not "
+        "pay; its k is the median over sessions of their mean draft length.", "", *lines, *_ttft_lines(ttft), END])
     replace_section(out / "benchmarks.md", BEGIN, END, section)
 
 
@@ -528,8 +554,9 @@ def _ttft_lines(ttft: list[dict]) -> list[str]:
     rows = [f"| {r['context']} | {r['mode'][5:]} | {r['ttft_s']['median']:.2f} | [{r['ttft_s']['min']:.2f}, "
             f"{r['ttft_s']['max']:.2f}] | {r['ttft_vs_ar']:.2f}x | {'yes' if r['outputs_equal_ar'] else '**no**'} |"
             for r in ttft]
+    n = ttft[0].get("prompts", 3)                               # records before the field ran 3
     return ["", "Time to first token through the services (the first streamed chunk; one session at a time on "
-            "an idle cluster, 3 prompts; spec-fed: the drafter is fed the verifier's K/V and does no prefill; "
+            f"an idle cluster, {n} prompt{'s' * (n != 1)}; spec-fed: the drafter is fed the verifier's K/V and does no prefill; "
             "spec-chunk_topk: it keeps its own KV, so it prefills the prompt itself):", "",
             "| context | run | TTFT s (median) | [min, max] | vs AR | = AR |", "|---|---|---|---|---|---|", *rows]
 
@@ -545,7 +572,7 @@ def _plot(out: Path, records: list[dict], model: str) -> None:
     contexts = sorted({r["context"] for r in records})
     fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 3.6), squeeze=False)
     for ax, context in zip(axes[0], contexts):
-        for mode, marker in (("ar", "o"), ("spec", "s"), ("services", "^")):
+        for mode, marker in (("ar", "o"), ("spec", "s"), ("adaptive", "D"), ("services", "^")):
             rs = sorted((r for r in records if r["context"] == context and r["mode"] == mode),
                         key=lambda r: r["sessions"])
             if not rs:
