@@ -19,6 +19,7 @@ from kvstore.cache.stacked import StackedKVCache
 from sparsespec.rpc.drafter_client import GrpcDrafterClient
 from sparsespec.rpc.errors import DrafterRejected, SessionUnknown, StateMismatch
 from sparsespec.spec.drafter import Drafter, DraftJob, draft_round
+from sparsespec.spec.adaptive import AdaptiveConfig
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams
@@ -221,3 +222,41 @@ def test_a_reopen_in_the_round_does_not_count_against_the_others_draft_time(tiny
     engine.step(runs)
     assert runs[1].metrics.draft_s >= 0.3
     assert runs[0].metrics.draft_s < 0.3, runs[0].metrics.draft_s   # what adaptive k weighs
+
+
+def test_adaptive_k_does_not_take_a_sessions_open_for_its_draft_cost(tiny_model):
+    """A session's first round opens its drafter session (0.3 s here; a fed drafter's first
+    selection, or a prefill): adaptive k must not read that as the price of a draft token, or
+    it switches speculation off in the first round (measured: 104 of 144 steps plain at 4K
+    where speculation paid 1.22x)."""
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16), 512))
+    engine = SpecEngine(tiny_model, SlowReopens(host))
+    run = engine.start(GenerationRequest(prompts(1)[0], 16, k=2, adaptive=AdaptiveConfig(k_max=4)), 0)
+    engine.step([run])                  # the plain step that calibrates t_ar
+    run.drafter_base = 0                # as a fed drafter's first round: it opens the session
+    host.close(run.session)
+    engine.step([run])                  # the open and the first drafts
+    assert run.metrics.rounds == 1 and run.metrics.draft_s >= 0.3
+    assert run.ctrl.t_draft is None and not run.ctrl.off
+    engine.step([run])
+    assert run.ctrl.t_draft is not None and run.ctrl.t_draft < 0.1
+
+
+def test_a_session_switched_off_rides_a_batch_that_drafts(tiny_model):
+    """The verify of a round is k + 1 wide if any row drafts, so a plain row in it pays that
+    width for one token: a session whose adaptive k switched speculation off drafts with the
+    others instead (measured before: adaptive at 8 x 4K 0.75x AR in mixed batches), and plain
+    steps are taken only when no row drafts."""
+    ps = prompts(2)
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16), 512))
+    engine = SpecEngine(tiny_model, LocalDrafterClient(host))
+    adaptive = AdaptiveConfig(k_max=4)
+    runs = [engine.start(GenerationRequest(p, 24, k=2, adaptive=adaptive), row) for row, p in enumerate(ps)]
+    engine.step(runs)                                       # both calibrate: plain
+    runs[1].ctrl.off, runs[1].ctrl._plain_since_probe = True, 0
+    engine.step(runs)
+    assert [r.metrics.rounds for r in runs] == [1, 1] and [r.metrics.ar_steps for r in runs] == [1, 1]
+    for r in runs:
+        r.ctrl.off, r.ctrl._plain_since_probe = True, 0    # both off: a plain batch
+    engine.step(runs)
+    assert [r.metrics.ar_steps for r in runs] == [2, 2]

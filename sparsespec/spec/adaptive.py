@@ -48,6 +48,7 @@ class KController:
         self.slope = 0.0                     # extra verify seconds per draft token
         self.off = False
         self._plain_since_probe = 0
+        self._skip_draft_time = False        # the next round's draft seconds include a session open
 
     def next_k(self) -> int:
         if not self.cfg.enabled:
@@ -60,6 +61,18 @@ class KController:
                 return max(self.cfg.k_min, min(self.k, 4))
             return 0
         return self.k
+
+    def riding_k(self) -> int:
+        """k for a round whose verify is k + 1 wide anyway (other sessions of the batch draft):
+        the best k once calibrated, even while switched off (a plain row would waste the width)."""
+        if not self.cfg.enabled:
+            return self.k
+        return self.k if self.t_ar is not None else 0
+
+    def skip_draft_time(self) -> None:
+        """The coming round's draft time includes opening the drafter session (a fed drafter's
+        first selection, or a prefill): not a per-token draft cost."""
+        self._skip_draft_time = True
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.cfg.ema) * old + self.cfg.ema * new
@@ -74,7 +87,10 @@ class KController:
         # Geometric MLE for one round: `accepted` successes, one failure unless all were accepted.
         round_alpha = accepted / (accepted + (1 if accepted < k else 0))
         self.alpha = self._ema(self.alpha, round_alpha)
-        self.t_draft = self._ema(self.t_draft, draft_s / k)
+        if self._skip_draft_time:
+            self._skip_draft_time = False
+        else:
+            self.t_draft = self._ema(self.t_draft, draft_s / k)
         if self.t_ar is not None:
             self.slope = self._ema(self.slope, max(0.0, (verify_s - self.t_ar) / k))
         self._choose()

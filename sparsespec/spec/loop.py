@@ -282,11 +282,15 @@ class SpecEngine:
         self.verifier.commit(run.row, min(self.verifier.length(run.row), len(run.tokens) - 1))
         return GenerationResult(list(run.generated), run.stopper.final_text(), m)
 
-    def _plan_k(self, r: Run) -> int:
+    def _plan_k(self, r: Run, width: int = 0) -> int:
+        """r's k this round (0: a plain step). width > 0: other rows of the batch draft that many,
+        so the verify is width + 1 wide anyway and a session whose controller switched speculation
+        off drafts its own best k up to width, for its share of the batch's draft forwards."""
         if r.req.mode != "spec" or not r.can_draft:
             return 0
         remaining = min(r.req.max_tokens - len(r.generated), self.max_context - len(r.tokens))
-        return max(0, min(r.ctrl.next_k(), remaining - 1))
+        k = min(r.ctrl.riding_k(), width) if width else r.ctrl.next_k()
+        return max(0, min(k, remaining - 1))
 
     def _draft(self, active: list[Run]) -> list[tuple[list[int], list | None, float]]:
         """This round's drafts for every run, in one request to the drafter (which drafts them
@@ -298,8 +302,10 @@ class SpecEngine:
     def _ask(self, active: list[Run]) -> tuple[list[tuple], list[DraftCall]]:
         """The round's draft calls (k, summaries, feeds), made on the loop's thread."""
         asked, calls = [], []
-        for r in active:
-            k = self._plan_k(r)
+        ks = [self._plan_k(r) for r in active]
+        if any(ks):   # never a batch of plain rows riding a wide verify for one token each
+            ks = [k or self._plan_k(r, width=max(ks)) for r, k in zip(active, ks)]
+        for r, k in zip(active, ks):
             if k == 0:
                 continue
             summary, fresh = self._summary_for(r)
@@ -347,6 +353,8 @@ class SpecEngine:
                     self.verifier.track(r.row, False)
             if r.drafter_base > 0:   # a re-open (base_len 0) is a prefill, not per-round overhead
                 m.draft_overhead_s.append(max(0.0, elapsed - reply.draft_s))
+            else:                    # ... nor a draft cost adaptive k should weigh
+                r.ctrl.skip_draft_time()
             r.drafter_base = len(r.tokens)
             m.drafter_kv_device_bytes = max(m.drafter_kv_device_bytes, reply.device_bytes)
             m.drafter_kv_host_bytes = max(m.drafter_kv_host_bytes, reply.host_bytes)
@@ -437,7 +445,8 @@ class SpecEngine:
                 r.ctrl.observe_round(len(d), outcome.accepted, ds, verify_s)
             else:
                 m.ar_steps += 1
-                r.ctrl.observe_plain(verify_s)
+                r.ctrl.observe_plain(verify_s)   # an AR step (over-counted if other rows drafted: they
+                                                 # ride in the same forward; it errs towards speculating)
             if r.summary is not None:
                 r.summary.observe(len(d), outcome.accepted)
             if r.feeder is not None and d:
