@@ -49,3 +49,24 @@ def test_disabled_keeps_k():
     c = KController(6, AdaptiveConfig(enabled=False))
     c.observe_round(6, 0, 1.0, 1.0)
     assert c.next_k() == 6
+
+
+def test_one_unlucky_round_does_not_switch_speculation_off():
+    """alpha pools the window's rounds (a geometric MLE), so one round of nothing accepted after
+    three of everything does not read as a drafter at alpha 0.7. With these costs alpha 0.7 loses to
+    plain decoding and 12/13 wins; the old EMA of per-round ratios switched off here, for
+    probe_every steps (measured: 95 of 144 steps plain at 4K where speculation paid 1.2x)."""
+    c = controller()
+    for accepted in (4, 4, 4, 0):
+        c.observe_round(4, accepted, draft_s=0.022, verify_s=0.018)
+    assert not c.off and c.next_k() >= 1
+    assert abs(c.alpha - 12 / 13) < 1e-12
+
+
+def test_too_little_evidence_never_switches_off():
+    c = controller(min_rounds=3)
+    c.observe_round(4, 0, draft_s=0.040, verify_s=0.030)           # a useless first round
+    c.observe_round(4, 0, draft_s=0.040, verify_s=0.030)
+    assert not c.off
+    c.observe_round(4, 0, draft_s=0.040, verify_s=0.030)
+    assert c.off
