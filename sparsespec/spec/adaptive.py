@@ -1,7 +1,11 @@
 """Adaptive draft length: pick the k that maximises expected tokens per second, or switch off.
 
 With per-token acceptance alpha, a round of k drafts commits E(k) = (1 - alpha^(k+1)) / (1 - alpha)
-tokens and costs k * t_draft + t_verify(k), where t_verify(k) = t_ar + slope * k. Speculation is
+tokens and costs t_draft(k) + t_verify(k), each measured per k (an EMA of the rounds at that k) and,
+for a k not yet seen, on the line through the two nearest measured ones (through (0, 0) for the
+drafts and (0, t_ar) for the verify while only one is measured). Both costs are affine, not linear:
+a verify of k + 1 tokens leaves the T = 1 fast path, and a draft round syncs the committed tokens
+first, so one slope from one k misprices the others and drove k down round by round. Speculation is
 switched off for the session when no k beats plain decoding (1 / t_ar), and probed again every
 `probe_every` plain steps so it comes back when it would pay. None of this affects the output.
 """
@@ -50,9 +54,9 @@ class KController:
         self.alpha: float | None = None      # per-token acceptance: geometric MLE over the window
         self._rounds: deque[tuple[int, int]] = deque(maxlen=cfg.window)   # (accepted, rejected)
         self._rounds_on = 0                  # rounds observed since speculation was last switched on
-        self.t_draft: float | None = None    # seconds per drafted token
         self.t_ar: float | None = None       # seconds per plain verifier step
-        self.slope = 0.0                     # extra verify seconds per draft token
+        self.draft_at: dict[int, float] = {}    # k -> seconds of a draft round of k (EMA)
+        self.verify_at: dict[int, float] = {}   # k -> seconds of a (k+1)-token verify (EMA)
         self.off = False
         self._plain_since_probe = 0
         self._skip_draft_time = False        # the next round's draft seconds include a session open
@@ -101,15 +105,33 @@ class KController:
         if self._skip_draft_time:
             self._skip_draft_time = False
         else:
-            self.t_draft = self._ema(self.t_draft, draft_s / k)
-        if self.t_ar is not None:
-            self.slope = self._ema(self.slope, max(0.0, (verify_s - self.t_ar) / k))
+            self.draft_at[k] = self._ema(self.draft_at.get(k), draft_s)
+        self.verify_at[k] = self._ema(self.verify_at.get(k), verify_s)
         self._choose()
+
+    @staticmethod
+    def _at(table: dict[int, float], k: int, origin: float) -> float:
+        """table's seconds at k: measured, or on the line through the two nearest measured k (or
+        through (0, origin) and the one measured)."""
+        if k in table:
+            return table[k]
+        if not table:
+            return origin
+        near = sorted(table, key=lambda j: (abs(j - k), j))[:2]
+        (k1, y1), (k2, y2) = ((0, origin), (near[0], table[near[0]])) if len(near) == 1 else \
+            sorted((j, table[j]) for j in near)
+        return max(0.0, y1 + max(0.0, (y2 - y1) / (k2 - k1)) * (k - k1))   # costs never fall with k
 
     def rate(self, k: int) -> float:
         """Expected committed tokens per second with k drafts per round."""
-        cost = k * (self.t_draft or 0.0) + (self.t_ar or 0.0) + self.slope * k
+        t_ar = self.t_ar or 0.0
+        cost = self._at(self.draft_at, k, 0.0) + max(t_ar, self._at(self.verify_at, k, t_ar))
         return expected_tokens(self.alpha or 0.0, k) / cost if cost > 0 else 0.0
+
+    @property
+    def t_draft(self) -> float | None:
+        """Seconds per drafted token at the current k (None before any draft round is timed)."""
+        return self._at(self.draft_at, self.k, 0.0) / self.k if self.draft_at else None
 
     def _choose(self) -> None:
         if self.t_ar is None or self.alpha is None:
