@@ -73,12 +73,15 @@ class KController:
             return 0
         return self.k
 
-    def riding_k(self) -> int:
-        """k for a round whose verify is k + 1 wide anyway (other sessions of the batch draft):
-        the best k once calibrated, even while switched off (a plain row would waste the width)."""
+    def batch_k(self, width: int) -> int:
+        """k when the batch drafts `width`: a round's verify is as wide as its widest row and its
+        draft forwards as many as its longest draft, so the sessions of a batch share one k (a
+        plain row, or a short one, would pay that width for less) and each session's cost table
+        then holds the batch's true cost at that k. Its own choice feeds the batch's median.
+        Without adaptive k the session keeps its own k."""
         if not self.cfg.enabled:
             return self.k
-        return self.k if self.t_ar is not None else 0
+        return width if self.t_ar is not None else 0
 
     def skip_draft_time(self) -> None:
         """The coming round's draft time includes opening the drafter session (a fed drafter's

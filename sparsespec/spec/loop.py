@@ -283,13 +283,13 @@ class SpecEngine:
         return GenerationResult(list(run.generated), run.stopper.final_text(), m)
 
     def _plan_k(self, r: Run, width: int = 0) -> int:
-        """r's k this round (0: a plain step). width > 0: other rows of the batch draft that many,
-        so the verify is width + 1 wide anyway and a session whose controller switched speculation
-        off drafts its own best k up to width, for its share of the batch's draft forwards."""
+        """r's k this round (0: a plain step). width > 0: the batch's k (adaptive sessions draft
+        it, see KController.batch_k), since the round's verify and draft forwards are as wide as
+        its widest row whatever each row asks."""
         if r.req.mode != "spec" or not r.can_draft:
             return 0
         remaining = min(r.req.max_tokens - len(r.generated), self.max_context - len(r.tokens))
-        k = min(r.ctrl.riding_k(), width) if width else r.ctrl.next_k()
+        k = r.ctrl.batch_k(width) if width else r.ctrl.next_k()
         return max(0, min(k, remaining - 1))
 
     def _draft(self, active: list[Run]) -> list[tuple[list[int], list | None, float]]:
@@ -303,8 +303,9 @@ class SpecEngine:
         """The round's draft calls (k, summaries, feeds), made on the loop's thread."""
         asked, calls = [], []
         ks = [self._plan_k(r) for r in active]
-        if any(ks):   # never a batch of plain rows riding a wide verify for one token each
-            ks = [k or self._plan_k(r, width=max(ks)) for r, k in zip(active, ks)]
+        wanted = sorted(k for k in ks if k)
+        if wanted:    # one k for the batch: the median of what its sessions ask
+            ks = [self._plan_k(r, width=wanted[(len(wanted) - 1) // 2]) for r in active]
         for r, k in zip(active, ks):
             if k == 0:
                 continue
