@@ -494,7 +494,7 @@ def run_capacity(args) -> int:
                         f"--sessions {','.join(map(str, cfg.sessions))}", f"--max-tokens {cfg.max_tokens}",
                         f"--policy {cfg.policy} --budget {cfg.budget}", f"--drafter-weights {cfg.drafter_weights}",
                         f"--service-cells {shlex.quote(','.join(f'{s}x{c}' for s, c in cfg.service_cells))}",
-                        f"--ttft-contexts {','.join(map(str, cfg.ttft_contexts))}"]
+                        f"--ttft-contexts {shlex.quote(','.join(map(str, cfg.ttft_contexts)))}"]
                        + ([f"--ttft-prompts {cfg.ttft_prompts}"] if cfg.ttft_prompts != CapacityConfig.ttft_prompts else [])
                        + ([f"--device {cfg.device}"] if cfg.device != "cpu" else [])
                        + ([f"-k {cfg.k}"] if cfg.k else [])
