@@ -237,9 +237,9 @@ def test_adaptive_k_does_not_take_a_sessions_open_for_its_draft_cost(tiny_model)
     host.close(run.session)
     engine.step([run])                  # the open and the first drafts
     assert run.metrics.rounds == 1 and run.metrics.draft_s >= 0.3
-    assert run.ctrl.t_draft is None and not run.ctrl.off
+    assert run.ctrl.draft_at == {} and not run.ctrl.off
     engine.step([run])
-    assert run.ctrl.t_draft is not None and run.ctrl.t_draft < 0.1
+    assert len(run.ctrl.draft_at) == 1 and max(run.ctrl.draft_at.values()) < 0.1
 
 
 def test_a_session_switched_off_rides_a_batch_that_drafts(tiny_model):

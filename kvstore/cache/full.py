@@ -245,11 +245,14 @@ class FullKVCache(KVCache):
         length >= top - (SB - 1) (SB = R - W + 1): any rollback of at most SB - 1 positions
         (ring_block: max(MAX_BLOCK, W), so a verify's to its start), never a deeper one. 0 (an
         empty row, a new prefill) always is."""
-        if not 0 <= length <= int(self.lengths[row]):
-            return False
-        return length == 0 or not self._rings or all(
-            not ring or max(0, length - self.windows[layer]) >= self.held_from(row, layer)
-            for layer, ring in enumerate(self.ring))
+        return 0 <= length <= int(self.lengths[row]) and self._lost_layer(row, length) is None
+
+    def _lost_layer(self, row: int, length: int) -> int | None:
+        """The first ring layer that no longer holds what a rollback to `length` needs (None: none)."""
+        if length == 0 or not self._rings:
+            return None
+        return next((layer for layer, ring in enumerate(self.ring)
+                     if ring and max(0, length - self.windows[layer]) < self.held_from(row, layer)), None)
 
     def truncate(self, row: int, length: int) -> None:
         """Roll row back to `length` tokens (drops rejected drafts); 0 empties it (a new prefill).
@@ -258,9 +261,8 @@ class FullKVCache(KVCache):
         n = int(self.lengths[row])
         if not 0 <= length <= n:
             raise ValueError(f"cannot truncate row {row} of length {n} to {length}")
-        if not self.can_truncate(row, length):
-            layer = next(i for i, ring in enumerate(self.ring)
-                         if ring and max(0, length - self.windows[i]) < self.held_from(row, i))
+        layer = self._lost_layer(row, length)
+        if layer is not None:
             raise ValueError(f"cannot roll row {row} back to {length}: local layer {layer} keeps a ring of "
                              f"{self.slots[layer]} slots and no longer holds position "
                              f"{max(0, length - self.windows[layer])} (it holds [{self.held_from(row, layer)}, {n}))")
@@ -279,7 +281,4 @@ class FullKVCache(KVCache):
 
     def used_bytes(self) -> int:
         """Bytes of the entries rows actually hold (what a paged cache would allocate)."""
-        if not self._rings:
-            per_token = sum(t.shape[1] * t.shape[3] * t.element_size() for t in self.k + self.v)
-            return int(self.lengths.sum()) * per_token
         return sum(self.row_bytes(n) for n in self.lengths.tolist())

@@ -131,8 +131,9 @@ def drafter_spec(spec: str) -> str:
 
 def adopting(prefix):
     """A DrafterHost start strategy: sessions start from a known exact prefix (see module doc):
-    (keys, values) or (keys, values, length) as Drafter.start_from takes them."""
-    return lambda drafter, tokens: drafter.start_from(prefix[0], prefix[1], tokens, *prefix[2:])
+    (keys, values, length) as Drafter.start_from takes them."""
+    keys, values, length = prefix
+    return lambda drafter, tokens: drafter.start_from(keys, values, tokens, length)
 
 
 class Study:

@@ -77,10 +77,7 @@ class KController:
         """k when the batch drafts `width`: a round's verify is as wide as its widest row and its
         draft forwards as many as its longest draft, so the sessions of a batch share one k (a
         plain row, or a short one, would pay that width for less) and each session's cost table
-        then holds the batch's true cost at that k. Its own choice feeds the batch's median.
-        Without adaptive k the session keeps its own k."""
-        if not self.cfg.enabled:
-            return self.k
+        then holds the batch's true cost at that k. Its own choice feeds the batch's median."""
         return width if self.t_ar is not None else 0
 
     def skip_draft_time(self) -> None:
@@ -121,8 +118,10 @@ class KController:
         if not table:
             return origin
         near = sorted(table, key=lambda j: (abs(j - k), j))[:2]
-        (k1, y1), (k2, y2) = ((0, origin), (near[0], table[near[0]])) if len(near) == 1 else \
-            sorted((j, table[j]) for j in near)
+        if len(near) == 1:
+            (k1, y1), (k2, y2) = (0, origin), (near[0], table[near[0]])
+        else:
+            (k1, y1), (k2, y2) = sorted((j, table[j]) for j in near)
         return max(0.0, y1 + max(0.0, (y2 - y1) / (k2 - k1)) * (k - k1))   # costs never fall with k
 
     def rate(self, k: int) -> float:
@@ -130,11 +129,6 @@ class KController:
         t_ar = self.t_ar or 0.0
         cost = self._at(self.draft_at, k, 0.0) + max(t_ar, self._at(self.verify_at, k, t_ar))
         return expected_tokens(self.alpha or 0.0, k) / cost if cost > 0 else 0.0
-
-    @property
-    def t_draft(self) -> float | None:
-        """Seconds per drafted token at the current k (None before any draft round is timed)."""
-        return self._at(self.draft_at, self.k, 0.0) / self.k if self.draft_at else None
 
     def _choose(self) -> None:
         if self.t_ar is None or self.alpha is None:

@@ -283,9 +283,9 @@ class SpecEngine:
         return GenerationResult(list(run.generated), run.stopper.final_text(), m)
 
     def _plan_k(self, r: Run, width: int = 0) -> int:
-        """r's k this round (0: a plain step). width > 0: the batch's k (adaptive sessions draft
-        it, see KController.batch_k), since the round's verify and draft forwards are as wide as
-        its widest row whatever each row asks."""
+        """r's k this round (0: a plain step). width > 0: the batch's k, which an adaptive run
+        drafts (KController.batch_k): the round's verify and draft forwards are as wide as its
+        widest row whatever each row asks."""
         if r.req.mode != "spec" or not r.can_draft:
             return 0
         remaining = min(r.req.max_tokens - len(r.generated), self.max_context - len(r.tokens))
@@ -304,8 +304,9 @@ class SpecEngine:
         asked, calls = [], []
         ks = [self._plan_k(r) for r in active]
         wanted = sorted(k for k in ks if k)
-        if wanted:    # one k for the batch: the median of what its sessions ask
-            ks = [self._plan_k(r, width=wanted[(len(wanted) - 1) // 2]) for r in active]
+        if wanted and any(r.ctrl.cfg.enabled for r in active):   # adaptive runs draft the batch's
+            width = wanted[(len(wanted) - 1) // 2]                # k: the median of what runs ask
+            ks = [self._plan_k(r, width) if r.ctrl.cfg.enabled else k for r, k in zip(active, ks)]
         for r, k in zip(active, ks):
             if k == 0:
                 continue
