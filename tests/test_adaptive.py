@@ -2,6 +2,9 @@
 cannot beat plain decoding, and probes to switch it back on. Pure logic (the controller changes
 timing only; token equality with adaptive k is in test_spec_greedy.py)."""
 
+import pytest
+
+from sparsespec.errors import InvalidArgument
 from sparsespec.spec.adaptive import AdaptiveConfig, KController, expected_tokens
 
 
@@ -85,3 +88,8 @@ def test_affine_costs_do_not_drive_k_down():
         accepted = k if i % 2 else k - 1
         c.observe_round(k, accepted, draft_s=0.002 + 0.002 * k, verify_s=0.013 + 0.002 * k)
     assert c.next_k() >= 3, c.next_k()
+
+
+def test_bad_window_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument, match="adaptive.*min_rounds <= window"):
+        AdaptiveConfig(window=4, min_rounds=5)

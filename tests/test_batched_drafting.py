@@ -260,3 +260,18 @@ def test_a_session_switched_off_rides_a_batch_that_drafts(tiny_model):
         r.ctrl.off, r.ctrl._plain_since_probe = True, 0    # both off: a plain batch
     engine.step(runs)
     assert [r.metrics.ar_steps for r in runs] == [2, 2]
+
+
+def test_adaptive_sessions_of_different_lengths_in_one_batch_equal_ar(tiny_model):
+    """The batch's k (the median of what adaptive runs ask), sessions switching off and riding
+    along, with prompts and lengths that differ: every output is still AR's."""
+    ps = prompts(4)
+    adaptive = AdaptiveConfig(k_max=6)
+    reqs = [GenerationRequest(p[:12 + 4 * i], 20 + 6 * i, k=2 + i, adaptive=adaptive) for i, p in enumerate(ps)]
+    ar = SpecEngine(tiny_model, None).generate_many([GenerationRequest(r.prompt_ids, r.max_tokens, mode="ar")
+                                                      for r in reqs])
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16), 512))
+    out = SpecEngine(tiny_model, LocalDrafterClient(host)).generate_many(reqs)
+    for r, a, o in zip(reqs, ar, out):
+        assert_greedy_equal(tiny_model, list(r.prompt_ids), a.token_ids, o.token_ids, "adaptive batch")
+    assert sum(o.metrics.rounds for o in out) > 0 and sum(o.metrics.ar_steps for o in out) > 0
