@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvstore.cache.base import KVCache
+from sparsespec.kernels.linear import Linear
 from sparsespec.models.config import SLIDING, ModelConfig
 from sparsespec.models.llama import MLP, POSITION_SLACK, LlamaModel, RMSNorm
 from sparsespec.models.packed import PackedLinear
@@ -63,7 +64,7 @@ class Gemma3Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         # Our attention kernels scale scores by head_dim ** -0.5; Gemma scales by
@@ -119,7 +120,7 @@ class Gemma3Model(LlamaModel):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Gemma3Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._rotary: tuple[RotaryTable, RotaryTable] | None = None

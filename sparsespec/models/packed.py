@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from sparsespec.kernels.linear import linear
 
 
 class PackedLinear:
@@ -30,7 +31,7 @@ class PackedLinear:
             return torch.cat([l(x) for l in self.linears], dim=-1)
         if not self._is_current():
             self._pack()
-        return F.linear(x, self._weight, self._bias)
+        return linear(x, self._weight, self._bias)
 
     def _is_current(self) -> bool:
         w = self._weight

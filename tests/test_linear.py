@@ -1,0 +1,61 @@
+"""kernels.linear: the oneDNN fp32 CPU matmul is F.linear to fp32 rounding, and runs only where it should."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from sparsespec.kernels import linear as kernel
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+ONEDNN = "mkldnn::_linear_pointwise"
+
+
+def ran_onednn(fn) -> bool:
+    with profile() as p:
+        fn()
+    return any(e.key == ONEDNN for e in p.key_averages())
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (3, 7, 48), (48,), (0, 48), (2, 0, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 48, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    x = torch.randn(shape, generator=g)
+    with torch.inference_mode():
+        out = kernel.linear(x, w, b)
+        assert ran_onednn(lambda: kernel.linear(x, w, b))
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=1e-5)
+
+
+def test_non_contiguous_input_and_weight():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 96, generator=g)[:, ::2]           # [6, 48], stride 2
+    w = torch.randn(48, 40, generator=g).t()              # [40, 48], transposed
+    with torch.no_grad():
+        torch.testing.assert_close(kernel.linear(x, w), F.linear(x, w), rtol=0, atol=1e-5)
+
+
+def test_training_bf16_and_forced_torch_take_f_linear():
+    lin = kernel.Linear(16, 8)
+    x = torch.randn(3, 16, requires_grad=True)
+    assert not ran_onednn(lambda: lin(x).sum().backward())     # autograd on: gradients must flow
+    assert lin.weight.grad is not None and x.grad is not None
+    with torch.no_grad():
+        xb, wb = torch.randn(3, 16).bfloat16(), lin.weight.bfloat16()
+        assert not ran_onednn(lambda: kernel.linear(xb, wb))
+        old = kernel.set_backend("torch")
+        try:
+            assert not ran_onednn(lambda: lin(x))
+            assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        finally:
+            kernel.set_backend(old)
+        assert ran_onednn(lambda: lin(x))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="SPARSESPEC_LINEAR"):
+        kernel.set_backend("mkl")
