@@ -120,13 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: speed (docs/benchmarks.md) or the acceptance study "
                                           "(docs/acceptance.md)")
-    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance", "verify", "capacity", "cohorts"],
+    bench.add_argument("suite", nargs="?", default="speed", choices=["speed", "acceptance", "verify", "capacity", "cohorts",
+                                                             "linear"],
                        help="speed: AR vs speculative vs transformers; acceptance: tau per policy, "
                             "budget and context, with KV summaries; verify: a (k+1)-token verify "
                             "forward against an AR step (c_verify of the cost model); capacity: aggregate "
                             "decode tok/s, AR vs speculation, over sessions x context, in process and "
                             "through the services; cohorts: overlapped rounds (--cohorts 2) through the services, "
-                            "verifier and drafter pinned to separate cores")
+                            "verifier and drafter pinned to separate cores; linear: AR and speculation on "
+                            "each CPU linear kernel (MKL, oneDNN), interleaved in one process")
     bench.add_argument("--quick", action="store_true", help="a small grid, for smoke runs")
     bench.add_argument("--out", default="docs", help="directory for the markdown, JSON and plots")
     bench.add_argument("--model", default="smollm2-135m")
@@ -158,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--services", action="store_true",
                        help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
     bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services and verify")
-    bench.add_argument("--reps", type=int, default=5, help="verify: timed forwards per cell")
+    bench.add_argument("--reps", type=int, default=None, help="verify: timed forwards per cell (default 5); "
+                                                            "linear: interleaved decodes per kernel (default 3)")
     bench.add_argument("--policy", default=None, help="capacity: the drafter's policy (default fed)")
     bench.add_argument("--budget", default=None, help="capacity: the drafter's budget (default 256)")
     bench.add_argument("--drafter", default=None, help="capacity: same | layers:N (default same)")
@@ -324,10 +327,16 @@ def cmd_bench(args) -> int:
         args.max_tokens = 32 if args.suite == "acceptance" else 48
     if args.suite == "verify":
         from sparsespec.bench.verify_cost import run_verify_cost
-        args.contexts, args.k = args.contexts or "4096,8000", args.k or 4
+        args.contexts, args.k, args.reps = args.contexts or "4096,8000", args.k or 4, args.reps or 5
         if args.quick:
             args.contexts, args.sessions, args.reps = "512", "1,2", 2
         return run_verify_cost(args)
+    if args.suite == "linear":
+        from sparsespec.bench.linear_ab import run_linear_ab
+        args.reps = args.reps or 3
+        if args.quick:
+            args.contexts, args.sessions, args.max_tokens, args.reps = args.contexts or "512", "1,2", 12, 1
+        return run_linear_ab(args)
     if args.suite == "capacity":
         from sparsespec.bench.capacity import run_capacity
         if args.quick:

@@ -87,6 +87,21 @@ def test_bad_input_is_one_line(model_dir, tmp_path, case):
     assert proc.stdout == ""
 
 
+def test_bench_verify_times_both_linear_kernels(model_dir, tmp_path):
+    """`bench verify` on a tiny model: the verify paths agree and the weight matmuls are timed on
+    each CPU linear kernel (MKL and oneDNN), written to verify.json."""
+    proc = sparsespec("bench", "verify", "--model", model_dir, "--contexts", 64, "--sessions", "1,2",
+                      "--reps", 1, "--out", tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "bench" / "verify.json").read_text())
+    assert [(r["context"], r["sessions"]) for r in record["rows"]] == [(64, 1), (64, 2)]
+    assert all(r["max_abs_logit_diff"] < 1e-4 for r in record["rows"]), record["rows"]
+    k = record["rows"][0]["k"]
+    assert [m["rows"] for m in record["weight_matmuls"]] == sorted({1, 2, k + 1, 2 * (k + 1)})
+    assert all(len(m["torch_ms"]) == len(m["auto_ms"]) == 1 for m in record["weight_matmuls"])
+    assert record["linear"] == "auto" and "oneDNN" in proc.stdout
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--service-cells", "4by4096"], "service_cells"),
     (["--service-cells", "3x4096"], "service_cells"),

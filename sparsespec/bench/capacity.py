@@ -467,26 +467,31 @@ def _ints(field: str, text: str, sep: str = ",") -> tuple[int, ...]:
         raise InvalidArgument(field, f"expected integers separated by {sep!r}, got {text!r}") from None
 
 
-def run_capacity(args) -> int:
+def capacity_config(args) -> CapacityConfig:
+    """The CapacityConfig of `sparsespec bench capacity` flags (also `bench linear`'s cells)."""
     cells = CapacityConfig.service_cells
     if args.service_cells is not None:
         cells = tuple(_ints("service_cells", c, "x") for c in args.service_cells.split(",") if c)
         if any(len(c) != 2 for c in cells):
             raise InvalidArgument("service_cells", f"expected SxCONTEXT cells, e.g. 4x4096, got {args.service_cells!r}")
     budget = CapacityConfig.budget if args.budget is None else _ints("budget", args.budget)[0]
-    cfg = CapacityConfig(model=args.model,
-                         contexts=_ints("contexts", args.contexts) if args.contexts else CapacityConfig.contexts,
-                         sessions=_ints("sessions", args.sessions) if args.sessions else CapacityConfig.sessions,
-                         max_tokens=args.max_tokens, k=args.k, policy=args.policy or CapacityConfig.policy,
-                         budget=budget, drafter=args.drafter or CapacityConfig.drafter,
-                         drafter_weights=args.drafter_weights or CapacityConfig.drafter_weights,
-                         service_cells=cells, threads=args.threads,
-                         ttft_contexts=(CapacityConfig.ttft_contexts if args.ttft_contexts is None
-                                        else _ints("ttft_contexts", args.ttft_contexts) if args.ttft_contexts else ()),
-                         adaptive=bool(getattr(args, "adaptive", False)),
-                         ttft_prompts=(CapacityConfig.ttft_prompts if getattr(args, "ttft_prompts", None) is None
-                                       else args.ttft_prompts),
-                         device=getattr(args, "device", None) or "cpu", dtype=getattr(args, "dtype", None) or "float32")
+    return CapacityConfig(model=args.model,
+                          contexts=_ints("contexts", args.contexts) if args.contexts else CapacityConfig.contexts,
+                          sessions=_ints("sessions", args.sessions) if args.sessions else CapacityConfig.sessions,
+                          max_tokens=args.max_tokens, k=args.k, policy=args.policy or CapacityConfig.policy,
+                          budget=budget, drafter=args.drafter or CapacityConfig.drafter,
+                          drafter_weights=args.drafter_weights or CapacityConfig.drafter_weights,
+                          service_cells=cells, threads=args.threads,
+                          ttft_contexts=(CapacityConfig.ttft_contexts if args.ttft_contexts is None
+                                         else _ints("ttft_contexts", args.ttft_contexts) if args.ttft_contexts else ()),
+                          adaptive=bool(getattr(args, "adaptive", False)),
+                          ttft_prompts=(CapacityConfig.ttft_prompts if getattr(args, "ttft_prompts", None) is None
+                                        else args.ttft_prompts),
+                          device=getattr(args, "device", None) or "cpu", dtype=getattr(args, "dtype", None) or "float32")
+
+
+def run_capacity(args) -> int:
+    cfg = capacity_config(args)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     bench = Bench(cfg)
     records = bench.run()

@@ -40,6 +40,10 @@ def set_backend(name: str) -> str:
     return old
 
 
+def current() -> str:
+    return _backend
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in], weight: [out, in], bias: [out] or None -> [..., out]."""
     if (_backend == "auto" and _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
