@@ -18,17 +18,37 @@ def ran_onednn(fn) -> bool:
     return any(e.key == ONEDNN for e in p.key_averages())
 
 
-@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (3, 7, 48), (48,), (0, 48), (2, 0, 48)])
+def onednn_rows(fn) -> list[int]:
+    """The row count of every oneDNN call fn makes."""
+    with profile(record_shapes=True) as p:
+        fn()
+    return [e.input_shapes[0][0] for e in p.events() if e.name == ONEDNN]
+
+
+@pytest.mark.parametrize("shape,onednn", [((1, 48), True), ((5, 48), True), ((3, 7, 48), True), ((48,), True),
+                                          ((64, 48), True), ((65, 48), False), ((0, 48), False),
+                                          ((2, 0, 48), False)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_equals_f_linear(shape, bias):
+def test_equals_f_linear(shape, onednn, bias):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 48, generator=g)
     b = torch.randn(40, generator=g) if bias else None
     x = torch.randn(shape, generator=g)
     with torch.inference_mode():
         out = kernel.linear(x, w, b)
-        assert ran_onednn(lambda: kernel.linear(x, w, b))
+        assert ran_onednn(lambda: kernel.linear(x, w, b)) == onednn
+        assert out.shape == F.linear(x, w, b).shape
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=1e-5)
+
+
+def test_rows_are_padded_to_a_bounded_set_of_shapes():
+    """oneDNN keeps one compiled primitive per shape (~0.6 MB): rows 1..64 must reach it as the
+    12 bucket sizes only, or a server's memory grows with every new row count."""
+    w = torch.randn(40, 44)              # a shape no other test uses: its first call builds every bucket
+    with torch.inference_mode():
+        assert onednn_rows(lambda: kernel.linear(torch.randn(5, 44), w)) == [*kernel.ROW_BUCKETS, 6]
+        seen = onednn_rows(lambda: [kernel.linear(torch.randn(m, 44), w) for m in range(1, 65)])
+    assert len(seen) == 64 and set(seen) == set(kernel.ROW_BUCKETS), sorted(set(seen))
 
 
 def test_non_contiguous_input_and_weight():

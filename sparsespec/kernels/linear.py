@@ -7,13 +7,23 @@ reads the same dense fp32 weight 1.8-2.3x faster at those sizes on this project'
 benchmarks.md, "CPU matmul kernel"), with no copy of the weight. Same math, another summation
 order: outputs agree to fp32 rounding.
 
-Backend (`SPARSESPEC_LINEAR` or `set_backend`): "auto" takes oneDNN for fp32 CPU tensors when
-autograd is off and PyTorch was built with it, torch's `F.linear` otherwise (training, CUDA,
-bf16, whose CPU `F.linear` is oneDNN already); "torch" forces `F.linear`.
+oneDNN builds (JIT-compiles) and caches one primitive per input shape, ~0.6 MB each: a server
+whose row counts vary (every prompt length of a prefill) grew its RSS by 650 MB over 1,000
+shapes, and a chaos-test drafter by 133 MB between two rounds. So only ROW_BUCKETS rows take it,
+each call's rows padded with zeros up to the next bucket (a bounded set of primitives: 12 per
+weight shape, all built at the shape's first call, so a process's memory settles at once; the
+padded rows cost little, since a few more rows barely add to reading the weight); more rows (a
+prefill, where GEMM is efficient anyway) take `F.linear`.
+
+Backend (`SPARSESPEC_LINEAR` or `set_backend`): "auto" takes oneDNN for fp32 CPU tensors of at
+most ROW_BUCKETS[-1] rows when autograd is off and PyTorch was built with it, torch's `F.linear`
+otherwise (prefill, training, CUDA, bf16, whose CPU `F.linear` is oneDNN already); "torch"
+forces `F.linear`.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 
 import torch
@@ -21,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "torch")
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # rows a oneDNN call is padded to
 
 
 def _checked(name: str) -> str:
@@ -31,6 +42,7 @@ def _checked(name: str) -> str:
 
 _backend = _checked(os.environ.get("SPARSESPEC_LINEAR", "auto"))
 _ONEDNN = torch.backends.mkldnn.is_available()
+_built: set[tuple[int, int, bool]] = set()   # (out, in, bias) whose bucket primitives exist
 
 
 def set_backend(name: str) -> str:
@@ -46,10 +58,21 @@ def current() -> str:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in], weight: [out, in], bias: [out] or None -> [..., out]."""
-    if (_backend == "auto" and _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_grad_enabled()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (_backend != "auto" or not _ONEDNN or not 0 < rows <= ROW_BUCKETS[-1] or x.device.type != "cpu"
+            or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    shape = (*weight.shape, bias is not None)
+    if shape not in _built:
+        _built.add(shape)
+        for b in ROW_BUCKETS:
+            _onednn(x.new_zeros(b, x.shape[-1]), weight, bias)
+    bucket = ROW_BUCKETS[bisect.bisect_left(ROW_BUCKETS, rows)]
+    flat = x.reshape(rows, x.shape[-1])                                   # [rows, in]
+    if bucket != rows:
+        flat = torch.cat([flat, flat.new_zeros(bucket - rows, x.shape[-1])])   # [bucket, in]
+    out = _onednn(flat, weight, bias)                                     # [bucket, out]
+    return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -57,3 +80,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
