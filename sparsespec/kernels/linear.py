@@ -3,7 +3,7 @@
 A decode step on a CPU spends most of its time in weight matmuls of 1-40 rows (an AR step, a
 (k+1)-token verify, a batched draft). PyTorch's fp32 `F.linear` runs MKL sgemm there; oneDNN's
 inner product (`mkldnn::_linear_pointwise`, the op PyTorch's own compiler emits for CPU linears)
-reads the same dense fp32 weight 1.8-2.3x faster at those sizes on this project's CPU (docs/
+reads the same dense fp32 weight 1.7-2.2x faster at those sizes on this project's CPU (docs/
 benchmarks.md, "CPU matmul kernel"), with no copy of the weight. Same math, another summation
 order: outputs agree to fp32 rounding.
 
