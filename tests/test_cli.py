@@ -102,6 +102,17 @@ def test_bench_verify_times_both_linear_kernels(model_dir, tmp_path):
     assert record["linear"] == "auto" and "oneDNN" in proc.stdout
 
 
+def test_bench_linear_runs_both_kernels_and_checks_outputs(model_dir, tmp_path):
+    """`bench linear` on a tiny model: AR and speculation on MKL and oneDNN, every output equal to AR."""
+    proc = sparsespec("bench", "linear", "--model", model_dir, "--contexts", 160, "--sessions", "1,2",
+                      "--max-tokens", 8, "-k", 2, "--drafter-weights", "same", "--threads", 1, "--reps", 1,
+                      "--out", tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads((tmp_path / "bench" / "linear.json").read_text())["records"]
+    assert sorted((r["sessions"], r["kernel"]) for r in records) == [(1, "MKL"), (1, "oneDNN"), (2, "MKL"), (2, "oneDNN")]
+    assert all(r["outputs_equal_ar"] and len(r["ar_tok_s"]) == len(r["spec_tok_s"]) == 1 for r in records), records
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--service-cells", "4by4096"], "service_cells"),
     (["--service-cells", "3x4096"], "service_cells"),

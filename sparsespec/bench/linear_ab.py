@@ -27,7 +27,7 @@ def run_linear_ab(args) -> int:
     k, reps = args.k or 3, args.reps
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     bench = Bench(cfg)
-    records = []
+    med, records = statistics.median, []
     for context in cfg.contexts:
         prompts = prompts_for(bench.tokenizer, context, max(cfg.sessions))
         print(f"context {context}: prefilling {len(prompts)} prompts", flush=True)
@@ -49,18 +49,17 @@ def run_linear_ab(args) -> int:
                 ar, spec = runs[backend, "ar"], runs[backend, "spec"]
                 rec = {"context": context, "sessions": s, "k": k, "kernel": name,
                        "ar_tok_s": [r["decode_tok_s"] for r in ar], "spec_tok_s": [r["decode_tok_s"] for r in spec],
-                       "tau": statistics.median(r["tau"] for r in spec),
-                       "verify_ms": statistics.median(1e3 * r["verify_s_per_forward"] for r in spec),
-                       "draft_ms_per_round": statistics.median(1e3 * r["draft_s_per_round"] for r in spec),
+                       "tau": med(r["tau"] for r in spec),
+                       "verify_ms": med(1e3 * r["verify_s_per_forward"] for r in spec),
+                       "draft_ms_per_round": med(1e3 * r["draft_s_per_round"] for r in spec),
                        "outputs_equal_ar": all(r["tokens"] == ar[0]["tokens"] for r in ar + spec),
                        "ar_equal_across_kernels": ar[0]["tokens"] == runs["torch", "ar"][0]["tokens"]}
-                med = statistics.median
                 rec["spec_vs_ar"] = med(rec["spec_tok_s"]) / med(rec["ar_tok_s"])
                 records.append(rec)
                 print(f"  {context} S={s} {name:6s}: AR {med(rec['ar_tok_s']):6.2f} tok/s {_span(rec['ar_tok_s'])}, "
                       f"spec {med(rec['spec_tok_s']):6.2f} {_span(rec['spec_tok_s'])} ({rec['spec_vs_ar']:.2f}x), "
                       f"verify {rec['verify_ms']:.0f} ms, draft {rec['draft_ms_per_round']:.0f} ms/round, "
-                      f"= AR {rec['outputs_equal_ar']}", flush=True)
+                      f"= AR {rec['outputs_equal_ar']}, AR = MKL's AR {rec['ar_equal_across_kernels']}", flush=True)
     out = Path(args.out) / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear.json").write_text(json.dumps({"model": cfg.model, "max_tokens": cfg.max_tokens, "reps": reps,
