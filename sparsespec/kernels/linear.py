@@ -15,8 +15,13 @@ weight shape, all built at the shape's first call, so a process's memory settles
 padded rows cost little, since a few more rows barely add to reading the weight); more rows (a
 prefill, where GEMM is efficient anyway) take `F.linear`.
 
+What oneDNN buys is reading a weight that does not fit in cache; each call also costs ~15-25 us
+more than `F.linear`'s ~4 us. A weight under MIN_WEIGHT elements stays in cache, where that
+overhead is the whole cost (a 64 x 64 matmul ran 10x slower): small models, such as the tests'
+tiny random ones, keep `F.linear`. SmolLM2-135M's smallest decoder weight is 576 x 576.
+
 Backend (`SPARSESPEC_LINEAR` or `set_backend`): "auto" takes oneDNN for fp32 CPU tensors of at
-most ROW_BUCKETS[-1] rows when autograd is off and PyTorch was built with it, torch's `F.linear`
+most ROW_BUCKETS[-1] rows and weights of at least MIN_WEIGHT elements when autograd is off and PyTorch was built with it, torch's `F.linear`
 otherwise (prefill, training, CUDA, bf16, whose CPU `F.linear` is oneDNN already); "torch"
 forces `F.linear`.
 """
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "torch")
 ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # rows a oneDNN call is padded to
+MIN_WEIGHT = 1 << 18      # weight elements (1 MiB fp32) below which F.linear is faster
 
 
 def _checked(name: str) -> str:
@@ -59,8 +65,8 @@ def current() -> str:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in], weight: [out, in], bias: [out] or None -> [..., out]."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (_backend != "auto" or not _ONEDNN or not 0 < rows <= ROW_BUCKETS[-1] or x.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_grad_enabled()):
+    if (_backend != "auto" or not _ONEDNN or not 0 < rows <= ROW_BUCKETS[-1] or weight.numel() < MIN_WEIGHT
+            or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     shape = (*weight.shape, bias is not None)
     if shape not in _built:
