@@ -232,7 +232,8 @@ def test_adaptive_k_does_not_take_a_sessions_open_for_its_draft_cost(tiny_model)
     host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16), 512))
     engine = SpecEngine(tiny_model, SlowReopens(host))
     run = engine.start(GenerationRequest(prompts(1)[0], 16, k=2, adaptive=AdaptiveConfig(k_max=4)), 0)
-    engine.step([run])                  # the plain step that calibrates t_ar
+    while run.metrics.ar_steps < run.ctrl.cfg.calibrate:
+        engine.step([run])              # the plain steps that calibrate t_ar
     run.drafter_base = 0                # as a fed drafter's first round: it opens the session
     host.close(run.session)
     engine.step([run])                  # the open and the first drafts
@@ -240,6 +241,25 @@ def test_adaptive_k_does_not_take_a_sessions_open_for_its_draft_cost(tiny_model)
     assert run.ctrl.draft_at == {} and not run.ctrl.off
     engine.step([run])
     assert len(run.ctrl.draft_at) == 1 and max(run.ctrl.draft_at.values()) < 0.1
+
+
+def test_adaptive_k_prices_a_round_by_its_wall_time(tiny_model, monkeypatch):
+    """What surrounds the drafter call (a fed drafter's feed, 50 ms here; the acceptance, the
+    commit) is part of what a round costs: priced by the drafter's time alone, speculation looked
+    ~10-20% cheaper than it was at S = 1 and losing sessions stayed on."""
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16), 512))
+    engine = SpecEngine(tiny_model, LocalDrafterClient(host))
+    feed_for = engine._feed_for
+
+    def slow_feed(r, k):
+        time.sleep(0.05)
+        return feed_for(r, k)
+
+    monkeypatch.setattr(engine, "_feed_for", slow_feed)
+    run = engine.start(GenerationRequest(prompts(1)[0], 16, k=2, adaptive=AdaptiveConfig(k_max=4)), 0)
+    while run.metrics.rounds < 2:
+        engine.step([run])
+    assert run.ctrl.draft_at and min(run.ctrl.draft_at.values()) >= 0.05, run.ctrl.draft_at
 
 
 def test_a_session_switched_off_rides_a_batch_that_drafts(tiny_model):
@@ -252,14 +272,16 @@ def test_a_session_switched_off_rides_a_batch_that_drafts(tiny_model):
     engine = SpecEngine(tiny_model, LocalDrafterClient(host))
     adaptive = AdaptiveConfig(k_max=4)
     runs = [engine.start(GenerationRequest(p, 24, k=2, adaptive=adaptive), row) for row, p in enumerate(ps)]
-    engine.step(runs)                                       # both calibrate: plain
+    c = adaptive.calibrate
+    for _ in range(c):
+        engine.step(runs)                                   # both calibrate: plain
     runs[1].ctrl.off, runs[1].ctrl._plain_since_probe = True, 0
     engine.step(runs)
-    assert [r.metrics.rounds for r in runs] == [1, 1] and [r.metrics.ar_steps for r in runs] == [1, 1]
+    assert [r.metrics.rounds for r in runs] == [1, 1] and [r.metrics.ar_steps for r in runs] == [c, c]
     for r in runs:
         r.ctrl.off, r.ctrl._plain_since_probe = True, 0    # both off: a plain batch
     engine.step(runs)
-    assert [r.metrics.ar_steps for r in runs] == [2, 2]
+    assert [r.metrics.ar_steps for r in runs] == [c + 1, c + 1]
 
 
 def test_adaptive_sessions_of_different_lengths_in_one_batch_equal_ar(tiny_model):

@@ -1,13 +1,17 @@
 """Adaptive draft length: pick the k that maximises expected tokens per second, or switch off.
 
 With per-token acceptance alpha, a round of k drafts commits E(k) = (1 - alpha^(k+1)) / (1 - alpha)
-tokens and costs t_draft(k) + t_verify(k), each measured per k (an EMA of the rounds at that k) and,
-for a k not yet seen, on the line through the two nearest measured ones (through (0, 0) for the
-drafts and (0, t_ar) for the verify while only one is measured). Both costs are affine, not linear:
-a verify of k + 1 tokens leaves the T = 1 fast path, and a draft round syncs the committed tokens
-first, so one slope from one k misprices the others and drove k down round by round. Speculation is
-switched off for the session when no k beats plain decoding (1 / t_ar), and probed again every
-`probe_every` plain steps so it comes back when it would pay. None of this affects the output.
+tokens and costs t_draft(k) + t_verify(k), each measured per k and, for a k not yet seen, on the
+line through the two nearest measured ones (through (0, 0) for the drafts and (0, t_ar) for the
+verify while only one is measured). Both costs are affine, not linear: a verify of k + 1 tokens
+leaves the T = 1 fast path, and a draft round syncs the committed tokens first, so one slope from
+one k misprices the others and drove k down round by round. A cost is the least of its last
+`samples` timings: other work on the machine only ever adds time, and one slow step read as the
+price of plain decoding kept a losing session on for good. t_ar is measured over `calibrate`
+plain steps first and re-measured by one plain step every `refresh_every` rounds (a plain step
+runs at AR's own speed, so it never costs a session its floor). Speculation is switched off for
+the session when no k beats plain decoding (1 / t_ar), and probed again every `probe_every` plain
+steps so it comes back when it would pay. None of this affects the output.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ class AdaptiveConfig:
     enabled: bool = True
     k_min: int = 1
     k_max: int = 16
-    ema: float = 0.3          # weight of the newest timing observation
+    samples: int = 5          # a cost is the least of its last `samples` timings
+    calibrate: int = 2        # plain steps that measure t_ar before the first round
+    refresh_every: int = 16   # rounds between the plain steps that re-measure t_ar
     window: int = 8           # rounds whose accepted / drafted counts pool into alpha
     min_rounds: int = 4       # rounds of evidence before speculation may be switched off
     probe_every: int = 32     # plain steps between probes while speculation is off
@@ -36,6 +42,9 @@ class AdaptiveConfig:
             raise InvalidArgument("k", f"need 1 <= k_min <= k_max <= {MAX_K}, got {self.k_min}..{self.k_max}")
         if not 1 <= self.min_rounds <= self.window:
             raise InvalidArgument("adaptive", f"need 1 <= min_rounds <= window, got {self.min_rounds}, {self.window}")
+        for name in ("samples", "calibrate", "refresh_every"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"adaptive.{name}", f"must be >= 1, got {getattr(self, name)}")
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -54,18 +63,36 @@ class KController:
         self.alpha: float | None = None      # per-token acceptance: geometric MLE over the window
         self._rounds: deque[tuple[int, int]] = deque(maxlen=cfg.window)   # (accepted, rejected)
         self._rounds_on = 0                  # rounds observed since speculation was last switched on
-        self.t_ar: float | None = None       # seconds per plain verifier step
-        self.draft_at: dict[int, float] = {}    # k -> seconds of a draft round of k (EMA)
-        self.verify_at: dict[int, float] = {}   # k -> seconds of a (k+1)-token verify (EMA)
+        self._plain: deque[float] = deque(maxlen=cfg.samples)             # seconds per plain step
+        self._draft: dict[int, deque[float]] = {}    # k -> seconds of a round's drafting at k
+        self._verify: dict[int, deque[float]] = {}   # k -> seconds of a (k+1)-token verify
         self.off = False
         self._plain_since_probe = 0
+        self._rounds_since_plain = 0
         self._skip_draft_time = False        # the next round's draft seconds include a session open
+
+    @property
+    def t_ar(self) -> float | None:
+        """Seconds per plain verifier step, once calibrated."""
+        return min(self._plain) if len(self._plain) >= min(self.cfg.calibrate, self.cfg.samples) else None
+
+    @property
+    def draft_at(self) -> dict[int, float]:
+        return {k: min(t) for k, t in self._draft.items()}
+
+    @property
+    def verify_at(self) -> dict[int, float]:
+        return {k: min(t) for k, t in self._verify.items()}
+
+    def _plain_due(self) -> bool:
+        """A plain step is due: calibrating t_ar, or re-measuring it while speculation is on."""
+        return self.t_ar is None or (not self.off and self._rounds_since_plain >= self.cfg.refresh_every)
 
     def next_k(self) -> int:
         if not self.cfg.enabled:
             return self.k
-        if self.t_ar is None:
-            return 0  # measure one plain step first: it calibrates the cost model
+        if self._plain_due():
+            return 0
         if self.off:
             if self._plain_since_probe >= self.cfg.probe_every:
                 self._plain_since_probe = 0
@@ -78,19 +105,20 @@ class KController:
         draft forwards as many as its longest draft, so the sessions of a batch share one k (a
         plain row, or a short one, would pay that width for less) and each session's cost table
         then holds the batch's true cost at that k. Its own choice feeds the batch's median."""
-        return width if self.t_ar is not None else 0
+        return 0 if self._plain_due() else width
 
     def skip_draft_time(self) -> None:
         """The coming round's draft time includes opening the drafter session (a fed drafter's
         first selection, or a prefill): not a per-token draft cost."""
         self._skip_draft_time = True
 
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.cfg.ema) * old + self.cfg.ema * new
+    def _sample(self, table: dict[int, deque[float]], k: int, seconds: float) -> None:
+        table.setdefault(k, deque(maxlen=self.cfg.samples)).append(seconds)
 
     def observe_plain(self, seconds: float) -> None:
-        self.t_ar = self._ema(self.t_ar, seconds)
+        self._plain.append(seconds)
         self._plain_since_probe += 1
+        self._rounds_since_plain = 0
 
     def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         if not self.cfg.enabled or k == 0:
@@ -100,13 +128,14 @@ class KController:
         # off for probe_every steps: measured, 95 of 144 steps plain where speculation paid 1.2x.)
         self._rounds.append((accepted, 1 if accepted < k else 0))
         self._rounds_on += 1
+        self._rounds_since_plain += 1
         good = sum(a for a, _ in self._rounds)
         self.alpha = good / (good + sum(f for _, f in self._rounds))
         if self._skip_draft_time:
             self._skip_draft_time = False
         else:
-            self.draft_at[k] = self._ema(self.draft_at.get(k), draft_s)
-        self.verify_at[k] = self._ema(self.verify_at.get(k), verify_s)
+            self._sample(self._draft, k, draft_s)
+        self._sample(self._verify, k, verify_s)
         self._choose()
 
     @staticmethod

@@ -395,7 +395,8 @@ class SpecEngine:
         """
         if self.cohorts == 2 and self.drafter is not None:
             return self._overlapped_step(active)
-        return self._round(active, self._draft(active))
+        started = time.perf_counter()
+        return self._round(active, self._draft(active), started)
 
     def _overlapped_step(self, active: list[Run]) -> dict[str, list[int]]:
         """One round of one cohort, while the drafter drafts the other (on a thread waiting on it).
@@ -428,14 +429,21 @@ class SpecEngine:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-draft")
         return self._pool
 
-    def _round(self, active: list[Run], planned: list[tuple]) -> dict[str, list[int]]:
-        """Verify every run's drafts in one forward, accept, commit."""
+    def _round(self, active: list[Run], planned: list[tuple], started: float | None = None) -> dict[str, list[int]]:
+        """Verify every run's drafts in one forward, accept, commit.
+
+        started: when the round's drafting began. Adaptive k then prices a round by its wall time
+        (a plain step by its whole step), so what surrounds the drafter call (the feed, the
+        acceptance, the commit) is in the price: the drafter's time alone left out ~10-20% of a
+        round at S = 1 and kept losing sessions on. Without it (cohorts: the drafting overlapped
+        another cohort's verify) a round is priced by the drafter's time and the verify."""
         t0 = time.perf_counter()
         logits = self.verifier.verify([r.row for r in active],
                                       [[r.tokens[-1]] + d for r, (d, _, _) in zip(active, planned)])
         verify_s = time.perf_counter() - t0
 
         committed: dict[str, list[int]] = {}
+        observed = []
         for r, (d, q, ds), lg in zip(active, planned, logits):
             outcome = choose(lg, d, q, r.req.sampling, r.gen)
             self.verifier.commit(r.row, len(r.tokens) + outcome.accepted)
@@ -444,11 +452,9 @@ class SpecEngine:
             m.verify_s += verify_s
             if d:
                 m.record_round(len(d), outcome.accepted)
-                r.ctrl.observe_round(len(d), outcome.accepted, ds, verify_s)
             else:
                 m.ar_steps += 1
-                r.ctrl.observe_plain(verify_s)   # an AR step (over-counted if other rows drafted: they
-                                                 # ride in the same forward; it errs towards speculating)
+            observed.append((r, len(d), outcome.accepted, ds))
             if r.summary is not None:
                 r.summary.observe(len(d), outcome.accepted)
             if r.feeder is not None and d:
@@ -461,6 +467,13 @@ class SpecEngine:
                     r.done = True
                     r.finished_at = time.perf_counter()
                     break
+        wall = None if started is None else time.perf_counter() - started
+        for r, k, accepted, ds in observed:
+            if k:
+                r.ctrl.observe_round(k, accepted, ds if wall is None else wall - verify_s, verify_s)
+            else:   # an AR step (over-counted if other rows drafted: they ride in the same
+                    # forward; it errs towards speculating)
+                r.ctrl.observe_plain(verify_s if wall is None else wall)
         return committed
 
 
