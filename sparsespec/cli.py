@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmark the disaggregated system instead (1/4/8 concurrent sessions)")
     bench.add_argument("--sessions", default="1,4,8", help="concurrency levels for --services and verify")
     bench.add_argument("--reps", type=int, default=None, help="verify: timed forwards per cell (default 5); "
-                                                            "linear: interleaved decodes per kernel (default 3)")
+                                                            "linear: interleaved decodes per kernel (default 3); "
+                                                            "capacity: interleaved decodes per cell and mode, "
+                                                            "the median kept (default 1)")
     bench.add_argument("--policy", default=None, help="capacity: the drafter's policy (default fed)")
     bench.add_argument("--budget", default=None, help="capacity: the drafter's budget (default 256)")
     bench.add_argument("--drafter", default=None, help="capacity: same | layers:N (default same)")

@@ -122,6 +122,7 @@ def test_bench_linear_runs_both_kernels_and_checks_outputs(model_dir, tmp_path):
     (["--drafter", "/some/dir"], "drafter"),
     (["--ttft-contexts", "1234"], "ttft_contexts"),
     (["--ttft-prompts", "0"], "ttft_prompts"),
+    (["--reps", "0"], "reps"),
 ])
 def test_bench_capacity_bad_flags_are_one_line_before_any_model_loads(tmp_path, args, needle):
     proc = sparsespec("bench", "capacity", "--out", tmp_path, *args, timeout=120)
