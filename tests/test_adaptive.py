@@ -131,3 +131,9 @@ def test_plain_steps_re_measure_plain_decoding_while_speculation_pays():
     assert steps[:first] == [0] * c.cfg.calibrate
     gaps = [i for i, k in enumerate(steps) if k == 0 and i >= first]
     assert gaps and all(b - a == c.cfg.refresh_every + 1 for a, b in zip(gaps, gaps[1:]))
+
+
+@pytest.mark.parametrize("field", ["samples", "calibrate", "refresh_every"])
+def test_counts_below_one_are_refused_naming_the_field(field):
+    with pytest.raises(InvalidArgument, match=f"adaptive.{field}.*>= 1"):
+        AdaptiveConfig(**{field: 0})

@@ -63,26 +63,16 @@ class KController:
         self.alpha: float | None = None      # per-token acceptance: geometric MLE over the window
         self._rounds: deque[tuple[int, int]] = deque(maxlen=cfg.window)   # (accepted, rejected)
         self._rounds_on = 0                  # rounds observed since speculation was last switched on
-        self._plain: deque[float] = deque(maxlen=cfg.samples)             # seconds per plain step
-        self._draft: dict[int, deque[float]] = {}    # k -> seconds of a round's drafting at k
-        self._verify: dict[int, deque[float]] = {}   # k -> seconds of a (k+1)-token verify
+        self._plain: deque[float] = deque(maxlen=cfg.samples)   # seconds of the last plain steps
+        self._draft: dict[int, deque[float]] = {}    # k -> seconds of the last rounds' drafting at k
+        self._verify: dict[int, deque[float]] = {}   # k -> seconds of the last (k+1)-token verifies
+        self.t_ar: float | None = None               # seconds per plain step, once calibrated
+        self.draft_at: dict[int, float] = {}         # k -> least of _draft[k]
+        self.verify_at: dict[int, float] = {}        # k -> least of _verify[k]
         self.off = False
         self._plain_since_probe = 0
         self._rounds_since_plain = 0
         self._skip_draft_time = False        # the next round's draft seconds include a session open
-
-    @property
-    def t_ar(self) -> float | None:
-        """Seconds per plain verifier step, once calibrated."""
-        return min(self._plain) if len(self._plain) >= min(self.cfg.calibrate, self.cfg.samples) else None
-
-    @property
-    def draft_at(self) -> dict[int, float]:
-        return {k: min(t) for k, t in self._draft.items()}
-
-    @property
-    def verify_at(self) -> dict[int, float]:
-        return {k: min(t) for k, t in self._verify.items()}
 
     def _plain_due(self) -> bool:
         """A plain step is due: calibrating t_ar, or re-measuring it while speculation is on."""
@@ -112,11 +102,15 @@ class KController:
         first selection, or a prefill): not a per-token draft cost."""
         self._skip_draft_time = True
 
-    def _sample(self, table: dict[int, deque[float]], k: int, seconds: float) -> None:
-        table.setdefault(k, deque(maxlen=self.cfg.samples)).append(seconds)
+    def _sample(self, recent: dict[int, deque[float]], least: dict[int, float], k: int, seconds: float) -> None:
+        times = recent.setdefault(k, deque(maxlen=self.cfg.samples))
+        times.append(seconds)
+        least[k] = min(times)
 
     def observe_plain(self, seconds: float) -> None:
         self._plain.append(seconds)
+        if len(self._plain) >= min(self.cfg.calibrate, self.cfg.samples):
+            self.t_ar = min(self._plain)
         self._plain_since_probe += 1
         self._rounds_since_plain = 0
 
@@ -134,8 +128,8 @@ class KController:
         if self._skip_draft_time:
             self._skip_draft_time = False
         else:
-            self._sample(self._draft, k, draft_s)
-        self._sample(self._verify, k, verify_s)
+            self._sample(self._draft, self.draft_at, k, draft_s)
+        self._sample(self._verify, self.verify_at, k, verify_s)
         self._choose()
 
     @staticmethod
