@@ -17,13 +17,13 @@ from drafter_service.server import DrafterServer
 from kvstore.cache.sparse import SparseConfig
 from kvstore.cache.stacked import StackedKVCache
 from sparsespec.rpc.drafter_client import GrpcDrafterClient
-from sparsespec.rpc.errors import DrafterRejected, SessionUnknown, StateMismatch
+from sparsespec.rpc.errors import DrafterFull, DrafterRejected, SessionUnknown, StateMismatch
 from sparsespec.spec.drafter import Drafter, DraftJob, draft_round
 from sparsespec.spec.adaptive import AdaptiveConfig
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
-from sparsespec.spec.loop import GenerationRequest, SpecEngine
+from sparsespec.spec.loop import GenerationRequest, Run, SpecEngine, Start
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import DraftCall, DrafterUnavailable
+from sparsespec.spec.transport import DraftCall, DrafterUnavailable, OpenCall
 from tests.equality import assert_greedy_equal
 
 GREEDY = SamplingParams()
@@ -297,3 +297,76 @@ def test_adaptive_sessions_of_different_lengths_in_one_batch_equal_ar(tiny_model
     for r, a, o in zip(reqs, ar, out):
         assert_greedy_equal(tiny_model, list(r.prompt_ids), a.token_ids, o.token_ids, "adaptive batch")
     assert sum(o.metrics.rounds for o in out) > 0 and sum(o.metrics.ar_steps for o in out) > 0
+
+
+# --- sessions that arrive together: one prefill forward per prompt length ----------------------
+
+def counting_forwards(engine) -> list[int]:
+    """Records the rows of every verifier forward of more than one token (a prefill)."""
+    rows: list[int] = []
+    forward = engine.verifier._forward
+
+    def counted(rs, ids, last_only):
+        if ids.shape[1] > 1 and last_only:
+            rows.append(len(rs))
+        return forward(rs, ids, last_only)
+    engine.verifier._forward = counted
+    return rows
+
+
+def test_sessions_arriving_together_share_their_prefill_forwards(tiny_model, stacked_sizes):
+    g = torch.Generator().manual_seed(9)
+    ps = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (40, 40, 77, 40, 77)]
+    alone = [SpecEngine(tiny_model, None).generate(GenerationRequest(p, 24, mode="ar")).token_ids for p in ps]
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("chunk_topk", 24, reselect_interval=4), 512))
+    engine = SpecEngine(tiny_model, LocalDrafterClient(host))
+    prefills = counting_forwards(engine)
+    out = engine.generate_many([GenerationRequest(p, 24, k=3) for p in ps])
+    assert sorted(prefills) == [2, 3]             # the verifier: one forward per prompt length
+    assert sorted(stacked_sizes[:2]) == [2, 3]    # the drafter's own prefills: the same
+    for p, a, o in zip(ps, alone, out):
+        assert_greedy_equal(tiny_model, p, a, o.token_ids, "arrived together")
+        assert o.metrics.accepted > 0
+
+
+def test_a_start_that_fails_fails_alone(tiny_model):
+    ps = prompts(3)
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16, reselect_interval=4), 512))
+    engine = SpecEngine(tiny_model, LocalDrafterClient(host), max_batch=3)
+    out = engine.start_many([Start(GenerationRequest(ps[0], 16, k=2), 0),
+                             Start(GenerationRequest(ps[1], 16, k=2), 99),       # no such cache row
+                             Start(GenerationRequest(ps[2], 16, k=2), 2)])
+    assert isinstance(out[0], Run) and isinstance(out[2], Run) and isinstance(out[1], IndexError)
+    assert host.load() == 2                       # the failed start opened no drafter session
+    runs = [out[0], out[2]]
+    while any(not r.done for r in runs):
+        engine.step([r for r in runs if not r.done])
+    ar = SpecEngine(tiny_model, None)
+    for r, p in zip(runs, (ps[0], ps[2])):
+        assert_greedy_equal(tiny_model, p, ar.generate(GenerationRequest(p, 16, mode="ar")).token_ids,
+                            r.generated, "beside a failed start")
+
+
+def test_one_bad_open_fails_alone_and_writes_nothing(tiny_model):
+    cfg = SparseConfig("chunk_topk", 24, reselect_interval=4)
+    one = DrafterHostConfig(cfg, 512)
+    cost = DrafterHost(tiny_model, one).cost.device_bytes
+    host = DrafterHost(tiny_model, DrafterHostConfig(cfg, 512, memory_budget_bytes=3 * cost))
+    ps = prompts(3)
+    out = host.open_many([OpenCall("a", ps[0], GREEDY), OpenCall("bad", [1, 10_000], GREEDY),
+                          OpenCall("empty", [], GREEDY), OpenCall("a", ps[1], GREEDY),
+                          OpenCall("b", ps[1], GREEDY), OpenCall("c", ps[2], GREEDY),
+                          OpenCall("full", ps[2], GREEDY)])
+    assert "tokens" in str(out[1]) and "vocabulary" in str(out[1])
+    assert "tokens" in str(out[2]) and "empty" in str(out[2])
+    assert "session_id" in str(out[3]) and "twice" in str(out[3])
+    assert isinstance(out[6], DrafterFull) and "memory_budget_bytes" in str(out[6])
+    assert host.load() == 3 and {"bad", "empty", "full"}.isdisjoint(host._sessions)
+    # Those that opened together draft what each would have drafted opened alone.
+    for name, p in (("a", ps[0]), ("b", ps[1]), ("c", ps[2])):
+        solo = DrafterHost(tiny_model, one)
+        solo.open(name, p, GREEDY)
+        assert host.draft(name, len(p), [], 3, GREEDY).tokens == solo.draft(name, len(p), [], 3, GREEDY).tokens
+    # In process the refusals reach the round loop as DRAFTER_FAILURES, as over gRPC.
+    local = LocalDrafterClient(host).open_many([OpenCall("x", [10_000], GREEDY)])
+    assert isinstance(local[0], DrafterRejected)

@@ -139,6 +139,24 @@ def test_sessions_share_rounds_and_equal_ar(run_with, model, truth):
     assert set(fake.held) <= {j.session for j in jobs} and len(fake.held) <= 3   # evicted rows closed theirs
 
 
+def test_turns_queued_together_are_started_together(model, truth):
+    class Recording(FakeDrafter):
+        def open_many(self, calls):
+            batches.append(len(calls))
+            return super().open_many(calls)
+
+    batches: list[int] = []
+    sched = Scheduler(SpecEngine(model, Recording(truth), max_batch=3, eos_ids=[]), max_queue=16)
+    jobs = submit_all(sched)                       # 5 turns queued before the loop runs, 3 rows
+    sched.start()
+    try:
+        wait_all(jobs)
+    finally:
+        sched.stop()
+    check(model, truth, jobs)
+    assert batches[0] == 3 and sum(batches) == 5   # one start_many for the first three
+
+
 @pytest.mark.parametrize("fault", ["dead", "stall"])
 def test_a_failing_drafter_costs_speed_not_tokens(run_with, model, truth, fault):
     fake = FakeDrafter(truth)

@@ -22,7 +22,7 @@ from sparsespec.spec.drafter import Drafter
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
-from sparsespec.spec.transport import DrafterUnavailable
+from sparsespec.spec.transport import DrafterClient, DrafterUnavailable
 
 # --- wire format ------------------------------------------------------------------------------
 
@@ -411,6 +411,9 @@ class Flaky(LocalDrafterClient):
     def open(self, session, tokens, params):
         self._maybe_fail()
         return super().open(session, tokens, params)
+
+    def open_many(self, calls):   # one open after another, each of them counted
+        return DrafterClient.open_many(self, calls)
 
     def draft_many(self, calls):
         replies = []

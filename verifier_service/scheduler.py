@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from kvstore.coord.sessions import RedisUnavailable, SessionBusy
 from sparsespec import failpoints, telemetry
 from sparsespec.errors import SparseSpecError
-from sparsespec.spec.loop import GenerationRequest, GenerationResult, Run, SpecEngine
+from sparsespec.spec.loop import GenerationRequest, GenerationResult, Run, SpecEngine, Start
 from sparsespec.spec.metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -247,11 +247,14 @@ class Scheduler:
             log.exception("round scheduler died")
 
     def _admit(self) -> None:
-        while len(self._active) < self.engine.max_batch:
+        """Start the queued turns that fit, together (SpecEngine.start_many: turns that arrive
+        together share their prefill forwards and their drafter open)."""
+        batch: list[tuple[Job, Start]] = []
+        while len(self._active) + len(batch) < self.engine.max_batch:
             try:
                 job = self._pending.get_nowait()
             except queue.Empty:
-                return
+                break
             if job.cancelled:
                 self._forget(job)
                 self._abandon(job)
@@ -265,15 +268,29 @@ class Scheduler:
             drafter_base = parked.drafter_base if parked and cached == len(parked.context) else 0
             try:
                 summary = None if parked else self._stored_summary(job.session)
-                job.run = self.engine.start(job.req, row, job.session, cached, drafter_base, summary)
             except Exception as e:  # noqa: BLE001 - one bad session must not stop the others
-                log.exception("session %s failed to start", job.session)
-                self._free_rows.append(row)
-                self._forget(job)
-                self._abandon(job)
-                job._update(error=e)
+                self._fail_start(job, row, e)
                 continue
+            batch.append((job, Start(job.req, row, job.session, cached, drafter_base, summary)))
+        if not batch:
+            return
+        try:
+            runs = self.engine.start_many([start for _, start in batch])
+        except Exception as e:  # noqa: BLE001 - a bug in starting: these turns fail, the loop goes on
+            runs = [e] * len(batch)
+        for (job, start), run in zip(batch, runs):
+            if isinstance(run, BaseException):
+                self._fail_start(job, start.row, run)
+                continue
+            job.run = run
             self._active[job.session] = job
+
+    def _fail_start(self, job: Job, row: int, error: BaseException) -> None:
+        log.error("session %s failed to start", job.session, exc_info=error)
+        self._free_rows.append(row)
+        self._forget(job)
+        self._abandon(job)
+        job._update(error=error)
 
     def _stored_summary(self, session: str) -> bytes | None:
         try:

@@ -7,7 +7,8 @@ Its state is disposable: `start` rebuilds it from the committed tokens alone.
 `draft_round` runs one round for many sessions that share a model: their committed tokens and
 then each draft position go through ONE forward over all of them (kvstore.cache.stacked), so the
 weights are read once per position, not once per session (the MagicDec batching; a fixed budget
-keeps every session's view the same size). Failures stay per session: what can be checked
+keeps every session's view the same size); `start_many` prefills sessions that open together
+the same way. Failures stay per session: what can be checked
 before a forward (base_len, room, a summary) is checked per session, and a session that fails
 is dropped from the round while the others go on.
 """
@@ -61,17 +62,21 @@ class Drafter:
         self.summaries = 0                              # summaries applied (a metric)
         self.last_token: int | None = None              # the newest committed token (fed: forwarded each round)
 
-    @torch.inference_mode()
     def start(self, tokens: list[int]) -> None:
         """Prefill the committed tokens (prompt + pending token), then select the budget. A fed
-        drafter computes nothing: its first feed brings the prefix's K/V."""
+        drafter computes nothing: its first feed brings the prefix's K/V. (`start_many` for one.)"""
+        start_many([self], [tokens])
+
+    def _reset(self, tokens: list[int]) -> bool:
+        """Empty the session for a start from `tokens`; True if they are still to be forwarded
+        (False: a fed drafter only notes them)."""
         self.cache.truncate(0)
         self.committed_len = 0
         self._drafts, self._draft_logits = [], []
         if self.cache.fed:
             self.committed_len, self.last_token, self._last_logits = len(tokens), tokens[-1], None
-            return
-        self._append(tokens)
+            return False
+        return True
 
     @torch.inference_mode()
     def start_from(self, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: list[int],
@@ -218,15 +223,43 @@ def _each(jobs: list[DraftJob], fn) -> list[DraftJob]:
 def _forward(jobs: list[DraftJob], tokens: list[list[int]]) -> list[torch.Tensor] | None:
     """One forward of tokens[i] (all of one length) for jobs[i]: each one's logits after its
     last token, [V]. A forward that fails fails every job in it (None)."""
-    model = jobs[0].drafter.model
     try:
-        ids = torch.tensor(tokens, device=model.device)                              # [S, T]
-        logits = model(ids, StackedKVCache([j.drafter.cache for j in jobs]), last_only=True)[:, -1]  # [S, V]
+        logits = _stacked_forward([j.drafter for j in jobs], tokens)                # [S, V]
     except Exception as e:  # noqa: BLE001
         for j in jobs:
             j.error = e
         return None
     return list(logits)
+
+
+def _stacked_forward(drafters: list[Drafter], tokens: list[list[int]]) -> torch.Tensor:
+    """One forward of tokens[i] (all of one length) over drafters[i]'s cache: [S, V], each row's
+    logits after its last token."""
+    ids = torch.tensor(tokens, device=drafters[0].model.device)                               # [S, T]
+    return drafters[0].model(ids, StackedKVCache([d.cache for d in drafters]), last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def start_many(drafters: list[Drafter], tokens: list[list[int]]) -> None:
+    """`Drafter.start` for sessions that open together on one model: the prompts of one length
+    that fit a cache's tail go through ONE forward over all of them (as a round's drafts do); a
+    longer prompt is prefilled alone, in pieces. A forward that fails raises for all of them."""
+    groups: dict[int, list[Drafter]] = {}               # prompt length -> drafters
+    prompts = dict(zip(map(id, drafters), tokens))
+    for d, t in zip(drafters, tokens):
+        if not d._reset(t):
+            continue
+        d.cache.upkeep()
+        if d.cache.room() >= len(t):
+            groups.setdefault(len(t), []).append(d)
+        else:
+            d._append(t, upkeep_first=False)
+    for n, group in groups.items():
+        logits = _stacked_forward(group, [prompts[id(d)] for d in group])                   # [S, V]
+        for d, row in zip(group, logits):
+            d._last_logits = row
+            d.committed_len = n
+            d.cache.upkeep()
 
 
 @torch.inference_mode()

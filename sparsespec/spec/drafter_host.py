@@ -44,15 +44,16 @@ from sparsespec.errors import ContextOverflow, InvalidArgument, SparseSpecError
 from sparsespec.rpc.errors import DrafterFull, DrafterRejected, SessionUnknown, StateMismatch
 from sparsespec.runtime import release_memory
 from sparsespec.spec.adaptive import MAX_K
-from sparsespec.spec.drafter import Drafter, DraftJob, draft_round
+from sparsespec.spec.drafter import Drafter, DraftJob, draft_round, start_many
 from sparsespec.spec.drafter_memory import SessionCost, session_cost
 from sparsespec.spec.sampling import SamplingParams
-from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DraftReply, DrafterClient, OpenReply
+from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DraftReply, DrafterClient, OpenCall, OpenReply
 
 DRAFT_SALT = 0x5EED          # salts every session's drafting stream (params.generator(salt=...))
 MAX_SESSION_ID = 256         # characters
 
 # How a session starts: bring a fresh Drafter to the committed tokens. Runs under the compute lock.
+# None (the default): a prefill, batched over the sessions that open together (start_many).
 StartFn = Callable[[Drafter, list[int]], None]
 
 
@@ -120,7 +121,7 @@ def _retire(entry: _Session) -> None:
 
 class DrafterHost:
     def __init__(self, model, config: DrafterHostConfig, clock: Callable[[], float] = time.monotonic,
-                 start_session: StartFn = Drafter.start):
+                 start_session: StartFn | None = None):
         """`start_session`: how a session starts (default: a prefill of its committed tokens)."""
         if config.max_context > model.max_context:
             raise InvalidArgument("max_context", f"{config.max_context} exceeds the model's {model.max_context}")
@@ -194,37 +195,76 @@ class DrafterHost:
 
     def open(self, session_id: str, tokens: list[int], params: SamplingParams, epoch: int = 0) -> OpenInfo:
         """(Re)build the session from its committed tokens; refuses with DrafterFull."""
-        _check_session(session_id)
-        _check_epoch(epoch)
-        self._check_tokens("tokens", tokens)
-        if not tokens:
-            raise InvalidArgument("tokens", "is empty: a session opens from its committed prefix")
-        if len(tokens) > self.config.max_context:
-            raise ContextOverflow("tokens", f"{len(tokens)} tokens exceed the drafter's context limit "
-                                            f"of {self.config.max_context}")
-        entry = _Session(epoch=epoch, last_used=self.clock())
-        with entry.lock:
-            with self._lock:
-                old = self._sessions.get(session_id)
-                if old is not None and epoch < old.epoch:
-                    raise StateMismatch(f"epoch: {epoch} is older than the session's {old.epoch}")
-                if old is not None:
-                    _retire(self._sessions.pop(session_id))
-                self._admit(session_id)
-                self._sessions[session_id] = entry
+        result = self.open_many([OpenCall(session_id, tokens, params)], [epoch])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def open_many(self, calls: list[OpenCall], epochs: list[int] | None = None) -> list[OpenInfo | Exception]:
+        """(Re)build many sessions at once: each is validated and admitted alone, then their
+        prefills run together (spec.drafter.start_many: one forward for the prompts of one
+        length). One result per call, in order: its OpenInfo or its error; a prefill that fails
+        fails every session of the call (none of them is left half-open)."""
+        epochs = [0] * len(calls) if epochs is None else epochs
+        results: list[OpenInfo | Exception | None] = [None] * len(calls)
+        opening: list[tuple[int, OpenCall, _Session]] = []
+        with contextlib.ExitStack() as held:
+            for i, (call, epoch) in enumerate(zip(calls, epochs)):
+                try:
+                    if any(c.session == call.session for _, c, _ in opening):
+                        raise InvalidArgument("session_id", f"{call.session!r} appears twice in one open")
+                    opening.append((i, call, self._register(call, epoch, held)))
+                except Exception as e:  # noqa: BLE001 - this session's error, reported as its result
+                    results[i] = e
+            if not opening:
+                return results
             t0 = time.perf_counter()
+            drafters = [Drafter(self.model, self.config.sparse, self.config.capacity) for _ in opening]
             try:
                 with self._compute:
-                    drafter = Drafter(self.model, self.config.sparse, self.config.capacity)
-                    self.start_session(drafter, list(tokens))
-            except BaseException:
-                self._forget(session_id, entry)
-                raise
-            entry.drafter = drafter
-            entry.gen = None if params.greedy else params.generator(salt=DRAFT_SALT)
-            entry.last_used = self.clock()
-            return OpenInfo(drafter.cache.device_bytes(), drafter.cache.host_bytes(), time.perf_counter() - t0,
-                            drafter.want(), drafter.feed_want())
+                    if self.start_session is None:
+                        start_many(drafters, [list(c.tokens) for _, c, _ in opening])
+                    else:
+                        for d, (_, c, _) in zip(drafters, opening):
+                            self.start_session(d, list(c.tokens))
+            except BaseException as e:
+                for i, call, entry in opening:
+                    self._forget(call.session, entry)
+                    results[i] = e
+                if not isinstance(e, Exception):
+                    raise
+                return results
+            prefill_s = time.perf_counter() - t0
+            for (i, call, entry), drafter in zip(opening, drafters):
+                entry.drafter = drafter
+                entry.gen = None if call.params.greedy else call.params.generator(salt=DRAFT_SALT)
+                entry.last_used = self.clock()
+                results[i] = OpenInfo(drafter.cache.device_bytes(), drafter.cache.host_bytes(), prefill_s,
+                                      drafter.want(), drafter.feed_want())
+        return results
+
+    def _register(self, call: OpenCall, epoch: int, held: contextlib.ExitStack) -> _Session:
+        """Validate one open and put its (still empty) entry in the table, locked by `held` so
+        that no draft reaches the session before its drafter is there."""
+        _check_session(call.session)
+        _check_epoch(epoch)
+        self._check_tokens("tokens", call.tokens)
+        if not call.tokens:
+            raise InvalidArgument("tokens", "is empty: a session opens from its committed prefix")
+        if len(call.tokens) > self.config.max_context:
+            raise ContextOverflow("tokens", f"{len(call.tokens)} tokens exceed the drafter's context limit "
+                                            f"of {self.config.max_context}")
+        entry = _Session(epoch=epoch, last_used=self.clock())
+        held.enter_context(entry.lock)
+        with self._lock:
+            old = self._sessions.get(call.session)
+            if old is not None and epoch < old.epoch:
+                raise StateMismatch(f"epoch: {epoch} is older than the session's {old.epoch}")
+            if old is not None:
+                _retire(self._sessions.pop(call.session))
+            self._admit(call.session)
+            self._sessions[call.session] = entry
+        return entry
 
     def draft(self, session_id: str, base_len: int, append: list[int], k: int, params: SamplingParams,
               epoch: int = 0, summary: bytes | None = None, feed: bytes | None = None) -> DraftReply:
@@ -366,8 +406,18 @@ class LocalDrafterClient(DrafterClient):
         self.host = host
 
     def open(self, session, tokens, params):
-        info = self.host.open(session, tokens, params)
-        return OpenReply(info.want, info.feed)
+        result = self._open([OpenCall(session, tokens, params)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def open_many(self, calls):
+        """The host's batched open; its refusals become DrafterRejected as `draft_many`'s do."""
+        return self._open(calls)
+
+    def _open(self, calls):
+        return [r if isinstance(r, BaseException) else OpenReply(r.want, r.feed)
+                for r in _as_remote(self.host.open_many(calls))]
 
     def draft(self, session, base_len, append, k, params, summary=None, feed=None):
         return self.host.draft(session, base_len, append, k, params, summary=summary, feed=feed)
@@ -375,18 +425,24 @@ class LocalDrafterClient(DrafterClient):
     def draft_many(self, calls):
         """The host's batched round. Its refusals (a bad field, a context past its limit) become
         DrafterRejected as they do over gRPC; anything else unexpected is a bug and raises."""
-        results = self.host.draft_many(calls)
-        for i, r in enumerate(results):
-            if isinstance(r, DRAFTER_FAILURES):
-                continue
-            if isinstance(r, SparseSpecError):
-                results[i] = DrafterRejected(str(r))
-            elif isinstance(r, BaseException):
-                raise r
-        return results
+        return _as_remote(self.host.draft_many(calls))
 
     def close(self, session):
         self.host.close(session)
+
+
+def _as_remote(results: list) -> list:
+    """A host's per-call results as a remote drafter's would be: its refusals (a bad field, a
+    context past its limit) become DrafterRejected, as over gRPC; anything else unexpected is a
+    bug and raises."""
+    for i, r in enumerate(results):
+        if isinstance(r, DRAFTER_FAILURES):
+            continue
+        if isinstance(r, SparseSpecError):
+            results[i] = DrafterRejected(str(r))
+        elif isinstance(r, BaseException):
+            raise r
+    return results
 
 
 def _check_session(session_id: str) -> None:

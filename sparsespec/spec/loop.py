@@ -24,7 +24,7 @@ from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
 from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
 from sparsespec.spec.feed import KINDS, Feeder, feedable
-from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient, OpenReply
+from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient, OpenCall, OpenReply
 from sparsespec.spec.verifier import Verifier
 
 MODES = ("spec", "ar")
@@ -70,6 +70,17 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     metrics: RequestMetrics
+
+
+@dataclass(frozen=True)
+class Start:
+    """One session's start (the arguments of `SpecEngine.start`): `start_many` takes several."""
+    req: GenerationRequest
+    row: int                            # the verifier cache row it decodes in
+    session: str | None = None          # None: a new id
+    cached: int = 0                     # prompt tokens the row already holds (multi-turn)
+    drafter_cached: int = 0             # committed tokens its drafter already holds
+    summary: bytes | None = None        # its latest stored KV summary (a take-over)
 
 
 @dataclass
@@ -154,7 +165,11 @@ class SpecEngine:
             self.check(r)
         runs = []
         try:
-            runs = [self.start(r, row) for row, r in enumerate(reqs)]
+            started = self.start_many([Start(r, row) for row, r in enumerate(reqs)])
+            runs = [r for r in started if isinstance(r, Run)]
+            failed = next((r for r in started if not isinstance(r, Run)), None)
+            if failed is not None:
+                raise failed
             while any(not r.done for r in runs):
                 self.step([r for r in runs if not r.done])
         finally:
@@ -174,53 +189,100 @@ class SpecEngine:
         `cached` prompt tokens and the drafter the first `drafter_cached`; only the rest is
         computed (metrics.reused_prefix_tokens). `summary`: the session's latest KV summary
         (restored from Redis on a take-over), sent to the drafter until a fresh one is made."""
-        prompt = list(req.prompt_ids)
-        metrics = RequestMetrics(prompt_tokens=len(prompt))
-        session = session or uuid.uuid4().hex
+        run = self.start_many([Start(req, row, session, cached, drafter_cached, summary)])[0]
+        if isinstance(run, BaseException):
+            raise run
+        return run
+
+    def start_many(self, starts: list["Start"]) -> list["Run | Exception"]:
+        """`start` for sessions that arrive together: their prompts of one length are prefilled
+        in one forward (Verifier.prefill_many) and their drafters opened in one call (open_many),
+        as a round batches its verifies and drafts. One result per start, in order: its Run or
+        the error it met (a batched prefill that fails fails every start in it). Each run's
+        metrics.prefill_s is the whole call's: what every one of them waited."""
         t0 = time.perf_counter()
-        spec_summaries = req.mode == "spec" and self.summary is not None
-        self.verifier.track(row, spec_summaries)
-        self.verifier.record(row, req.mode == "spec" and self.feed)
-        cached = min(cached, len(prompt) - 1, self.verifier.length(row))
+        results: list[Run | Exception | None] = [None] * len(starts)
+        sessions = [s.session or uuid.uuid4().hex for s in starts]
+        reused = [0] * len(starts)
+        prefill: list[int] = []                       # starts whose rows are prefilled from empty
+        for i, s in enumerate(starts):
+            try:
+                reused[i] = self._reuse(s)
+                if reused[i] == 0:
+                    prefill.append(i)
+            except Exception as e:  # noqa: BLE001 - this start's error, reported as its result
+                results[i] = e
+        try:
+            self.verifier.prefill_many([starts[i].row for i in prefill],
+                                       [list(starts[i].req.prompt_ids[:-1]) for i in prefill])
+        except Exception as e:  # noqa: BLE001
+            for i in prefill:
+                results[i] = e
+        opening = [i for i, s in enumerate(starts)
+                   if results[i] is None and s.req.mode == "spec" and s.drafter_cached <= 0]
+        opened = dict(zip(opening, self._open_drafters([OpenCall(sessions[i], list(starts[i].req.prompt_ids),
+                                                                 starts[i].req.sampling) for i in opening])))
+        for i, s in enumerate(starts):
+            if results[i] is None:
+                try:
+                    results[i] = self._begin(s, sessions[i], reused[i], opened.get(i), time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001
+                    results[i] = e
+        return results
+
+    def _reuse(self, s: "Start") -> int:
+        """Set up s's row for its prompt: the prompt tokens its cached prefix saves (0: the row
+        is to be prefilled from empty; the rest of a longer prompt is extended here)."""
+        prompt, row = s.req.prompt_ids, s.row
+        self.verifier.track(row, s.req.mode == "spec" and self.summary is not None)
+        self.verifier.record(row, s.req.mode == "spec" and self.feed)
+        cached = min(s.cached, len(prompt) - 1, self.verifier.length(row))
         if cached > 0 and not self.verifier.can_commit(row, cached):
             cached = 0       # a local layer's ring no longer holds what the rollback needs: prefill
         if cached > 0:
             self.verifier.commit(row, cached)
             if cached < len(prompt) - 1:
-                self.verifier.extend(row, prompt[cached:-1])
-            metrics.reused_prefix_tokens = cached
-        else:
-            self.verifier.prefill(row, prompt[:-1])
+                self.verifier.extend(row, list(prompt[cached:-1]))
+        return cached
+
+    def _open_drafters(self, calls: list[OpenCall]) -> list[OpenReply | None]:
+        """The drafters' replies to the opens, in order; None for one that failed (its session
+        decodes alone for now; the next draft call re-opens it with base_len 0)."""
+        if not calls:
+            return []
+        try:
+            replies = self.drafter.open_many(calls)
+        except DRAFTER_FAILURES:
+            return [None] * len(calls)
+        return [None if isinstance(r, BaseException) else r for r in replies]
+
+    def _begin(self, s: "Start", session: str, reused: int, opened: OpenReply | None, prefill_s: float) -> Run:
+        """The run of a start whose row holds its prompt; `opened`: its drafter's open reply
+        (None: not opened now, either failed or already holding `s.drafter_cached` tokens)."""
+        req, row, prompt = s.req, s.row, list(s.req.prompt_ids)
+        metrics = RequestMetrics(prompt_tokens=len(prompt), reused_prefix_tokens=reused, prefill_s=prefill_s)
+        spec_summaries = req.mode == "spec" and self.summary is not None
         drafter_base, want, feeder, can_draft = 0, None, self._feeders.get(session), True
-        if req.mode == "spec" and drafter_cached > 0:
-            drafter_base = drafter_cached
-        elif req.mode == "spec":
-            drafter_base, opened = self._open_drafter(session, prompt, req)
-            want = opened.want
-            if drafter_base and want is None:
+        if req.mode == "spec" and s.drafter_cached > 0:
+            drafter_base = s.drafter_cached
+        elif req.mode == "spec" and opened is not None:
+            drafter_base, want = len(prompt), opened.want
+            if want is None:
                 self.verifier.track(row, False)   # its drafter reads no summaries
             if opened.feed is not None:
                 feeder, can_draft = self._feeder_for(session, opened.feed)
-            elif drafter_base:
+            else:
                 feeder = self._feeders.pop(session, None)
         if feeder is None:
             self.verifier.record(row, False)
-        metrics.prefill_s = time.perf_counter() - t0
         stopper = StopChecker(self.eos_ids, list(req.stop), req.max_tokens,
                               self.max_context - len(prompt), self.tokenizer)
         gen = None if req.sampling.greedy else req.sampling.generator()
-        schedule = SummarySchedule(self.schedule, want=want, latest=_readable(summary)) if spec_summaries else None
+        schedule = SummarySchedule(self.schedule, want=want, latest=_readable(s.summary)) if spec_summaries else None
         cohort, self._next_cohort = self._next_cohort, (self._next_cohort + 1) % self.cohorts
         return Run(session, row, req, prompt, stopper, KController(req.k, req.adaptive), metrics,
                    gen, drafter_base=drafter_base, summary=schedule, feeder=feeder, can_draft=can_draft,
                    cohort=cohort, started_at=time.perf_counter())
-
-    def _open_drafter(self, session: str, tokens: list[int], req: GenerationRequest) -> tuple[int, OpenReply]:
-        """(committed tokens the drafter now holds, what its summaries and feeds take)."""
-        try:
-            return len(tokens), self.drafter.open(session, tokens, req.sampling)
-        except DRAFTER_FAILURES:
-            return 0, OpenReply()  # decode alone for now; the next draft call re-opens with base_len 0
 
     def _feeder_for(self, session: str, want: FeedWant) -> tuple[Feeder | None, bool]:
         """(the session's feeder, whether it may draft): a drafter this verifier cannot feed

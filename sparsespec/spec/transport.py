@@ -54,6 +54,14 @@ class DraftCall:
 
 
 @dataclass(frozen=True)
+class OpenCall:
+    """One session's part of an open of several (the arguments of `DrafterClient.open`)."""
+    session: str
+    tokens: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
 class OpenReply:
     """What a drafter says when a session opens: what a KV summary may hold for it, and what
     feeding it takes (both None: it reads no summaries and keeps its own KV)."""
@@ -67,6 +75,18 @@ class DrafterClient(ABC):
         """Create (or rebuild) the session's drafter state from the committed tokens (a fed
         drafter only notes them: its first draft's feed brings their K/V). Returns what its
         summaries and feeds take, so the very first draft can carry them."""
+
+    def open_many(self, calls: list[OpenCall]) -> list["OpenReply | SparseSpecError"]:
+        """`open` for sessions that start together, one result per call in order: its OpenReply
+        or the DRAFTER_FAILURE that call alone met. A drafter that batches prefills overrides
+        this; the default opens one session after another."""
+        results: list[OpenReply | SparseSpecError] = []
+        for c in calls:
+            try:
+                results.append(self.open(c.session, c.tokens, c.params))
+            except DRAFTER_FAILURES as e:
+                results.append(e)
+        return results
 
     @abstractmethod
     def draft(self, session: str, base_len: int, append: list[int], k: int,

@@ -85,12 +85,27 @@ class Verifier:
             if recorder is not None:
                 recorder.end()
 
-    @torch.inference_mode()
     def prefill(self, row: int, tokens: list[int], chunk: int = 2048) -> None:
         """Fill `row` with `tokens` (everything committed but the pending token)."""
-        self.cache.truncate(row, 0)
-        for i in range(0, len(tokens), chunk):
-            self._forward([row], torch.tensor([tokens[i:i + chunk]], device=self.model.device), True)
+        self.prefill_many([row], [tokens], chunk)
+
+    @torch.inference_mode()
+    def prefill_many(self, rows: list[int], tokens: list[list[int]], chunk: int = 2048) -> None:
+        """Fill rows[i] with tokens[i]. Prompts of one length are prefilled together, one forward
+        [R, chunk] per chunk: sessions that arrive together read the weights once, as a round's
+        verify does. Prompts of different lengths go in different forwards (no padding, so what a
+        row's tracker and recorder see is its own prompt only)."""
+        groups: dict[int, list[int]] = {}              # prompt length -> indices into rows
+        for i, t in enumerate(tokens):
+            groups.setdefault(len(t), []).append(i)
+        for n, group in groups.items():
+            group.sort(key=lambda i: rows[i])          # adjacent rows: a view of the cache, not a copy
+            batch = [rows[i] for i in group]
+            for row in batch:
+                self.cache.truncate(row, 0)
+            for i in range(0, n, chunk):
+                ids = torch.tensor([tokens[j][i:i + chunk] for j in group], device=self.model.device)  # [R, T]
+                self._forward(batch, ids, True)
 
     @torch.inference_mode()
     def extend(self, row: int, tokens: list[int]) -> None:
