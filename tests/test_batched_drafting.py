@@ -335,8 +335,10 @@ def test_a_start_that_fails_fails_alone(tiny_model):
     engine = SpecEngine(tiny_model, LocalDrafterClient(host), max_batch=3)
     out = engine.start_many([Start(GenerationRequest(ps[0], 16, k=2), 0),
                              Start(GenerationRequest(ps[1], 16, k=2), 99),       # no such cache row
-                             Start(GenerationRequest(ps[2], 16, k=2), 2)])
+                             Start(GenerationRequest(ps[2], 16, k=2), 2),
+                             Start(GenerationRequest(ps[1], 16, k=2), 0)])       # row 0 is taken
     assert isinstance(out[0], Run) and isinstance(out[2], Run) and isinstance(out[1], IndexError)
+    assert "row" in str(out[3]) and "taken" in str(out[3])
     assert host.load() == 2                       # the failed start opened no drafter session
     runs = [out[0], out[2]]
     while any(not r.done for r in runs):

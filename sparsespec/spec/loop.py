@@ -194,7 +194,7 @@ class SpecEngine:
             raise run
         return run
 
-    def start_many(self, starts: list["Start"]) -> list["Run | Exception"]:
+    def start_many(self, starts: list[Start]) -> list[Run | Exception]:
         """`start` for sessions that arrive together: their prompts of one length are prefilled
         in one forward (Verifier.prefill_many) and their drafters opened in one call (open_many),
         as a round batches its verifies and drafts. One result per start, in order: its Run or
@@ -205,8 +205,12 @@ class SpecEngine:
         sessions = [s.session or uuid.uuid4().hex for s in starts]
         reused = [0] * len(starts)
         prefill: list[int] = []                       # starts whose rows are prefilled from empty
+        rows: set[int] = set()
         for i, s in enumerate(starts):
             try:
+                if s.row in rows:
+                    raise InvalidArgument("row", f"{s.row} is taken by another start of this call")
+                rows.add(s.row)
                 reused[i] = self._reuse(s)
                 if reused[i] == 0:
                     prefill.append(i)
@@ -230,7 +234,7 @@ class SpecEngine:
                     results[i] = e
         return results
 
-    def _reuse(self, s: "Start") -> int:
+    def _reuse(self, s: Start) -> int:
         """Set up s's row for its prompt: the prompt tokens its cached prefix saves (0: the row
         is to be prefilled from empty; the rest of a longer prompt is extended here)."""
         prompt, row = s.req.prompt_ids, s.row
@@ -256,7 +260,7 @@ class SpecEngine:
             return [None] * len(calls)
         return [None if isinstance(r, BaseException) else r for r in replies]
 
-    def _begin(self, s: "Start", session: str, reused: int, opened: OpenReply | None, prefill_s: float) -> Run:
+    def _begin(self, s: Start, session: str, reused: int, opened: OpenReply | None, prefill_s: float) -> Run:
         """The run of a start whose row holds its prompt; `opened`: its drafter's open reply
         (None: not opened now, either failed or already holding `s.drafter_cached` tokens)."""
         req, row, prompt = s.req, s.row, list(s.req.prompt_ids)
