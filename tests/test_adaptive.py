@@ -5,7 +5,7 @@ timing only; token equality with adaptive k is in test_spec_greedy.py)."""
 import pytest
 
 from sparsespec.errors import InvalidArgument
-from sparsespec.spec.adaptive import AdaptiveConfig, KController, expected_tokens
+from sparsespec.spec.adaptive import AdaptiveConfig, KController, alpha_upper, expected_tokens
 
 
 def test_expected_tokens():
@@ -67,13 +67,42 @@ def test_one_unlucky_round_does_not_switch_speculation_off():
     assert abs(c.alpha - 12 / 13) < 1e-12
 
 
-def test_too_little_evidence_never_switches_off():
+def test_a_near_tie_needs_min_rounds_to_switch_off():
+    """Losing by ~9% at alpha's MLE (2 of 4 accepted a round) but not at its upper bound: only
+    min_rounds rounds of it switch speculation off (each such round costs the session little)."""
     c = controller(min_rounds=3)
-    c.observe_round(4, 0, draft_s=0.040, verify_s=0.030)           # a useless first round
-    c.observe_round(4, 0, draft_s=0.040, verify_s=0.030)
+    c.observe_round(4, 2, draft_s=0.025, verify_s=0.018)
+    c.observe_round(4, 2, draft_s=0.025, verify_s=0.018)
     assert not c.off
-    c.observe_round(4, 0, draft_s=0.040, verify_s=0.030)
+    c.observe_round(4, 2, draft_s=0.025, verify_s=0.018)
     assert c.off
+
+
+def test_a_clear_loser_is_switched_off_after_one_round():
+    """Nothing accepted at seven plain steps' cost a round: even alpha's upper bound after one
+    round (0.73) loses by 2x, so the session does not pay min_rounds rounds to learn it (measured
+    at S = 1, 4K: the worst prompt ran 0.88x its AR run, most of it in those learning rounds)."""
+    c = controller()
+    c.observe_round(4, 0, draft_s=0.040, verify_s=0.030)
+    assert c.off and c.next_k() == 0
+    assert 0.0 == c.alpha < c.alpha_hi < 0.75
+
+
+def test_an_unlucky_first_round_does_not_switch_a_winner_off():
+    """A drafter at alpha 0.8 whose rounds pay 1.2x plain decoding, with nothing accepted in its
+    first round: alpha's upper bound still says it may pay, so it stays on and is right to."""
+    c = controller()
+    cost = expected_tokens(0.8, 4) * 0.010 / 1.2
+    c.observe_round(4, 0, draft_s=0.4 * cost, verify_s=0.6 * cost)
+    assert not c.off and c.next_k() >= 1
+
+
+def test_alpha_upper_bound():
+    assert alpha_upper(0, 0, 1.64) == 1.0                   # no evidence: anything is possible
+    assert alpha_upper(5, 0, 1.64) > 1 - 1e-9          # all accepted: the bound is 1
+    assert alpha_upper(0, 0 + 1, 0.0) == 0.0                # z = 0: the MLE itself
+    bounds = [alpha_upper(2 * n, n, 1.64) for n in (1, 4, 16, 64)]
+    assert all(2 / 3 < b < 1 for b in bounds) and bounds == sorted(bounds, reverse=True)
 
 
 def test_affine_costs_do_not_drive_k_down():
@@ -131,6 +160,11 @@ def test_plain_steps_re_measure_plain_decoding_while_speculation_pays():
     assert steps[:first] == [0] * c.cfg.calibrate
     gaps = [i for i, k in enumerate(steps) if k == 0 and i >= first]
     assert gaps and all(b - a == c.cfg.refresh_every + 1 for a, b in zip(gaps, gaps[1:]))
+
+
+def test_bad_confidence_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument, match="adaptive.confidence_z"):
+        AdaptiveConfig(confidence_z=-1.0)
 
 
 @pytest.mark.parametrize("field", ["samples", "calibrate", "refresh_every"])

@@ -10,12 +10,15 @@ one k misprices the others and drove k down round by round. A cost is the least 
 price of plain decoding kept a losing session on for good. t_ar is measured over `calibrate`
 plain steps first and re-measured by one plain step every `refresh_every` rounds (a plain step
 runs at AR's own speed, so it never costs a session its floor). Speculation is switched off for
-the session when no k beats plain decoding (1 / t_ar), and probed again every `probe_every` plain
-steps so it comes back when it would pay. None of this affects the output.
+the session when no k beats plain decoding (1 / t_ar) over `min_rounds` rounds, or at once when
+none would even at the upper confidence bound of alpha (so a drafter that loses by 2x pays one
+round to learn it, not four), and probed again every `probe_every` plain steps so it comes back
+when it would pay. None of this affects the output.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -33,7 +36,8 @@ class AdaptiveConfig:
     calibrate: int = 2        # plain steps that measure t_ar before the first round
     refresh_every: int = 16   # rounds between the plain steps that re-measure t_ar
     window: int = 8           # rounds whose accepted / drafted counts pool into alpha
-    min_rounds: int = 4       # rounds of evidence before speculation may be switched off
+    min_rounds: int = 4       # rounds before speculation losing at alpha's MLE is switched off
+    confidence_z: float = 1.64   # off only when even alpha's upper bound at this z loses (one-sided 95%)
     probe_every: int = 32     # plain steps between probes while speculation is off
     margin: float = 1.0       # speculation must beat AR by this factor to stay on
 
@@ -45,6 +49,21 @@ class AdaptiveConfig:
         for name in ("samples", "calibrate", "refresh_every"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"adaptive.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.confidence_z <= 10.0:
+            raise InvalidArgument("adaptive.confidence_z", f"must be in [0, 10], got {self.confidence_z}")
+
+
+def alpha_upper(accepted: int, rejected: int, z: float) -> float:
+    """Upper Wilson score bound on alpha from `accepted` of `accepted + rejected` draft tokens
+    judged (each judged token is one Bernoulli trial: a round stops at its first rejection).
+    Wilson rather than the normal interval because the trials are few exactly where alpha is low."""
+    n = accepted + rejected
+    if n == 0:
+        return 1.0
+    p = accepted / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -61,6 +80,7 @@ class KController:
         self.cfg = cfg
         self.k = k
         self.alpha: float | None = None      # per-token acceptance: geometric MLE over the window
+        self.alpha_hi: float | None = None   # its upper confidence bound (alpha_upper)
         self._rounds: deque[tuple[int, int]] = deque(maxlen=cfg.window)   # (accepted, rejected)
         self._rounds_on = 0                  # rounds observed since speculation was last switched on
         self._plain: deque[float] = deque(maxlen=cfg.samples)   # seconds of the last plain steps
@@ -123,8 +143,9 @@ class KController:
         self._rounds.append((accepted, 1 if accepted < k else 0))
         self._rounds_on += 1
         self._rounds_since_plain += 1
-        good = sum(a for a, _ in self._rounds)
-        self.alpha = good / (good + sum(f for _, f in self._rounds))
+        good, bad = sum(a for a, _ in self._rounds), sum(f for _, f in self._rounds)
+        self.alpha = good / (good + bad)
+        self.alpha_hi = alpha_upper(good, bad, self.cfg.confidence_z)
         if self._skip_draft_time:
             self._skip_draft_time = False
         else:
@@ -147,20 +168,27 @@ class KController:
             (k1, y1), (k2, y2) = sorted((j, table[j]) for j in near)
         return max(0.0, y1 + max(0.0, (y2 - y1) / (k2 - k1)) * (k - k1))   # costs never fall with k
 
-    def rate(self, k: int) -> float:
-        """Expected committed tokens per second with k drafts per round."""
+    def rate(self, k: int, alpha: float | None = None) -> float:
+        """Expected committed tokens per second with k drafts per round (at alpha, default the MLE)."""
         t_ar = self.t_ar or 0.0
         cost = self._at(self.draft_at, k, 0.0) + max(t_ar, self._at(self.verify_at, k, t_ar))
-        return expected_tokens(self.alpha or 0.0, k) / cost if cost > 0 else 0.0
+        a = self.alpha if alpha is None else alpha
+        return expected_tokens(a or 0.0, k) / cost if cost > 0 else 0.0
 
     def _choose(self) -> None:
         if self.t_ar is None or self.alpha is None:
             return
-        best = max(range(self.cfg.k_min, self.cfg.k_max + 1), key=self.rate)
-        self.k = best
-        losing = self.rate(best) < self.cfg.margin / self.t_ar
-        if self.off and not losing:
-            self.off, self._rounds_on = False, 0        # the probe paid: back on
-        elif not self.off and losing and self._rounds_on >= self.cfg.min_rounds:
+        ks = range(self.cfg.k_min, self.cfg.k_max + 1)
+        self.k = max(ks, key=self.rate)
+        plain = self.cfg.margin / self.t_ar
+        if self.off:
+            if self.rate(self.k) >= plain:
+                self.off, self._rounds_on = False, 0        # the probe paid: back on
+            return
+        # Off when speculation loses at alpha's MLE over min_rounds rounds, or at once when it loses
+        # even at alpha's upper bound: a clear loser pays one round, a near-tie a few cheap ones.
+        losing = self.rate(self.k) < plain and self._rounds_on >= self.cfg.min_rounds
+        hopeless = max(self.rate(k, self.alpha_hi) for k in ks) < plain
+        if losing or hopeless:
             self.off = True
             self._plain_since_probe = 0   # a full probe_every plain steps before the next probe
