@@ -11,8 +11,11 @@ from sparsespec.models.config import ModelConfig
 from sparsespec.models.llama import LlamaModel
 
 # SPARSESPEC_TEST_THREADS=1 on a machine busy with other work: more torch threads than free cores
-# make OpenMP spin and every op dozens of times slower.
-torch.set_num_threads(int(os.environ.get("SPARSESPEC_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# make OpenMP spin and every op dozens of times slower. Under pytest-xdist (scripts/test.sh runs
+# one worker per core) each worker takes its share of the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("SPARSESPEC_TEST_THREADS",
+                                         max(1, min(2, (os.cpu_count() or 1) // _workers)))))
 
 
 def random_model(seed: int = 0, vocab: int = 128, layers: int = 2, std: float = 0.2,
