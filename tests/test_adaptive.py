@@ -99,8 +99,8 @@ def test_an_unlucky_first_round_does_not_switch_a_winner_off():
 
 def test_alpha_upper_bound():
     assert alpha_upper(0, 0, 1.64) == 1.0                   # no evidence: anything is possible
-    assert alpha_upper(5, 0, 1.64) > 1 - 1e-9          # all accepted: the bound is 1
-    assert alpha_upper(0, 0 + 1, 0.0) == 0.0                # z = 0: the MLE itself
+    assert alpha_upper(5, 0, 1.64) > 1 - 1e-9               # all accepted: the bound is 1
+    assert alpha_upper(0, 1, 0.0) == 0.0                    # z = 0: the MLE itself
     bounds = [alpha_upper(2 * n, n, 1.64) for n in (1, 4, 16, 64)]
     assert all(2 / 3 < b < 1 for b in bounds) and bounds == sorted(bounds, reverse=True)
 
