@@ -35,6 +35,10 @@ from sparsespec.models import load_model, load_tokenizer
 from sparsespec.models.testing import save_random_model, tiny_config
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 
+# Alone, after the parallel pass (scripts/test.sh): under pytest-xdist the head of the local Ray
+# cluster started, then refused connections while another worker loaded the 2 cores.
+pytestmark = pytest.mark.serial
+
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 PROMPTS = ["In the beginning God created the heaven and the earth. ",
            "And the earth was without form, and void; and darkness was upon the face of the deep. ",
