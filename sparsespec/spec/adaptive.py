@@ -181,14 +181,15 @@ class KController:
         ks = range(self.cfg.k_min, self.cfg.k_max + 1)
         self.k = max(ks, key=self.rate)
         plain = self.cfg.margin / self.t_ar
+        winning = self.rate(self.k) >= plain
         if self.off:
-            if self.rate(self.k) >= plain:
+            if winning:
                 self.off, self._rounds_on = False, 0        # the probe paid: back on
             return
-        # Off when speculation loses at alpha's MLE over min_rounds rounds, or at once when it loses
-        # even at alpha's upper bound: a clear loser pays one round, a near-tie a few cheap ones.
-        losing = self.rate(self.k) < plain and self._rounds_on >= self.cfg.min_rounds
-        hopeless = max(self.rate(k, self.alpha_hi) for k in ks) < plain
-        if losing or hopeless:
+        if winning:
+            return          # at the MLE, so at alpha_hi >= alpha too: nothing more to price
+        # Losing at alpha's MLE: off after min_rounds rounds of it, or at once when it loses even
+        # at alpha's upper bound (a clear loser pays one round, a near-tie a few cheap ones).
+        if self._rounds_on >= self.cfg.min_rounds or max(self.rate(k, self.alpha_hi) for k in ks) < plain:
             self.off = True
             self._plain_since_probe = 0   # a full probe_every plain steps before the next probe

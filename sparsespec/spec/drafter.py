@@ -244,18 +244,18 @@ def start_many(drafters: list[Drafter], tokens: list[list[int]]) -> None:
     """`Drafter.start` for sessions that open together on one model: the prompts of one length
     that fit a cache's tail go through ONE forward over all of them (as a round's drafts do); a
     longer prompt is prefilled alone, in pieces. A forward that fails raises for all of them."""
-    groups: dict[int, list[Drafter]] = {}               # prompt length -> drafters
-    prompts = dict(zip(map(id, drafters), tokens))
+    groups: dict[int, list[tuple[Drafter, list[int]]]] = {}     # prompt length -> (drafter, prompt)
     for d, t in zip(drafters, tokens):
         if not d._reset(t):
             continue
         d.cache.upkeep()
         if d.cache.room() >= len(t):
-            groups.setdefault(len(t), []).append(d)
+            groups.setdefault(len(t), []).append((d, t))
         else:
             d._append(t, upkeep_first=False)
-    for n, group in groups.items():
-        logits = _stacked_forward(group, [prompts[id(d)] for d in group])                   # [S, V]
+    for n, pairs in groups.items():
+        group = [d for d, _ in pairs]
+        logits = _stacked_forward(group, [t for _, t in pairs])                              # [S, V]
         for d, row in zip(group, logits):
             d._last_logits = row
             d.committed_len = n
