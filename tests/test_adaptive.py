@@ -5,7 +5,7 @@ timing only; token equality with adaptive k is in test_spec_greedy.py)."""
 import pytest
 
 from sparsespec.errors import InvalidArgument
-from sparsespec.spec.adaptive import AdaptiveConfig, KController, alpha_upper, expected_tokens
+from sparsespec.spec.adaptive import AdaptiveConfig, KController, Prior, alpha_upper, expected_tokens, regime
 
 
 def test_expected_tokens():
@@ -167,7 +167,87 @@ def test_bad_confidence_is_refused_naming_the_field():
         AdaptiveConfig(confidence_z=-1.0)
 
 
-@pytest.mark.parametrize("field", ["samples", "calibrate", "refresh_every"])
+@pytest.mark.parametrize("field", ["samples", "calibrate", "refresh_every", "probe_every"])
 def test_counts_below_one_are_refused_naming_the_field(field):
     with pytest.raises(InvalidArgument, match=f"adaptive.{field}.*>= 1"):
         AdaptiveConfig(**{field: 0})
+
+
+def test_bad_probe_max_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument, match="adaptive.probe_max"):
+        AdaptiveConfig(probe_every=32, probe_max=16)
+
+
+def losing_round(c: KController, k: int) -> None:
+    c.observe_round(k, 0, draft_s=0.010 * k, verify_s=0.012)   # nothing accepted, a step per draft
+
+
+def test_each_probe_that_still_loses_doubles_the_wait_and_a_winning_one_resets_it():
+    """A losing regime's probes cost a round each (at S = 8, 4K one costs the batch ~3 AR steps):
+    the wait before the next grows with every probe that loses, up to probe_max."""
+    c = controller(probe_max=20)
+    losing_round(c, c.next_k())
+    assert c.off
+    waits = []
+    for _ in range(4):
+        plain = 0
+        while (k := c.next_k()) == 0:
+            c.observe_plain(0.010)
+            plain += 1
+        waits.append(plain)
+        losing_round(c, k)
+        assert c.off
+    assert waits == [5, 10, 20, 20]
+    while (k := c.next_k()) == 0:
+        c.observe_plain(0.010)
+    for _ in range(3):      # the drafter got good: back on, and the wait starts over
+        c.observe_round(k, k, draft_s=0.0005 * k, verify_s=0.011)
+        k = c.next_k() or k
+    assert not c.off and c.learned().probe_every == 5
+
+
+def test_a_session_seeded_from_a_losing_regime_starts_plain_without_a_learning_round():
+    """The costs are the regime's: a session starting where the last one learned that speculation
+    loses takes plain steps from its first, and probes only after the prior's wait."""
+    first = controller()
+    losing_round(first, first.next_k())
+    for _ in range(5):
+        first.observe_plain(0.010)
+    losing_round(first, first.next_k())      # a losing probe: the wait doubled
+    prior = first.learned()
+    assert prior.off and prior.probe_every == 10 and prior.t_ar == 0.010
+    c = KController(4, AdaptiveConfig(enabled=True, k_max=16, probe_every=5))
+    c.seed(prior)
+    steps = []
+    while (k := c.next_k()) == 0:
+        steps.append(k)
+        c.observe_plain(0.010)
+    assert len(steps) == 10 and c.off
+    assert KController(4, AdaptiveConfig(enabled=False)).learned() is None
+
+
+def test_a_session_seeded_from_a_winning_regime_drafts_at_once_at_its_k():
+    first = controller()
+    for _ in range(10):
+        k = first.next_k()
+        first.observe_round(k, k, draft_s=0.001 * k, verify_s=0.011)
+    prior = first.learned()
+    assert not prior.off and prior.k > 4
+    c = KController(4, AdaptiveConfig(enabled=True, k_max=16))
+    c.seed(prior)
+    assert c.next_k() == prior.k and c.t_ar == prior.t_ar
+    for _ in range(c.cfg.min_rounds):        # its own text: alpha stays its own, and nothing is
+        c.observe_round(c.next_k(), 0, draft_s=0.001 * c.k, verify_s=0.011)     # accepted
+    assert c.off
+
+
+def test_a_seed_is_clamped_to_the_sessions_own_limits():
+    prior = Prior(0.010, {12: 0.05}, {12: 0.02}, k=12, off=True, probe_every=4096)
+    c = KController(2, AdaptiveConfig(enabled=True, k_max=6, probe_every=8, probe_max=64))
+    c.seed(prior)
+    assert c.k == 6 and c.learned().probe_every == 64
+
+
+def test_regimes_split_batch_width_and_context_by_half_octaves():
+    assert regime(8, 4096) == regime(8, 4200) != regime(8, 8000)
+    assert regime(1, 4096) != regime(8, 4096)

@@ -285,6 +285,33 @@ def test_a_session_switched_off_rides_a_batch_that_drafts(tiny_model):
     assert [r.metrics.ar_steps for r in runs] == [c + 1, c + 1]
 
 
+class SlowDrafts(LocalDrafterClient):
+    """A drafter 50 ms slower a round than a step of the tiny verifier: a clear loser."""
+
+    def draft_many(self, calls):
+        time.sleep(0.05)
+        return super().draft_many(calls)
+
+
+def test_a_session_starts_from_what_the_last_one_in_its_regime_learned(tiny_model):
+    """The round a session spends learning that speculation loses costs its whole batch (at
+    S = 8, 4K ~3 AR steps: adaptive ran 0.91x AR where the floor is 0.95x). The engine keeps the
+    last verdict per regime (batch width, context) and the next session there starts from it;
+    a session in another regime learns its own. Every output is still AR's."""
+    ps = [p[:20] for p in prompts(3)]
+    ar = SpecEngine(tiny_model, None).generate_many([GenerationRequest(p, 16, mode="ar") for p in ps])
+    host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig("streaming", 16), 512))
+    engine = SpecEngine(tiny_model, SlowDrafts(host))
+    req = [GenerationRequest(p, 16, k=2, adaptive=AdaptiveConfig(k_max=4)) for p in ps]
+    first, = engine.generate_many([req[0]])
+    second, = engine.generate_many([req[1]])     # the same regime: known to lose, so plain throughout
+    pair = engine.generate_many([req[0], req[2]])   # a batch of 2: a regime of its own
+    assert first.metrics.rounds >= 1 and second.metrics.rounds == 0
+    assert all(o.metrics.rounds >= 1 for o in pair)
+    for i, o in zip((0, 1, 0, 2), [first, second] + pair):
+        assert_greedy_equal(tiny_model, ps[i], ar[i].token_ids, o.token_ids, "seeded adaptive k")
+
+
 def test_adaptive_sessions_of_different_lengths_in_one_batch_equal_ar(tiny_model):
     """The batch's k (the median of what adaptive runs ask), sessions switching off and riding
     along, with prompts and lengths that differ: every output is still AR's."""

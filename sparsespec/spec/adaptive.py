@@ -12,8 +12,12 @@ plain steps first and re-measured by one plain step every `refresh_every` rounds
 runs at AR's own speed, so it never costs a session its floor). Speculation is switched off for
 the session when no k beats plain decoding (1 / t_ar) over `min_rounds` rounds, or at once when
 none would even at the upper confidence bound of alpha (so a drafter that loses by 2x pays one
-round to learn it, not four), and probed again every `probe_every` plain steps so it comes back
-when it would pay. None of this affects the output.
+round to learn it, not four), and probed again after `probe_every` plain steps so it comes back
+when it would pay (each probe that still loses doubles the wait, up to `probe_max`). The costs
+belong to the regime (batch width, context), not to the session: a session starts from the
+`Prior` the last one in its regime left (`seed`), so a losing regime is known before it pays a
+learning round (at S = 8, 4K one costs the whole batch ~3 AR steps). None of this affects the
+output.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ class AdaptiveConfig:
     window: int = 8           # rounds whose accepted / drafted counts pool into alpha
     min_rounds: int = 4       # rounds before speculation losing at alpha's MLE is switched off
     confidence_z: float = 1.64   # off only when even alpha's upper bound at this z loses (one-sided 95%)
-    probe_every: int = 32     # plain steps between probes while speculation is off
+    probe_every: int = 32     # plain steps before the first probe while speculation is off
+    probe_max: int = 512      # ... doubled by each probe that still loses, up to this
     margin: float = 1.0       # speculation must beat AR by this factor to stay on
 
     def __post_init__(self):
@@ -46,9 +51,11 @@ class AdaptiveConfig:
             raise InvalidArgument("k", f"need 1 <= k_min <= k_max <= {MAX_K}, got {self.k_min}..{self.k_max}")
         if not 1 <= self.min_rounds <= self.window:
             raise InvalidArgument("adaptive", f"need 1 <= min_rounds <= window, got {self.min_rounds}, {self.window}")
-        for name in ("samples", "calibrate", "refresh_every"):
+        for name in ("samples", "calibrate", "refresh_every", "probe_every"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"adaptive.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.probe_max < self.probe_every:
+            raise InvalidArgument("adaptive.probe_max", f"must be >= probe_every ({self.probe_every}), got {self.probe_max}")
         if not 0.0 <= self.confidence_z <= 10.0:
             raise InvalidArgument("adaptive.confidence_z", f"must be in [0, 10], got {self.confidence_z}")
 
@@ -64,6 +71,25 @@ def alpha_upper(accepted: int, rejected: int, z: float) -> float:
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def regime(width: int, context: int) -> tuple[int, int]:
+    """The key a `Prior` is kept under: the batch width a session drafts in and its context in
+    half-octaves (4096 and 8000 apart: the verify's cost grows with both)."""
+    return width, round(2 * math.log2(max(context, 1)))
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What a session learned about its regime, for the next session there: the plain step and
+    round costs (the regime's), the k and verdict it ended with, and its probe wait. Alpha is not
+    in it: acceptance belongs to a session's text, so each learns its own."""
+    t_ar: float
+    draft_at: dict[int, float]   # k -> seconds of a round's drafting
+    verify_at: dict[int, float]  # k -> seconds of a (k+1)-token verify
+    k: int
+    off: bool
+    probe_every: int
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -91,6 +117,7 @@ class KController:
         self.verify_at: dict[int, float] = {}        # k -> least of _verify[k]
         self.off = False
         self._plain_since_probe = 0
+        self._probe_every = cfg.probe_every          # plain steps before the next probe while off
         self._rounds_since_plain = 0
         self._skip_draft_time = False        # the next round's draft seconds include a session open
 
@@ -104,11 +131,34 @@ class KController:
         if self._plain_due():
             return 0
         if self.off:
-            if self._plain_since_probe >= self.cfg.probe_every:
+            if self._plain_since_probe >= self._probe_every:
                 self._plain_since_probe = 0
                 return max(self.cfg.k_min, min(self.k, 4))
             return 0
         return self.k
+
+    def seed(self, prior: Prior) -> None:
+        """Start from what the last session in this regime learned (before any step of this
+        one): its costs as this session's first timings, its k, and its verdict, so a session
+        in a losing regime starts plain (probing after the prior's wait) and one in a winning
+        regime starts drafting without calibrating first."""
+        if not self.cfg.enabled:
+            return
+        self._plain.append(prior.t_ar)
+        self.t_ar = prior.t_ar
+        for k, s in prior.draft_at.items():
+            self._sample(self._draft, self.draft_at, k, s)
+        for k, s in prior.verify_at.items():
+            self._sample(self._verify, self.verify_at, k, s)
+        self.k = max(self.cfg.k_min, min(prior.k, self.cfg.k_max))
+        self.off, self._probe_every = prior.off, max(self.cfg.probe_every, min(prior.probe_every, self.cfg.probe_max))
+
+    def learned(self) -> Prior | None:
+        """This session's costs and verdict for the next session in its regime (None: it has
+        not priced a round yet)."""
+        if not self.cfg.enabled or self.t_ar is None or not self.verify_at:
+            return None
+        return Prior(self.t_ar, dict(self.draft_at), dict(self.verify_at), self.k, self.off, self._probe_every)
 
     def batch_k(self, width: int) -> int:
         """k when the batch drafts `width`: a round's verify is as wide as its widest row and its
@@ -183,8 +233,10 @@ class KController:
         plain = self.cfg.margin / self.t_ar
         winning = self.rate(self.k) >= plain
         if self.off:
-            if winning:
-                self.off, self._rounds_on = False, 0        # the probe paid: back on
+            if winning:                                     # the probe paid: back on
+                self.off, self._rounds_on, self._probe_every = False, 0, self.cfg.probe_every
+            else:                                           # still losing: wait longer
+                self._probe_every = min(2 * self._probe_every, self.cfg.probe_max)
             return
         if winning:
             return          # at the MLE, so at alpha_hi >= alpha too: nothing more to price

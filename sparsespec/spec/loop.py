@@ -18,7 +18,7 @@ from kvstore.cache.feed import FeedWant
 from kvstore.cache.summary import Summary, SummaryConfig
 from sparsespec.errors import ContextOverflow, InvalidArgument
 from sparsespec.spec.acceptance import choose
-from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig, KController
+from sparsespec.spec.adaptive import MAX_K, AdaptiveConfig, KController, Prior, regime
 from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
@@ -108,6 +108,7 @@ class Run:
     feeder: Feeder | None = None            # feeds for this session's drafter (a fed drafter)
     can_draft: bool = True                  # False: its drafter wants feeds this verifier cannot give
     cohort: int = 0                         # with cohorts 2: which of the two groups its rounds are in
+    regime: tuple[int, int] | None = None   # adaptive k's regime (batch width, context), from its first round
     done: bool = False
     started_at: float = 0.0                 # perf_counter() after the prefill
     finished_at: float = 0.0                # perf_counter() when the run stopped
@@ -154,6 +155,7 @@ class SpecEngine:
         self._pool: ThreadPoolExecutor | None = None
         self.summary = summary if summary is not None and summary.enabled else None
         self.schedule = schedule            # when each session's drafter gets a summary
+        self._priors: dict[tuple[int, int], Prior] = {}   # regime -> what its last adaptive session learned
 
     def generate(self, req: GenerationRequest) -> GenerationResult:
         return self.generate_many([req])[0]
@@ -333,6 +335,9 @@ class SpecEngine:
     def finish(self, run: Run) -> GenerationResult:
         """Fill in the run's totals. The row keeps the committed context (all but the pending
         token) so a next turn can reuse it."""
+        prior = run.ctrl.learned() if run.regime is not None else None
+        if prior is not None:
+            self._priors[run.regime] = prior
         m = run.metrics
         m.decode_s = (run.finished_at or time.perf_counter()) - run.started_at
         m.generated = len(run.generated)
@@ -368,6 +373,11 @@ class SpecEngine:
     def _ask(self, active: list[Run]) -> tuple[list[tuple], list[DraftCall]]:
         """The round's draft calls (k, summaries, feeds), made on the loop's thread."""
         asked, calls = [], []
+        for r in active:
+            if r.regime is None and r.ctrl.cfg.enabled and r.req.mode == "spec":
+                r.regime = regime(len(active), len(r.tokens))   # seeded from the last session there
+                if (prior := self._priors.get(r.regime)) is not None:
+                    r.ctrl.seed(prior)
         ks = [self._plan_k(r) for r in active]
         wanted = sorted(k for k in ks if k)
         if wanted and any(r.ctrl.cfg.enabled for r in active):   # adaptive runs draft the batch's
