@@ -231,7 +231,9 @@ class Bench:
             equal &= all(o["tokens"] == ar_tokens for m in modes for o in runs[m])
             for mode in modes:
                 ranked = sorted(runs[mode], key=lambda o: o["decode_tok_s"])
-                cell[mode].append(ranked[(len(ranked) - 1) // 2])
+                chosen = ranked[(len(ranked) - 1) // 2]
+                chosen["reps_tok_s"] = [o["decode_tok_s"] for o in runs[mode]]   # in run order: an adaptive
+                cell[mode].append(chosen)                                          # cell's first run learns
         return cell, equal
 
     def heldout_tau(self, row: int, ids: list[int], log) -> dict[int, float]:
@@ -322,6 +324,7 @@ class Bench:
                        "k_modelled_speedup": modelled if mode == "spec" else {},
                        "decode_tok_s": statistics.median(o["decode_tok_s"] for o in outs),
                        "spread_tok_s": _spread(rates), "runs": len(outs),
+                       "reps_tok_s": [o["reps_tok_s"] for o in outs],   # per group, every rep in order
                        "tau": statistics.median(o["tau"] for o in outs),
                        "alpha": statistics.median(o["alpha"] for o in outs),
                        "outputs_equal_ar": equal,
@@ -348,7 +351,9 @@ class Bench:
             if cfg.adaptive:
                 ad = records[-1]
                 log(f"  S={s}: adaptive {ad['decode_tok_s']:.2f} tok/s ({ad['speedup']:.2f}x; worst session "
-                    f"{ad['worst_session_vs_ar']:.2f}x its AR), median k {ad['k']}, {ad['ar_steps']} plain steps")
+                    f"{ad['worst_session_vs_ar']:.2f}x its AR), median k {ad['k']}, {ad['ar_steps']} plain steps; "
+                    f"every run in order (the first in a regime learns it): "
+                    + " | ".join(" ".join(f"{x:.2f}" for x in g) for g in ad["reps_tok_s"]))
         return records
 
     # --- through the services ----------------------------------------------------------------
