@@ -1,8 +1,9 @@
 """Lossless greedy speculation on the real SmolLM2-135M with a 1,024-token real-text prompt.
 
-Every policy x budget {16, 256, full} x k {1, 4, 8} must equal the verifier decoding alone (or
+Every policy x budget {16, 256, full} x k {1, 8} must equal the verifier decoding alone (or
 differ only at a proven near-tie), and two sessions of different lengths verified in one batch
-must each equal their own AR output.
+(k 4 and 8) must each equal their own AR output. (k 4 left the grid for CI time: each cell pays
+two 1K prefills, ~25-60 s on a CI worker; the layer-truncated drafter and the batch run k 4.)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def ar_tokens(smollm2, prompt):
     return out.token_ids
 
 
-@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("k", [1, 8])
 @pytest.mark.parametrize("policy,budget", POLICY_BUDGETS)
 def test_smollm2_self_drafter_equals_ar(smollm2, prompt, ar_tokens, policy, budget, k):
     model = smollm2[0]
