@@ -117,6 +117,21 @@ def test_sessions_join_and_leave_between_overlapped_steps(tiny_model, prompts, a
         assert_greedy_equal(tiny_model, p, a, done[row], f"joined row {row}")
 
 
+def test_adaptive_sessions_learn_their_cohorts_regime(tiny_model, prompts, ar):
+    """With cohorts 2 a session drafts in a batch of its cohort's runs, so that is the width of
+    the regime its adaptive k is seeded from and teaches; outputs stay AR's."""
+    from sparsespec.spec.adaptive import AdaptiveConfig, regime
+    engine, _ = make(tiny_model, "fed", 32)
+    adaptive = AdaptiveConfig(k_max=4)
+    runs = [engine.start(GenerationRequest(p, MAX_TOKENS, k=3, adaptive=adaptive), row) for row, p in enumerate(prompts)]
+    while any(not r.done for r in runs):
+        engine.step([r for r in runs if not r.done])
+    assert [r.regime for r in runs] == [regime(2, len(p)) for p in prompts]
+    for r, p, a in zip(runs, prompts, ar):
+        engine.release(r)
+        assert_greedy_equal(tiny_model, p, a, engine.finish(r).token_ids, f"adaptive cohort row {r.row}")
+
+
 def test_sampling_with_cohorts_matches_exact():
     """The chi-square test of test_spec_sampling with two cohorts overlapping."""
     import test_spec_sampling as ss

@@ -373,11 +373,6 @@ class SpecEngine:
     def _ask(self, active: list[Run]) -> tuple[list[tuple], list[DraftCall]]:
         """The round's draft calls (k, summaries, feeds), made on the loop's thread."""
         asked, calls = [], []
-        for r in active:
-            if r.regime is None and r.ctrl.cfg.enabled and r.req.mode == "spec":
-                r.regime = regime(len(active), len(r.tokens))   # seeded from the last session there
-                if (prior := self._priors.get(r.regime)) is not None:
-                    r.ctrl.seed(prior)
         ks = [self._plan_k(r) for r in active]
         wanted = sorted(k for k in ks if k)
         if wanted and any(r.ctrl.cfg.enabled for r in active):   # adaptive runs draft the batch's
@@ -469,10 +464,20 @@ class SpecEngine:
         Returns the tokens each session committed this round (session -> tokens, in order).
         With cohorts 2 it is one round of one cohort instead (`_overlapped_step`).
         """
+        self._seed(active)
         if self.cohorts == 2 and self.drafter is not None:
             return self._overlapped_step(active)
         started = time.perf_counter()
         return self._round(active, self._draft(active), started)
+
+    def _seed(self, active: list[Run]) -> None:
+        """Give each adaptive run new to the loop its regime (the width of the batch it drafts in:
+        its cohort's runs; its context) and the prior the last session there left (adaptive.py)."""
+        for r in active:
+            if r.regime is None and r.ctrl.cfg.enabled and r.req.mode == "spec":
+                r.regime = regime(sum(o.cohort == r.cohort for o in active), len(r.tokens))
+                if (prior := self._priors.get(r.regime)) is not None:
+                    r.ctrl.seed(prior)
 
     def _overlapped_step(self, active: list[Run]) -> dict[str, list[int]]:
         """One round of one cohort, while the drafter drafts the other (on a thread waiting on it).
