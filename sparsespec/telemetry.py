@@ -40,6 +40,10 @@ SUMMARY_BYTES = Counter(P + "summary_bytes", "Wire bytes of the KV summaries sen
 FEEDS = Counter(P + "feeds_sent", "KV feeds (the verifier's exact K/V) sent to fed drafters")
 FEED_BYTES = Counter(P + "feed_bytes", "Wire bytes of the KV feeds sent to fed drafters")
 DRAFTER_FAILURES = Counter(P + "drafter_failures", "Rounds a session decoded alone because its drafter failed")
+PLAIN_STEPS = Counter(P + "num_plain_steps", "Verifier forwards that drafted nothing: AR turns, adaptive k switched "
+                                              "off, calibrating or probing, a failed drafter")
+ADAPTIVE_SEEDED = Counter(P + "adaptive_seeded", "Adaptive turns that started from their regime's prior "
+                                                 "(the last verdict at their batch width and context)")
 
 # --- timing (verifier) -------------------------------------------------------------------------------
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -84,6 +88,8 @@ def turn_finished(m) -> None:
     FEEDS.inc(m.feeds_sent)
     FEED_BYTES.inc(m.feed_bytes)
     DRAFTER_FAILURES.inc(m.drafter_failures)
+    PLAIN_STEPS.inc(m.ar_steps)
+    ADAPTIVE_SEEDED.inc(m.adaptive_seeded)
 
 
 class TokenClock:

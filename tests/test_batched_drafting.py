@@ -307,6 +307,7 @@ def test_a_session_starts_from_what_the_last_one_in_its_regime_learned(tiny_mode
     second, = engine.generate_many([req[1]])     # the same regime: known to lose, so plain throughout
     pair = engine.generate_many([req[0], req[2]])   # a batch of 2: a regime of its own
     assert first.metrics.rounds >= 1 and second.metrics.rounds == 0
+    assert (first.metrics.adaptive_seeded, second.metrics.adaptive_seeded) == (0, 1)
     assert all(o.metrics.rounds >= 1 for o in pair)
     for i, o in zip((0, 1, 0, 2), [first, second] + pair):
         assert_greedy_equal(tiny_model, ps[i], ar[i].token_ids, o.token_ids, "seeded adaptive k")

@@ -96,6 +96,8 @@ def test_counters_rise_by_what_the_responses_say(up):
                    "num_requests_waiting"):      # the rest of #15's list: exported (0 here: no failure, no feed)
         assert S + family in names, family
     assert delta(before, after, S + "drafter_failures_total") == m["drafter_failures"] == 0
+    assert delta(before, after, S + "num_plain_steps_total") == m["ar_steps"]
+    assert delta(before, after, S + "adaptive_seeded_total") == m["adaptive_seeded"] == 0   # not adaptive
 
     drafter = scrape(up["drafter"])
     assert drafter[(S + "drafter_sessions", ())] >= 1 and drafter[(S + "drafter_kv_device_bytes", ())] > 0

@@ -478,6 +478,7 @@ class SpecEngine:
                 r.regime = regime(sum(o.cohort == r.cohort for o in active), len(r.tokens))
                 if (prior := self._priors.get(r.regime)) is not None:
                     r.ctrl.seed(prior)
+                    r.metrics.adaptive_seeded = 1
 
     def _overlapped_step(self, active: list[Run]) -> dict[str, list[int]]:
         """One round of one cohort, while the drafter drafts the other (on a thread waiting on it).

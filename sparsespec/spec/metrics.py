@@ -25,6 +25,7 @@ class RequestMetrics:
     verifier_kv_bytes: int = 0
     reused_prefix_tokens: int = 0  # multi-turn: prompt tokens whose KV was already cached
     drafter_failures: int = 0      # rounds decoded alone because the drafter failed
+    adaptive_seeded: int = 0       # 1: adaptive k started from its regime's prior (spec/adaptive.py)
     draft_overhead_s: list[float] = field(default_factory=list)  # per round: draft call - drafter work (RPC)
     summaries_sent: int = 0        # KV summaries the verifier delivered to the drafter
     summary_bytes: int = 0         # their wire bytes, in total
@@ -88,7 +89,7 @@ class RequestMetrics:
             "drafter_kv_host_bytes": self.drafter_kv_host_bytes,
             "verifier_kv_bytes": self.verifier_kv_bytes,
             "reused_prefix_tokens": self.reused_prefix_tokens,
-            "drafter_failures": self.drafter_failures,
+            "drafter_failures": self.drafter_failures, "adaptive_seeded": self.adaptive_seeded,
             "summaries_sent": self.summaries_sent, "summary_bytes": self.summary_bytes,
             "feeds_sent": self.feeds_sent, "feed_bytes": self.feed_bytes,
             "feed_open_bytes": self.feed_open_bytes, "feed_refreshes": self.feed_refreshes,
