@@ -203,7 +203,7 @@ def test_each_probe_that_still_loses_doubles_the_wait_and_a_winning_one_resets_i
     for _ in range(3):      # the drafter got good: back on, and the wait starts over
         c.observe_round(k, k, draft_s=0.0005 * k, verify_s=0.011)
         k = c.next_k() or k
-    assert not c.off and c.learned().probe_every == 5
+    assert not c.off and c.learned().probe_wait == 5
 
 
 def test_a_session_seeded_from_a_losing_regime_starts_plain_without_a_learning_round():
@@ -215,7 +215,7 @@ def test_a_session_seeded_from_a_losing_regime_starts_plain_without_a_learning_r
         first.observe_plain(0.010)
     losing_round(first, first.next_k())      # a losing probe: the wait doubled
     prior = first.learned()
-    assert prior.off and prior.probe_every == 10 and prior.t_ar == 0.010
+    assert prior.off and prior.probe_wait == 10 and prior.t_ar == 0.010
     c = KController(4, AdaptiveConfig(enabled=True, k_max=16, probe_every=5))
     c.seed(prior)
     steps = []
@@ -242,10 +242,10 @@ def test_a_session_seeded_from_a_winning_regime_drafts_at_once_at_its_k():
 
 
 def test_a_seed_is_clamped_to_the_sessions_own_limits():
-    prior = Prior(0.010, {12: 0.05}, {12: 0.02}, k=12, off=True, probe_every=4096)
+    prior = Prior(0.010, {12: 0.05}, {12: 0.02}, k=12, off=True, probe_wait=4096)
     c = KController(2, AdaptiveConfig(enabled=True, k_max=6, probe_every=8, probe_max=64))
     c.seed(prior)
-    assert c.k == 6 and c.learned().probe_every == 64
+    assert c.k == 6 and c.learned().probe_wait == 64
 
 
 def test_regimes_split_batch_width_and_context_by_half_octaves():

@@ -89,7 +89,7 @@ class Prior:
     verify_at: dict[int, float]  # k -> seconds of a (k+1)-token verify
     k: int
     off: bool
-    probe_every: int
+    probe_wait: int              # plain steps before its next probe, were it off
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -117,7 +117,7 @@ class KController:
         self.verify_at: dict[int, float] = {}        # k -> least of _verify[k]
         self.off = False
         self._plain_since_probe = 0
-        self._probe_every = cfg.probe_every          # plain steps before the next probe while off
+        self._probe_wait = cfg.probe_every           # plain steps before the next probe while off
         self._rounds_since_plain = 0
         self._skip_draft_time = False        # the next round's draft seconds include a session open
 
@@ -131,7 +131,7 @@ class KController:
         if self._plain_due():
             return 0
         if self.off:
-            if self._plain_since_probe >= self._probe_every:
+            if self._plain_since_probe >= self._probe_wait:
                 self._plain_since_probe = 0
                 return max(self.cfg.k_min, min(self.k, 4))
             return 0
@@ -151,14 +151,14 @@ class KController:
         for k, s in prior.verify_at.items():
             self._sample(self._verify, self.verify_at, k, s)
         self.k = max(self.cfg.k_min, min(prior.k, self.cfg.k_max))
-        self.off, self._probe_every = prior.off, max(self.cfg.probe_every, min(prior.probe_every, self.cfg.probe_max))
+        self.off, self._probe_wait = prior.off, max(self.cfg.probe_every, min(prior.probe_wait, self.cfg.probe_max))
 
     def learned(self) -> Prior | None:
         """This session's costs and verdict for the next session in its regime (None: it has
         not priced a round yet)."""
         if not self.cfg.enabled or self.t_ar is None or not self.verify_at:
             return None
-        return Prior(self.t_ar, dict(self.draft_at), dict(self.verify_at), self.k, self.off, self._probe_every)
+        return Prior(self.t_ar, dict(self.draft_at), dict(self.verify_at), self.k, self.off, self._probe_wait)
 
     def batch_k(self, width: int) -> int:
         """k when the batch drafts `width`: a round's verify is as wide as its widest row and its
@@ -234,9 +234,9 @@ class KController:
         winning = self.rate(self.k) >= plain
         if self.off:
             if winning:                                     # the probe paid: back on
-                self.off, self._rounds_on, self._probe_every = False, 0, self.cfg.probe_every
+                self.off, self._rounds_on, self._probe_wait = False, 0, self.cfg.probe_every
             else:                                           # still losing: wait longer
-                self._probe_every = min(2 * self._probe_every, self.cfg.probe_max)
+                self._probe_wait = min(2 * self._probe_wait, self.cfg.probe_max)
             return
         if winning:
             return          # at the MLE, so at alpha_hi >= alpha too: nothing more to price
@@ -244,4 +244,4 @@ class KController:
         # at alpha's upper bound (a clear loser pays one round, a near-tie a few cheap ones).
         if self._rounds_on >= self.cfg.min_rounds or max(self.rate(k, self.alpha_hi) for k in ks) < plain:
             self.off = True
-            self._plain_since_probe = 0   # a full probe_every plain steps before the next probe
+            self._plain_since_probe = 0   # a full wait before the next probe
