@@ -89,7 +89,7 @@ def test_bad_input_is_one_line(model_dir, tmp_path, case):
 
 def test_bench_verify_times_both_linear_kernels(model_dir, tmp_path):
     """`bench verify` on a tiny model: the verify paths agree and the weight matmuls are timed on
-    each CPU linear kernel (MKL and oneDNN), written to verify.json."""
+    each CPU linear kernel (MKL, oneDNN dense and blocked), written to verify.json."""
     proc = sparsespec("bench", "verify", "--model", model_dir, "--contexts", 64, "--sessions", "1,2",
                       "--reps", 1, "--out", tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -98,18 +98,19 @@ def test_bench_verify_times_both_linear_kernels(model_dir, tmp_path):
     assert all(r["max_abs_logit_diff"] < 1e-4 for r in record["rows"]), record["rows"]
     k = record["rows"][0]["k"]
     assert [m["rows"] for m in record["weight_matmuls"]] == sorted({1, 2, k + 1, 2 * (k + 1)})
-    assert all(len(m["torch_ms"]) == len(m["auto_ms"]) == 1 for m in record["weight_matmuls"])
+    assert all(len(m["torch_ms"]) == len(m["dense_ms"]) == len(m["auto_ms"]) == 1 for m in record["weight_matmuls"])
     assert record["linear"] == "auto" and "oneDNN" in proc.stdout
 
 
 def test_bench_linear_runs_both_kernels_and_checks_outputs(model_dir, tmp_path):
-    """`bench linear` on a tiny model: AR and speculation on MKL and oneDNN, every output equal to AR."""
+    """`bench linear` on a tiny model: AR and speculation on each kernel, every output equal to AR."""
     proc = sparsespec("bench", "linear", "--model", model_dir, "--contexts", 160, "--sessions", "1,2",
                       "--max-tokens", 8, "-k", 2, "--drafter-weights", "same", "--threads", 1, "--reps", 1,
                       "--out", tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = json.loads((tmp_path / "bench" / "linear.json").read_text())["records"]
-    assert sorted((r["sessions"], r["kernel"]) for r in records) == [(1, "MKL"), (1, "oneDNN"), (2, "MKL"), (2, "oneDNN")]
+    kernels = ["MKL", "oneDNN blocked", "oneDNN dense"]
+    assert sorted((r["sessions"], r["kernel"]) for r in records) == [(s, k) for s in (1, 2) for k in kernels]
     assert all(r["outputs_equal_ar"] and len(r["ar_tok_s"]) == len(r["spec_tok_s"]) == 1 for r in records), records
 
 

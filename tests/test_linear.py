@@ -90,3 +90,76 @@ def test_training_bf16_and_forced_torch_take_f_linear():
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="SPARSESPEC_LINEAR"):
         kernel.set_backend("mkl")
+
+
+def _blocked_for(w: torch.Tensor) -> torch.Tensor | None:
+    kept = kernel._blocked.get(id(w))
+    return kept[3] if kept is not None and kept[0]() is w else None
+
+
+def test_a_blocked_copy_is_made_once_and_follows_its_weight():
+    """The blocked copy is reused while the weight is unchanged, and made again when the weight
+    is updated in place (an optimizer step, load_state_dict) or its data re-pointed (PackedLinear):
+    a stale copy would decode with the old weights."""
+    g = torch.Generator().manual_seed(2)
+    lin = kernel.Linear(IN, OUT)
+    x = torch.randn(5, IN, generator=g)
+    with torch.inference_mode():
+        lin(x)
+        first = _blocked_for(lin.weight)
+        assert first is not None
+        lin(x)
+        assert _blocked_for(lin.weight) is first
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(OUT, IN, generator=g))             # in place: a new version
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-4)
+    lin.weight.data = torch.randn(OUT, IN, generator=g)                 # re-pointed: a new data_ptr
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=1e-4)
+
+
+def test_a_blocked_copy_goes_with_its_weight():
+    """The copy doubles a weight's memory: it must be freed with the weight, not kept by id."""
+    w = torch.randn(OUT, IN)
+    with torch.inference_mode():
+        kernel.linear(torch.randn(2, IN), w)
+    key = id(w)
+    assert key in kernel._blocked
+    del w
+    assert key not in kernel._blocked
+
+
+def test_dense_backend_and_inference_weights_keep_no_copy():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, IN, generator=g)
+    w = torch.randn(OUT, IN, generator=g)
+    old = kernel.set_backend("dense")
+    try:
+        with torch.inference_mode():
+            assert ran_onednn(lambda: kernel.linear(x, w))
+            torch.testing.assert_close(kernel.linear(x, w), F.linear(x, w), rtol=0, atol=1e-4)
+    finally:
+        kernel.set_backend(old)
+    assert _blocked_for(w) is None
+    with torch.inference_mode():
+        made_here = torch.randn(OUT, IN, generator=g)                  # no version counter to follow
+        torch.testing.assert_close(kernel.linear(x, made_here), F.linear(x, made_here), rtol=0, atol=1e-4)
+    assert _blocked_for(made_here) is None
+
+
+def test_a_packed_layer_keeps_following_its_parameters_after_a_first_call_in_inference_mode():
+    """PackedLinear stacks q/k/v on its first call, usually a prefill inside inference mode: the
+    stack must still be a normal tensor, so a later in-place update reaches the blocked copy."""
+    from sparsespec.models.packed import PackedLinear
+    g = torch.Generator().manual_seed(4)
+    a, b = kernel.Linear(IN, OUT, bias=False), kernel.Linear(IN, OUT, bias=False)
+    packed = PackedLinear(a, b)
+    x = torch.randn(4, IN, generator=g)
+    with torch.inference_mode():
+        packed(x)
+    with torch.no_grad():
+        a.weight.copy_(torch.randn(OUT, IN, generator=g))
+    with torch.inference_mode():
+        want = torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], dim=-1)
+        torch.testing.assert_close(packed(x), want, rtol=0, atol=1e-4)

@@ -1,7 +1,7 @@
 """`sparsespec bench linear`: what the CPU linear kernel (kernels/linear.py) buys, end to end.
 
-The same process, rows and prompts decode with MKL (`F.linear`, backend "torch") and with oneDNN
-(backend "auto"), AR and speculation (the capacity bench's in-process engine, fixed k), the two
+The same process, rows and prompts decode with MKL (`F.linear`, backend "torch"), with oneDNN over
+the dense weight (backend "dense") and over its blocked copy (backend "auto"), AR and speculation (the capacity bench's in-process engine, fixed k), the two
 kernels interleaved rep by rep: runs in separate processes on this shared 2-core machine differ by
 more than the kernels do. Every output is checked equal to AR under the same kernel, and the two
 kernels' AR outputs are compared (they may differ only where fp32 rounding breaks a near-tie).
@@ -18,7 +18,7 @@ import torch
 from sparsespec.bench.capacity import Bench, capacity_config, prompts_for
 from sparsespec.kernels import linear as linear_kernel
 
-KERNELS = {"torch": "MKL", "auto": "oneDNN"}
+KERNELS = {"torch": "MKL", "dense": "oneDNN dense", "auto": "oneDNN blocked"}
 
 
 def run_linear_ab(args) -> int:
@@ -56,7 +56,7 @@ def run_linear_ab(args) -> int:
                        "ar_equal_across_kernels": ar[0]["tokens"] == runs["torch", "ar"][0]["tokens"]}
                 rec["spec_vs_ar"] = med(rec["spec_tok_s"]) / med(rec["ar_tok_s"])
                 records.append(rec)
-                print(f"  {context} S={s} {name:6s}: AR {med(rec['ar_tok_s']):6.2f} tok/s {_span(rec['ar_tok_s'])}, "
+                print(f"  {context} S={s} {name:14s}: AR {med(rec['ar_tok_s']):6.2f} tok/s {_span(rec['ar_tok_s'])}, "
                       f"spec {med(rec['spec_tok_s']):6.2f} {_span(rec['spec_tok_s'])} ({rec['spec_vs_ar']:.2f}x), "
                       f"verify {rec['verify_ms']:.0f} ms, draft {rec['draft_ms_per_round']:.0f} ms/round, "
                       f"= AR {rec['outputs_equal_ar']}, AR = MKL's AR {rec['ar_equal_across_kernels']}", flush=True)

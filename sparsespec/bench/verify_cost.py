@@ -102,8 +102,9 @@ def run_verify_cost(args) -> int:
             finally:
                 linear_kernel.set_backend(old)
         matmuls.append(row)
-        print(f"weight matmuls, {m:3d} rows: MKL (torch) {med(row['torch_ms']):6.1f} ms  oneDNN (auto) "
-              f"{med(row['auto_ms']):6.1f} ms ({med(row['torch_ms']) / med(row['auto_ms']):.2f}x)", flush=True)
+        print(f"weight matmuls, {m:3d} rows: MKL (torch) {med(row['torch_ms']):6.1f} ms  oneDNN dense "
+              f"{med(row['dense_ms']):6.1f} ms  oneDNN blocked (auto) {med(row['auto_ms']):6.1f} ms "
+              f"({med(row['torch_ms']) / med(row['auto_ms']):.2f}x MKL)", flush=True)
     out_dir = Path(args.out) / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     record = dict(model=str(args.model), threads=args.threads, reps=reps, linear=linear_kernel.current(),

@@ -24,6 +24,7 @@ class PackedLinear:
         self.linears = linears
         self._weight: torch.Tensor | None = None   # [sum(out), in]
         self._bias: torch.Tensor | None = None     # [sum(out)] or None
+        self._versions: tuple[int, ...] = ()        # the parameters' versions when packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., sum(out)], the layers' outputs concatenated in order."""
@@ -47,14 +48,23 @@ class PackedLinear:
             if b is not None and l.bias.data_ptr() != b.data_ptr() + row * size:
                 return False
             row += l.weight.shape[0]
-        return True
+        return self._versions == self._versions_now()
+
+    def _versions_now(self) -> tuple[int, ...]:
+        """An in-place update of a parameter (its data a view of the stack) bumps the parameter's
+        version, not the stack's: the stack is rebuilt then, so what reads the stack by identity
+        and version (kernels/linear.py's blocked copy) sees the update."""
+        return tuple(p._version for l in self.linears for p in (l.weight, l.bias) if p is not None)
 
     @torch.no_grad()
     def _pack(self) -> None:
-        weights = [l.weight for l in self.linears]
-        self._weight = torch.cat(weights, dim=0)
-        has_bias = self.linears[0].bias is not None
-        self._bias = torch.cat([l.bias for l in self.linears]) if has_bias else None
+        # Outside inference mode even when the first call is inside it: the stacked weight is the
+        # parameters' storage from now on, and it keeps a version counter (kernels/linear.py
+        # reorders a weight again when it changes in place; an inference tensor has none).
+        with torch.inference_mode(False):
+            self._weight = torch.cat([l.weight for l in self.linears], dim=0)
+            has_bias = self.linears[0].bias is not None
+            self._bias = torch.cat([l.bias for l in self.linears]) if has_bias else None
         row = 0
         for l in self.linears:
             n = l.weight.shape[0]
@@ -64,3 +74,4 @@ class PackedLinear:
             if has_bias:
                 l.bias.data = self._bias[row:row + n]
             row += n
+        self._versions = self._versions_now()
