@@ -60,3 +60,31 @@ def test_decode_step_folds_query_heads_exactly(heads, dtype, tol):
         out = attend(q, k, v, mask)
         assert out.shape == q.shape and out.dtype == dtype
         assert (out.double() - _repeated_kv_reference(q, k, v, mask)).abs().max() < tol
+
+
+@pytest.fixture
+def two_threads():
+    """The sliced path runs where a single row's KV heads do not share out over the threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("past", [1024, 1027, 1537])      # slices of 512 and 513 keys, a remainder of 0, 1 and 1
+@pytest.mark.parametrize("t", [1, 5])
+def test_a_single_row_sliced_over_its_past_is_exact(two_threads, past, t):
+    """One row, 3 KV heads, 2 threads: the past goes as slices attended as a batch, the rest with
+    the new keys, merged by log-sum-exp; an AR step (t = 1) and a verify equal the definition."""
+    from sparsespec.kernels import attention
+    assert attention._slices(1, 3, past) == 2 and attention._slices(2, 3, past) == 1
+    assert attention._slices(1, 4, past) == 1 and attention._slices(1, 3, 511) == 1
+    g = torch.Generator().manual_seed(past + t)
+    q = torch.randn(1, 9, t, 64, generator=g)
+    keys, values = torch.randn(1, 3, past + t + 7, 64, generator=g), torch.randn(1, 3, past + t + 7, 64, generator=g)
+    width = past + t
+    k, v = keys[:, :, :width], values[:, :, :width]
+    mask = causal_block_mask(torch.tensor([past]), t, width)
+    want = _repeated_kv_reference(q, k, v, mask)
+    got = attend(q, k, v, None) if t == 1 else attend_block(q, k, v, torch.tensor([past]))
+    assert (got.double() - want).abs().max() < 1e-5

@@ -10,6 +10,7 @@ caches call `attend`, `attend_block` and `attend_rows` and never see which one r
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -113,7 +114,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from sparsespec.kernels.triton_attention import decode_views
         return decode_views(q, list(k.unbind(0)), list(v.unbind(0)))
     if T == 1 and H != Hkv and not causal:
-        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)  # [B, Hkv, G, D]
+        qg = q.reshape(B, Hkv, H // Hkv, D)
+        if mask is None and q.device.type == "cpu" and _slices(B, Hkv, k.shape[2]) > 1:
+            return _over_past_and_new(qg, k, v, k.shape[2] - 1, 1).reshape(B, H, 1, D)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)                     # [B, Hkv, G, D]
         return out.reshape(B, H, 1, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
 
@@ -121,12 +125,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # Widest new block `attend_block` takes: a round's k + 1 (MAX_K = 64). Wider forwards (a
 # multi-turn extend) keep the masked path.
 MAX_BLOCK = 65
-
-
-@functools.lru_cache(maxsize=None)
-def _future(t: int, device: torch.device) -> torch.Tensor:
-    """[T, T] True above the diagonal: the new keys a new query must not see (built once per T)."""
-    return torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
 
 
 def block_supported(device: torch.device, num_new: int) -> bool:
@@ -161,45 +159,97 @@ def attend_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     with `causal_block_mask` to fp32 rounding, but without a [B, 1, T, S] mask or repeated KV
     heads: the query heads of each KV head are stacked into one [G*T]-query attention over the
     past (every past key is visible to every new query; rows of different lengths get a
-    [B, 1, 1, S] key-padding mask), the T x T causal block is computed apart, and the two are
-    merged by their log-sum-exp. So a k-token verify reads each row's past K/V once, as an AR
-    step does.
+    [B, 1, 1, S] key-padding mask), the T x T causal block is a second attention with a cached
+    [G*T, T] mask, and the two are merged by their log-sum-exp. So a k-token verify reads each
+    row's past K/V once, as an AR step does.
     """
     if use_triton(q.device):
         from sparsespec.kernels.triton_attention import verify
         return verify(q, keys, values, past)
     B, H, T, D = q.shape
     Hkv = keys.shape[1]
-    G = H // Hkv
+    qg = q.reshape(B, Hkv, H // Hkv * T, D)                                 # heads of a KV head stacked
     starts = past.tolist()
     longest = max(starts)
-    qg = q.reshape(B, Hkv, G * T, D)                                       # heads of a KV head stacked
-    mask = None
-    if min(starts) != longest:
-        visible = torch.arange(longest, device=q.device).view(1, 1, 1, -1) < past.to(q.device).view(B, 1, 1, 1)
-        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    if longest > 0:
-        out_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qg, keys[:, :, :longest], values[:, :, :longest], attn_mask=mask)   # [B, Hkv, G*T, D], [B, Hkv, G*T]
-        out_p, lse_p = out_p.reshape(B, H, T, D), lse_p.reshape(B, H, T)
-        if min(starts) == 0:                 # a row without a past: the kernel's lse is not -inf there
-            lse_p = lse_p.masked_fill(past.to(q.device).view(B, 1, 1) == 0, float("-inf"))
     if len(set(starts)) == 1:
-        k_new, v_new = keys[:, :, longest:longest + T], values[:, :, longest:longest + T]   # [B, Hkv, T, D]
-    else:
-        k_new = torch.stack([keys[b, :, p:p + T] for b, p in enumerate(starts)])
-        v_new = torch.stack([values[b, :, p:p + T] for b, p in enumerate(starts)])
-    # The block and the merge in fp32 (tiny), like the fused kernel's accumulators.
-    qb = q.reshape(B, Hkv, G, T, D).float()
-    scores = qb @ k_new.unsqueeze(2).float().transpose(-1, -2) * D ** -0.5   # [B, Hkv, G, T, T]
-    scores = scores.masked_fill(_future(T, q.device), float("-inf"))
-    lse_b = torch.logsumexp(scores, dim=-1).reshape(B, H, T)
-    out_b = (torch.softmax(scores, dim=-1) @ v_new.unsqueeze(2).float()).reshape(B, H, T, D)
-    if longest == 0:
-        return out_b.to(q.dtype)
-    top = torch.maximum(lse_p.float(), lse_b)
-    w_p, w_b = torch.exp(lse_p - top), torch.exp(lse_b - top)
-    out_p = torch.where(w_p.unsqueeze(-1) > 0, out_p.float(), 0.0)   # a fully masked past may hold NaN
-    out = (out_p * w_p.unsqueeze(-1) + out_b * w_b.unsqueeze(-1)) / (w_p + w_b).unsqueeze(-1)
-    return out.to(q.dtype)
+        return _over_past_and_new(qg, keys, values, longest, T).reshape(B, H, T, D)
+    visible = torch.arange(longest, device=q.device).view(1, 1, 1, -1) < past.to(q.device).view(B, 1, 1, 1)
+    padding = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    out_p, lse_p = _FLASH(qg, keys[:, :, :longest], values[:, :, :longest], attn_mask=padding)
+    if min(starts) == 0:                     # a row without a past: its part holds nothing (NaN here)
+        empty = past.to(q.device).view(B, 1, 1) == 0
+        out_p, lse_p = out_p.masked_fill(empty.unsqueeze(-1), 0.0), lse_p.masked_fill(empty, float("-inf"))
+    k_new = torch.stack([keys[b, :, p:p + T] for b, p in enumerate(starts)])   # [B, Hkv, T, D]
+    v_new = torch.stack([values[b, :, p:p + T] for b, p in enumerate(starts)])
+    block = _FLASH(qg, k_new, v_new, attn_mask=_tail_bias(H // Hkv, T, 0, q.dtype, q.device))
+    return _merge([(out_p, lse_p), block]).reshape(B, H, T, D)
 
+
+# The CPU flash kernel: it returns the log-sum-exp that merging partial attentions needs.
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+SLICE_MIN_KEYS = 512   # a slice of the past shorter than this is not worth a work item of its own
+
+
+def _slices(batch: int, kv_heads: int, keys: int) -> int:
+    """Into how many slices of the KV length one row's attention goes on the CPU, so that every
+    thread gets a share: the flash kernel splits work by (row, KV head), and one row's 3 KV heads
+    on 2 threads leave a thread idle a third of the time (SmolLM2 at 4K, 30 layers: 9.5 ms as
+    is, 6.3 ms in 2 slices; a verify's 15 queries 17.0 -> 12.9 ms). Rows of a batch already
+    share out; only a single row is sliced (its slices become the kernel's batch, a view)."""
+    if batch != 1:
+        return 1
+    threads = torch.get_num_threads()
+    return max(1, min(threads // math.gcd(kv_heads, threads), keys // SLICE_MIN_KEYS))
+
+
+def _over_past_and_new(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
+                       t: int) -> torch.Tensor:
+    """Rows of one length on the CPU: qg [B, Hkv, G*t, D] (query g*t + i is new token i of query
+    head g) over keys, values [B, Hkv, >= past + t, D] whose first `past` entries every query
+    sees and whose next t are the new tokens' own (causal). Returns [B, Hkv, G*t, D].
+
+    The past goes as n slices of c keys attended unmasked ([n, Hkv, c, D] views of a single
+    row), the rest of it (r < n keys) with the new keys in one attention under a cached
+    [G*t, r + t] mask, and the parts are merged by their log-sum-exp."""
+    B, Hkv, Q, D = qg.shape
+    n = _slices(B, Hkv, past)
+    c = past // n if n > 1 else past
+    parts = []
+    if n > 1:
+        k_sl = keys[0, :, :n * c].unflatten(1, (n, c)).transpose(0, 1)        # [n, Hkv, c, D], a view
+        v_sl = values[0, :, :n * c].unflatten(1, (n, c)).transpose(0, 1)
+        out, lse = _FLASH(qg.expand(n, -1, -1, -1), k_sl, v_sl)               # [n, Hkv, Q, D], [n, Hkv, Q]
+        parts.append((out.unsqueeze(1), lse.unsqueeze(1)))                    # n parts of the one row
+    elif c:
+        parts.append(_FLASH(qg, keys[:, :, :c], values[:, :, :c]))
+    done = n * c if n > 1 else c
+    tail = slice(done, past + t)
+    parts.append(_FLASH(qg, keys[:, :, tail], values[:, :, tail],
+                        attn_mask=_tail_bias(Q // t, t, past - done, qg.dtype, qg.device)))
+    return _merge(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _tail_bias(g: int, t: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """[1, 1, G*t, r + t]: r past keys every query sees, then t new keys each new query sees up to
+    its own (-inf above the diagonal), repeated for the G query heads. None when all are visible."""
+    if t == 1:
+        return None
+    future = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
+    bias = torch.zeros(t, r + t, dtype=dtype, device=device)
+    bias[:, r:].masked_fill_(future, float("-inf"))
+    return bias.repeat(g, 1).view(1, 1, g * t, r + t)
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attentions of the same queries over disjoint keys -> the attention over all of them.
+
+    parts: (out [..., Q, D], lse [..., Q]) whose shapes broadcast to [m, B, Hkv, Q, (D)] (a part of
+    m slices has m leading) or [B, Hkv, Q, (D)]. Weights exp(lse - total) in fp32, like the
+    kernel's accumulators; returns [B, Hkv, Q, D] in the parts' dtype."""
+    if len(parts) == 1:
+        return parts[0][0]
+    outs = torch.cat([o.float() if o.dim() == 5 else o.float().unsqueeze(0) for o, _ in parts])  # [m, B, Hkv, Q, D]
+    lses = torch.cat([l.float() if l.dim() == 4 else l.float().unsqueeze(0) for _, l in parts])  # [m, B, Hkv, Q]
+    weights = torch.softmax(lses, dim=0).unsqueeze(-1)                       # exp(lse - logsumexp(lse))
+    return (outs * weights).sum(0).to(parts[0][0].dtype)
