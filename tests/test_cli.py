@@ -144,3 +144,17 @@ def test_bad_cohorts_flags_are_one_line_before_anything_starts(tmp_path, args, n
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(f"error: {needle}: "), lines[0]
+
+
+def test_capacity_bench_without_services_imports_no_grpc(monkeypatch):
+    """The GPU image carries its own grpcio (1.84 on the H200, older than the stubs): with no
+    service cells and no TTFT contexts (gpu_check's capacity step) the bench must not import the
+    client or the cluster, or it dies after its last decode cell."""
+    from types import SimpleNamespace
+
+    from sparsespec.bench.capacity import Bench
+    monkeypatch.setitem(sys.modules, "sparsespec.client", None)     # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "sparsespec.cluster", None)
+    bench = SimpleNamespace(cfg=SimpleNamespace(ttft_contexts=(), service_cells=()))
+    assert Bench.run_ttft(bench, print) == []
+    assert Bench.run_services(bench, print) == []

@@ -359,11 +359,11 @@ class Bench:
     # --- through the services ----------------------------------------------------------------
 
     def run_services(self, log) -> list[dict]:
-        from sparsespec.cluster import ClusterConfig, LocalCluster
-
         cfg = self.cfg
         if not cfg.service_cells:
             return []
+        from sparsespec.cluster import ClusterConfig, LocalCluster
+
         records = []
         for s, context in cfg.service_cells:
             k = self.k_of[(context, s)]
@@ -399,6 +399,8 @@ class Bench:
         the first streamed chunk of AR, of speculation with this bench's drafter, and (when that
         drafter is fed) of one that keeps its own KV (chunk_topk: it prefills the prompt itself
         once the verifier has). Fresh sessions, ttft_prompts prompts, every output checked against AR."""
+        if not self.cfg.ttft_contexts:   # nothing to time: need no gRPC (a GPU image may carry another grpcio)
+            return []
         from sparsespec.client import SparseSpecClient
         from sparsespec.cluster import ClusterConfig, LocalCluster
 
