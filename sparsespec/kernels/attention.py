@@ -213,7 +213,7 @@ def _over_past_and_new(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     [G*t, r + t] mask, and the parts are merged by their log-sum-exp."""
     B, Hkv, Q, D = qg.shape
     n = _slices(B, Hkv, past)
-    c = past // n if n > 1 else past
+    c = past // n                                                             # n * c <= past keys in slices
     parts = []
     if n > 1:
         k_sl = keys[0, :, :n * c].unflatten(1, (n, c)).transpose(0, 1)        # [n, Hkv, c, D], a view
@@ -222,7 +222,7 @@ def _over_past_and_new(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         parts.append((out.unsqueeze(1), lse.unsqueeze(1)))                    # n parts of the one row
     elif c:
         parts.append(_FLASH(qg, keys[:, :, :c], values[:, :, :c]))
-    done = n * c if n > 1 else c
+    done = n * c
     tail = slice(done, past + t)
     parts.append(_FLASH(qg, keys[:, :, tail], values[:, :, tail],
                         attn_mask=_tail_bias(Q // t, t, past - done, qg.dtype, qg.device)))

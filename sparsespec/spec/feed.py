@@ -150,13 +150,12 @@ class Feeder:
             local = windows[layer]     # a local layer keeps its window (kvstore/cache/sparse.py)
             pos = choose_view(policy, length, *((w.budget, w.sink, w.window) if local is None else (local, 0, local)),
                               w.kv_heads, context, device="cpu")                # [Hkv, m]
-            missing = ~held(pos, self._holding(layer))      # positions live on the CPU (the wire's)
-            on = keys.device
+            missing = (~held(pos, self._holding(layer))).to(keys.device)   # positions stay on the CPU (the wire's)
             # A local layer's keys start at `first` (what its ring holds): its selection, the
             # window [length - W, length), lies inside, as Verifier.kv promises.
-            idx = (pos - first).to(on).unsqueeze(-1).expand(-1, -1, keys.shape[-1])   # [Hkv, m, D]
-            added_k.append(keys.gather(1, idx)[missing.to(on)])                # [a, D]
-            added_v.append(values.gather(1, idx)[missing.to(on)])
+            idx = (pos - first).to(keys.device).unsqueeze(-1).expand(-1, -1, keys.shape[-1])   # [Hkv, m, D]
+            added_k.append(keys.gather(1, idx)[missing])                       # [a, D]
+            added_v.append(values.gather(1, idx)[missing])
             positions.append(pos)
         added = torch.stack([torch.cat(added_k), torch.cat(added_v)])          # [2, A, D]
         return Feed(self.fed, length, positions=tuple(positions), added=added)

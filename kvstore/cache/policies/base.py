@@ -102,12 +102,13 @@ def top_chunks(scores: torch.Tensor, span: int, chunk: int, m: int) -> torch.Ten
 
 
 def choose_view(policy: Policy, n: int, budget: int, sink: int, window: int, num_kv_heads: int,
-                context: Callable[[int, int, int], SelectionContext], device=None) -> torch.Tensor:
+                context: Callable[[int, int, int], SelectionContext], device: torch.device | str) -> torch.Tensor:
     """The positions one layer keeps over [0, n) under `budget`: sinks, the policy's middle
     choice, the recent window. int64 [Hkv, min(n, budget)], increasing per head.
 
     `context(lo, hi, m)` builds the policy's view of the layer; it is only called when there is a
-    middle to choose. The drafter's SparseKVCache and the verifier's feeder both select here.
+    middle to choose. `device` is where the positions live (the policy's choice is moved there):
+    no default, since a policy scoring CUDA keys would otherwise mix devices with CPU sinks. The drafter's SparseKVCache and the verifier's feeder both select here.
     """
     if n <= budget:
         return torch.arange(n, device=device).expand(num_kv_heads, n)       # keep everything
