@@ -17,25 +17,36 @@ from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.transport import DrafterUnavailable
 
 MAX_TOKENS = 30
+OVERLAP_WAIT_S = 2.0
+
+
+class VERIFIES:
+    """How many verify forwards have begun (written on the loop's thread, read on the drafting one)."""
+    begun = 0
+    changed = threading.Condition()
 
 
 class Overlap(LocalDrafterClient):
-    """Records which thread drafts and whether a verify ran meanwhile; fails every `fail_every`-th
-    call (on the drafting thread, mid-overlap)."""
+    """Records which thread drafts and whether a verify began meanwhile; fails every `fail_every`-th
+    call (on the drafting thread, mid-overlap). Until one overlap is seen a call waits (bounded) for
+    a verify to begin before it returns: a tiny model drafts faster than the loop's thread reaches
+    its verify on a loaded worker, and a loop that joined the drafts before verifying never gets one."""
 
-    def __init__(self, host, engine_box, fail_every=0):
+    def __init__(self, host, fail_every=0):
         super().__init__(host)
-        self.box, self.fail_every, self.calls, self.overlapped, self.threads = engine_box, fail_every, 0, 0, set()
+        self.fail_every, self.calls, self.overlapped, self.threads = fail_every, 0, 0, set()
         self.failed = 0
 
     def draft_many(self, calls):
         self.calls += 1
         self.threads.add(threading.current_thread().name)
-        engine = self.box[0]
-        before = engine.verifier.verifies
+        before = VERIFIES.begun
         results = super().draft_many(calls)
-        if engine.verifier.verifies != before:
-            self.overlapped += 1                       # the verifier verified while this drafted
+        if not self.overlapped:
+            with VERIFIES.changed:
+                VERIFIES.changed.wait_for(lambda: VERIFIES.begun != before, timeout=OVERLAP_WAIT_S)
+        if VERIFIES.begun != before:
+            self.overlapped += 1                       # a verify began before this call returned
         if self.fail_every and self.calls % self.fail_every == 0:
             self.failed += 1
             return [DrafterUnavailable("injected mid-overlap")] * len(calls)
@@ -43,12 +54,9 @@ class Overlap(LocalDrafterClient):
 
 
 def make(tiny_model, policy, budget, fail_every=0, max_batch=4):
-    box = []
     host = DrafterHost(tiny_model, DrafterHostConfig(SparseConfig(policy=policy, budget=budget), tiny_model.max_context))
-    client = Overlap(host, box, fail_every)
-    engine = SpecEngine(tiny_model, client, max_batch=max_batch, cohorts=2)
-    box.append(engine)
-    return engine, client
+    client = Overlap(host, fail_every)
+    return SpecEngine(tiny_model, client, max_batch=max_batch, cohorts=2), client
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +73,14 @@ def ar(tiny_model, prompts):
 
 @pytest.fixture(autouse=True)
 def count_verifies(monkeypatch):
-    """Verifier.verifies: how many verify forwards have run (read from the drafting thread)."""
     from sparsespec.spec.verifier import Verifier
     real = Verifier.verify
-    monkeypatch.setattr(Verifier, "verifies", 0, raising=False)
 
     def counted(self, rows, inputs):
-        out = real(self, rows, inputs)
-        self.verifies += 1
-        return out
+        with VERIFIES.changed:
+            VERIFIES.begun += 1
+            VERIFIES.changed.notify_all()
+        return real(self, rows, inputs)
     monkeypatch.setattr(Verifier, "verify", counted)
 
 
