@@ -250,3 +250,43 @@ def test_a_drafter_of_other_weights_is_not_fed(tiny_model, prompt, ar_tokens):
     K/V): the session decodes alone, equal to AR."""
     out = fed_engine(tiny_model, random_model(seed=7), 64).generate(GenerationRequest(prompt, MAX_TOKENS, k=4))
     assert out.token_ids == ar_tokens and out.metrics.rounds == 0
+
+
+def _refresh_rounds(verifier, feeder, accepted_of, rounds=20):
+    """The rounds whose feed was a re-selection, each round drafting 4 and accepting accepted_of(i)."""
+    out = []
+    for i in range(rounds):
+        data = feeder.next(verifier, 0, 1)
+        kind = feeder._next[3]
+        feeder.delivered(data)
+        feeder.observe(4, accepted_of(i))
+        if kind == "refresh":
+            out.append(i)
+    return out
+
+
+@pytest.mark.parametrize("wait_max,expected", [(64, [2, 6, 14]), (4, [2, 6, 10, 14, 18])])
+def test_a_reselection_that_does_not_lift_alpha_backs_off(tiny_model, wait_max, expected):
+    """A drafter weak on a text whatever it holds: each low-acceptance re-selection (70 ms a session
+    at 4K) that did not lift alpha doubles the wait before the next, up to alpha_wait_max rounds."""
+    from sparsespec.spec.feed import FeedConfig
+    _, _, verifier = _opened(tiny_model)
+    c = verifier.model.cfg
+    want = FeedWant(verifier.model.kv_source, c.num_layers, c.num_kv_heads, c.head_dim, 16, 4, 4, 8, 1000)
+    verifier.record(0, True)
+    feeder = Feeder(want, FeedConfig(alpha_window=2, alpha_wait_max=wait_max))
+    assert _refresh_rounds(verifier, feeder, lambda i: 0) == expected
+
+
+def test_a_reselection_that_lifts_alpha_keeps_the_short_wait(tiny_model):
+    from sparsespec.spec.feed import FeedConfig
+    _, _, verifier = _opened(tiny_model)
+    c = verifier.model.cfg
+    want = FeedWant(verifier.model.kv_source, c.num_layers, c.num_kv_heads, c.head_dim, 16, 4, 4, 8, 1000)
+    verifier.record(0, True)
+    feeder = Feeder(want, FeedConfig(alpha_window=2))
+    # low until round 14 (re-selected at 2, 6, 14: the wait grew to 8), lifted by the one at 14, low
+    # again from 16: the wait is back to alpha_window, so it re-selects at 18, not 22
+    assert _refresh_rounds(verifier, feeder, lambda i: 4 if i in (14, 15) else 0) == [2, 6, 14, 18]
+    with pytest.raises(InvalidArgument, match="feed.alpha_wait_max"):
+        FeedConfig(alpha_window=8, alpha_wait_max=4)

@@ -213,7 +213,8 @@ class Bench:
                 "verify_s_per_forward": busiest.verify_s / forwards,
                 "draft_s_per_round": busiest.draft_s / busiest.rounds if busiest.rounds else 0.0,
                 "drafter_device_bytes": max(x.drafter_kv_device_bytes for x in m),
-                "drafter_failures": sum(x.drafter_failures for x in m)}
+                "drafter_failures": sum(x.drafter_failures for x in m),
+                "feed_refreshes": sum(x.feed_refreshes for x in m), "feed_s": sum(x.feed_s for x in m)}
 
     def decode_cell(self, groups: list[list[int]], prompts: list[list[int]], modes: tuple[str, ...],
                     k: int) -> tuple[dict[str, list[dict]], bool]:

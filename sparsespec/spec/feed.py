@@ -6,7 +6,11 @@ own cache: a block of the K/V committed since the last feed, or a new selection 
 "fed" policy over the verifier's exact keys and its real recent queries (QueryRecorder), carrying
 only the entries the drafter lacks. A selection goes out when the drafter's tail would not hold
 the round's block, pending token and drafts (the tail is exact, so a long one costs nothing but
-its slots), and early when the acceptance of the last rounds drops (FeedConfig). The mirror moves
+its slots), and early when the acceptance of the last rounds drops (FeedConfig): a selection made
+for low acceptance that did not lift it doubles the wait before the next such one, since at 4K
+one costs a session ~70 ms (1.2 AR steps at S = 4) and a drafter can be weak on a text whatever
+it holds (4 x 4K, 96 tokens: 6 such re-selections took 11-14% of the decode and tau was 2.80,
+2.87 without them; docs/benchmarks.md, "Fed re-selection"). The mirror moves
 only when the drafter took the feed; any drafter failure resets it, and the re-open is fed a
 whole selection.
 """
@@ -46,12 +50,17 @@ class FeedConfig:
 
     alpha_threshold: float = 0.5   # re-select when the alpha of the last alpha_window rounds drops below this
     alpha_window: int = 4          # rounds, counted since the last selection
+    alpha_wait_max: int = 64       # rounds: the longest wait a low-acceptance re-selection backs off to
 
     def __post_init__(self):
         if not 0.0 <= self.alpha_threshold <= 1.0:
             raise InvalidArgument("feed.alpha_threshold", f"must be in [0, 1], got {self.alpha_threshold}")
         if isinstance(self.alpha_window, bool) or not isinstance(self.alpha_window, int) or self.alpha_window < 1:
             raise InvalidArgument("feed.alpha_window", f"must be an integer >= 1, got {self.alpha_window!r}")
+        if isinstance(self.alpha_wait_max, bool) or not isinstance(self.alpha_wait_max, int) \
+                or self.alpha_wait_max < self.alpha_window:
+            raise InvalidArgument("feed.alpha_wait_max", f"must be an integer >= alpha_window ({self.alpha_window}), "
+                                                         f"got {self.alpha_wait_max!r}")
 
 
 @dataclass
@@ -65,8 +74,14 @@ class Feeder:
     # later re-selection), "block" (a round's committed K/V): count, bytes; "seconds" making them.
     traffic: Counter = field(default_factory=Counter)
     _next: tuple | None = None                    # the mirror after the feed in flight, and its kind
-    _recent: deque = field(default_factory=deque)  # (drafted, accepted) since the last selection
+    _recent: deque = field(default_factory=deque)  # (drafted, accepted) of the last rounds since the last selection
+    _rounds: int = 0                              # rounds since the last selection
+    _wait: int = 0                                # rounds before a low-acceptance re-selection may go
+    _for_alpha: bool = False                      # the last selection was made because acceptance dropped
     _counted: Counter = field(default_factory=Counter)   # traffic at the last take_counts
+
+    def __post_init__(self):
+        self._wait = self.config.alpha_window
 
     @property
     def sent(self) -> int:
@@ -90,13 +105,14 @@ class Feeder:
         length = verifier.length(row)
         tail = length - self.selected_at
         w = self.want
-        if self.selection is None or tail + k > w.tail_cap or self._dropping():
+        full = self.selection is None or tail + k > w.tail_cap
+        if full or self._dropping():
             kind = "open" if self.selection is None else "refresh"
             feed = self._select(verifier, row, length)
-            self._next = (list(feed.positions), length, length, kind)
+            self._next = (list(feed.positions), length, length, kind, not full)
         else:
             feed = Feed(self.fed, length, block=verifier.kv_block(row, w.layers, self.fed, length))
-            self._next = (self.selection, self.selected_at, length, "block")
+            self._next = (self.selection, self.selected_at, length, "block", False)
         data = feed.encode(WIRE_DTYPE)
         self.traffic["seconds"] += time.perf_counter() - t0
         return data
@@ -105,9 +121,10 @@ class Feeder:
         """The drafter took the feed in flight: the mirror moves to what it now holds."""
         if self._next is None:
             return
-        self.selection, self.selected_at, self.fed, kind = self._next
+        self.selection, self.selected_at, self.fed, kind, for_alpha = self._next
         if kind != "block":
             self._recent.clear()
+            self._rounds, self._for_alpha = 0, for_alpha
         self._next = None
         self.traffic[kind] += 1
         self.traffic[f"{kind}_bytes"] += len(data)
@@ -120,16 +137,24 @@ class Feeder:
 
     def observe(self, drafted: int, accepted: int) -> None:
         """A round with drafts finished."""
+        c = self.config
         self._recent.append((drafted, accepted))
-        while len(self._recent) > self.config.alpha_window:
+        while len(self._recent) > c.alpha_window:
             self._recent.popleft()
+        self._rounds += 1
+        if self._rounds == c.alpha_window and self._for_alpha:   # judge the low-acceptance selection
+            self._wait = min(2 * self._wait, c.alpha_wait_max) if self._low() else c.alpha_window
 
-    def _dropping(self) -> bool:
-        """The selection no longer serves: the alpha of the last alpha_window rounds is low."""
+    def _low(self) -> bool:
+        """The alpha of the last alpha_window rounds is below the threshold."""
         if len(self._recent) < self.config.alpha_window:
             return False
         drafted = sum(d for d, _ in self._recent)
         return drafted > 0 and sum(a for _, a in self._recent) / drafted < self.config.alpha_threshold
+
+    def _dropping(self) -> bool:
+        """The selection no longer serves: alpha is low, and the wait since the last selection is over."""
+        return self._rounds >= self._wait and self._low()
 
     def _select(self, verifier, row: int, length: int) -> Feed:
         w = self.want

@@ -23,7 +23,7 @@ from sparsespec.spec.metrics import RequestMetrics
 from sparsespec.spec.sampling import SamplingParams
 from sparsespec.spec.stopping import StopChecker
 from sparsespec.spec.summaries import ScheduleConfig, SummarySchedule
-from sparsespec.spec.feed import KINDS, Feeder, feedable
+from sparsespec.spec.feed import KINDS, FeedConfig, Feeder, feedable
 from sparsespec.spec.transport import DRAFTER_FAILURES, DraftCall, DrafterClient, OpenCall, OpenReply
 from sparsespec.spec.verifier import Verifier
 
@@ -129,9 +129,10 @@ class SpecEngine:
     def __init__(self, verifier_model, drafter: DrafterClient | None = None, tokenizer=None,
                  max_context: int | None = None, max_batch: int = 8, eos_ids=None,
                  summary: SummaryConfig | None = SummaryConfig(), schedule: ScheduleConfig = ScheduleConfig(),
-                 feed: bool = True, cohorts: int = 1):
+                 feed: bool = True, cohorts: int = 1, feed_config: FeedConfig | None = None):
         """feed: feed drafters that can be fed (the verifier's exact K/V, sparsespec/spec/feed.py);
-        a drafter that is not fed keeps its own KV either way. cohorts 2: overlapped rounds (`step`)."""
+        a drafter that is not fed keeps its own KV either way; feed_config: when feeders re-select
+        early. cohorts 2: overlapped rounds (`step`)."""
         if cohorts not in COHORTS:
             raise InvalidArgument("cohorts", f"must be one of {COHORTS}, got {cohorts!r}")
         self.model = verifier_model
@@ -146,6 +147,7 @@ class SpecEngine:
         # Room past the context limit for the drafts of a last round and batch padding.
         self.verifier = Verifier(verifier_model, self.max_context + MAX_K + 1, max_batch, summary, feed)
         self.feed = feed
+        self.feed_config = feed_config or FeedConfig()
         self._feeders: dict[str, Feeder] = {}   # session -> its fed drafter's mirror (across turns)
         self._feed_want: FeedWant | None = None  # the last fed drafter's want: a re-open after a failed open
         self.cohorts = cohorts
@@ -299,7 +301,7 @@ class SpecEngine:
             self.close_drafter(session)
             return None, False
         self._feed_want = want
-        feeder = self._feeders[session] = Feeder(want)
+        feeder = self._feeders[session] = Feeder(want, self.feed_config)
         return feeder, True
 
     def release(self, run: Run) -> None:
