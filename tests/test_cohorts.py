@@ -20,7 +20,7 @@ MAX_TOKENS = 30
 OVERLAP_WAIT_S = 2.0
 
 
-class VERIFIES:
+class VerifyCount:
     """How many verify forwards have begun (written on the loop's thread, read on the drafting one)."""
     begun = 0
     changed = threading.Condition()
@@ -40,12 +40,12 @@ class Overlap(LocalDrafterClient):
     def draft_many(self, calls):
         self.calls += 1
         self.threads.add(threading.current_thread().name)
-        before = VERIFIES.begun
+        before = VerifyCount.begun
         results = super().draft_many(calls)
         if not self.overlapped:
-            with VERIFIES.changed:
-                VERIFIES.changed.wait_for(lambda: VERIFIES.begun != before, timeout=OVERLAP_WAIT_S)
-        if VERIFIES.begun != before:
+            with VerifyCount.changed:
+                VerifyCount.changed.wait_for(lambda: VerifyCount.begun != before, timeout=OVERLAP_WAIT_S)
+        if VerifyCount.begun != before:
             self.overlapped += 1                       # a verify began before this call returned
         if self.fail_every and self.calls % self.fail_every == 0:
             self.failed += 1
@@ -77,9 +77,9 @@ def count_verifies(monkeypatch):
     real = Verifier.verify
 
     def counted(self, rows, inputs):
-        with VERIFIES.changed:
-            VERIFIES.begun += 1
-            VERIFIES.changed.notify_all()
+        with VerifyCount.changed:
+            VerifyCount.begun += 1
+            VerifyCount.changed.notify_all()
         return real(self, rows, inputs)
     monkeypatch.setattr(Verifier, "verify", counted)
 

@@ -22,7 +22,7 @@ from sparsespec.errors import InvalidArgument
 from sparsespec.models.quant import drafter_weights
 from sparsespec.models.truncate import layer_truncated
 from sparsespec.rpc.errors import SessionUnknown
-from sparsespec.spec.feed import Feeder
+from sparsespec.spec.feed import FeedConfig, Feeder
 from sparsespec.spec.drafter_host import DrafterHost, DrafterHostConfig, LocalDrafterClient
 from sparsespec.spec.loop import GenerationRequest, SpecEngine
 from sparsespec.spec.sampling import SamplingParams
@@ -252,15 +252,19 @@ def test_a_drafter_of_other_weights_is_not_fed(tiny_model, prompt, ar_tokens):
     assert out.token_ids == ar_tokens and out.metrics.rounds == 0
 
 
-def _refresh_rounds(verifier, feeder, accepted_of, rounds=20):
-    """The rounds whose feed was a re-selection, each round drafting 4 and accepting accepted_of(i)."""
-    out = []
+def _refresh_rounds(tiny_model, config, accepted_of, rounds=20):
+    """The rounds whose feed was a re-selection, each round drafting 4 and accepting accepted_of(i),
+    for a feeder of `config` whose tail never fills (only low acceptance re-selects)."""
+    _, _, verifier = _opened(tiny_model)
+    c = verifier.model.cfg
+    want = FeedWant(verifier.model.kv_source, c.num_layers, c.num_kv_heads, c.head_dim, 16, 4, 4, 8, 1000)
+    verifier.record(0, True)
+    feeder, out = Feeder(want, config), []
     for i in range(rounds):
-        data = feeder.next(verifier, 0, 1)
-        kind = feeder._next[3]
-        feeder.delivered(data)
+        before = feeder.traffic["refresh"]
+        feeder.delivered(feeder.next(verifier, 0, 1))
         feeder.observe(4, accepted_of(i))
-        if kind == "refresh":
+        if feeder.traffic["refresh"] != before:
             out.append(i)
     return out
 
@@ -269,24 +273,16 @@ def _refresh_rounds(verifier, feeder, accepted_of, rounds=20):
 def test_a_reselection_that_does_not_lift_alpha_backs_off(tiny_model, wait_max, expected):
     """A drafter weak on a text whatever it holds: each low-acceptance re-selection (70 ms a session
     at 4K) that did not lift alpha doubles the wait before the next, up to alpha_wait_max rounds."""
-    from sparsespec.spec.feed import FeedConfig
-    _, _, verifier = _opened(tiny_model)
-    c = verifier.model.cfg
-    want = FeedWant(verifier.model.kv_source, c.num_layers, c.num_kv_heads, c.head_dim, 16, 4, 4, 8, 1000)
-    verifier.record(0, True)
-    feeder = Feeder(want, FeedConfig(alpha_window=2, alpha_wait_max=wait_max))
-    assert _refresh_rounds(verifier, feeder, lambda i: 0) == expected
+    assert _refresh_rounds(tiny_model, FeedConfig(alpha_window=2, alpha_wait_max=wait_max), lambda i: 0) == expected
 
 
 def test_a_reselection_that_lifts_alpha_keeps_the_short_wait(tiny_model):
-    from sparsespec.spec.feed import FeedConfig
-    _, _, verifier = _opened(tiny_model)
-    c = verifier.model.cfg
-    want = FeedWant(verifier.model.kv_source, c.num_layers, c.num_kv_heads, c.head_dim, 16, 4, 4, 8, 1000)
-    verifier.record(0, True)
-    feeder = Feeder(want, FeedConfig(alpha_window=2))
     # low until round 14 (re-selected at 2, 6, 14: the wait grew to 8), lifted by the one at 14, low
     # again from 16: the wait is back to alpha_window, so it re-selects at 18, not 22
-    assert _refresh_rounds(verifier, feeder, lambda i: 4 if i in (14, 15) else 0) == [2, 6, 14, 18]
+    assert _refresh_rounds(tiny_model, FeedConfig(alpha_window=2), lambda i: 4 if i in (14, 15) else 0) \
+        == [2, 6, 14, 18]
+
+
+def test_a_wait_max_below_the_window_is_refused_naming_it():
     with pytest.raises(InvalidArgument, match="feed.alpha_wait_max"):
         FeedConfig(alpha_window=8, alpha_wait_max=4)

@@ -9,7 +9,7 @@ the round's block, pending token and drafts (the tail is exact, so a long one co
 its slots), and early when the acceptance of the last rounds drops (FeedConfig): a selection made
 for low acceptance that did not lift it doubles the wait before the next such one, since at 4K
 one costs a session ~70 ms (1.2 AR steps at S = 4) and a drafter can be weak on a text whatever
-it holds (4 x 4K, 96 tokens: 6 such re-selections took 11-14% of the decode and tau was 2.80,
+it holds (4 x 4K, 96 tokens: 6 such re-selections took 10-12% of the decode and tau was 2.80,
 2.87 without them; docs/benchmarks.md, "Fed re-selection"). The mirror moves
 only when the drafter took the feed; any drafter failure resets it, and the re-open is fed a
 whole selection.

@@ -108,7 +108,8 @@ def choose_view(policy: Policy, n: int, budget: int, sink: int, window: int, num
 
     `context(lo, hi, m)` builds the policy's view of the layer; it is only called when there is a
     middle to choose. `device` is where the positions live (the policy's choice is moved there):
-    no default, since a policy scoring CUDA keys would otherwise mix devices with CPU sinks. The drafter's SparseKVCache and the verifier's feeder both select here.
+    no default, since a policy scoring CUDA keys would otherwise mix devices with CPU sinks. The
+    drafter's SparseKVCache and the verifier's feeder both select here.
     """
     if n <= budget:
         return torch.arange(n, device=device).expand(num_kv_heads, n)       # keep everything
